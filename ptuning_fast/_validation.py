@@ -1,0 +1,38 @@
+"""Argument checks shared by the public entry points: clear errors that name the argument."""
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(x, name: str, *, ndim=None, dtypes=None, device=None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"`{name}` must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"`{name}` must have dtype in ({names}), got {x.dtype}")
+    if device is not None and x.device != torch.device(device):
+        raise ValueError(f"`{name}` is on {x.device} but must be on {device}")
+    return x
+
+
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_index_range(indices: torch.Tensor, upper: int, name: str) -> None:
+    """Raise ValueError if any index is outside [0, upper). One host sync on accelerators."""
+    if indices.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.aminmax(indices.reshape(-1))
+    if bool(((lo < 0) | (hi >= upper)).item()):
+        raise ValueError(f"`{name}` holds indices outside [0, {upper}): min {int(lo)}, max {int(hi)}")
+
+
+def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value

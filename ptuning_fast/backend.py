@@ -1,0 +1,85 @@
+"""The one switch that chooses how ptuning_fast computes: ``auto``, ``reference`` or ``triton``.
+
+- ``reference``: the pure PyTorch path in :mod:`ptuning_fast.reference` (any device).
+- ``triton``: the Triton kernels in :mod:`ptuning_fast.kernels`. CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` is set before Triton is imported (how the tests run the kernels on CPU).
+- ``auto`` (default): Triton for CUDA tensors when Triton is importable, the reference elsewhere.
+
+Choose it with the environment variable ``PTUNING_FAST_BACKEND`` (read at import), with
+:func:`set_backend`, or for a block of code with ``with use_backend("reference"): ...``.
+The C++/CUDA mask builder follows the same switch (``reference`` forces the PyTorch mask).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "PTUNING_FAST_BACKEND"
+
+
+def _check_name(name, argument: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"`{argument}` must be a str, one of {BACKENDS}; got {type(name).__name__}")
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"`{argument}` must be one of {BACKENDS}; got {name!r}")
+    return key
+
+
+_backend = _check_name(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
+
+
+def get_backend() -> str:
+    """The backend chosen now: ``"auto"``, ``"reference"`` or ``"triton"``."""
+    return _backend
+
+
+def set_backend(backend: str) -> None:
+    """Choose the backend for all later calls (see the module docstring)."""
+    global _backend
+    _backend = _check_name(backend, "backend")
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Context manager: run the block with ``backend``, then restore the previous choice."""
+    global _backend
+    previous, _backend = _backend, _check_name(backend, "backend")
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The concrete backend (``"reference"`` or ``"triton"``) for tensors on ``device``."""
+    if _backend == "reference":
+        return "reference"
+    if _backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    # Explicit "triton": say clearly why it cannot run rather than failing inside Triton.
+    if not triton_available():
+        raise RuntimeError("backend 'triton' was chosen but Triton is not importable; "
+                           "install triton or choose backend 'auto' / 'reference'")
+    if device.type != "cuda" and not triton_interpreter_enabled():
+        raise RuntimeError(f"backend 'triton' needs CUDA tensors (got device {device}); on CPU set "
+                           "TRITON_INTERPRET=1 before importing ptuning_fast to run the kernels "
+                           "in Triton's interpreter")
+    return "triton"

@@ -1,0 +1,48 @@
+"""Configs: PEFT's own classes, subclassed so that PEFT accepts ours and we accept PEFT's.
+
+``PromptEncoderConfig`` is a ``peft.PromptEncoderConfig`` (same fields, defaults and
+``peft_type``), with two fixes: ``encoder_reparameterization_type`` given as a string is
+normalised to the enum (PEFT crashes on ``"MLP"`` with ``encoder_num_layers != 2``), and an
+unknown type fails when the config is made, with PEFT's error text.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from peft import PromptEncoderConfig as _PeftPromptEncoderConfig
+from peft.tuners.p_tuning.config import PromptEncoderReparameterizationType
+
+ENCODER_TYPE_ERROR = "Prompt encoder type not recognized. Please use one of MLP (recommended) or LSTM."
+
+
+def normalize_encoder_type(value) -> PromptEncoderReparameterizationType:
+    try:
+        return PromptEncoderReparameterizationType(value)
+    except ValueError:
+        raise ValueError(f"{ENCODER_TYPE_ERROR} Got encoder_reparameterization_type={value!r}.") from None
+
+
+def config_from_peft(cls, config):
+    """Build ``cls`` from any config object carrying the same fields (a PEFT config, a dict...)."""
+    if isinstance(config, cls):
+        return config
+    source = config if isinstance(config, dict) else vars(config)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in source.items() if k in names})
+
+
+@dataclass
+class PromptEncoderConfig(_PeftPromptEncoderConfig):
+    """``peft.PromptEncoderConfig`` with the encoder type normalised and validated."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.encoder_reparameterization_type = normalize_encoder_type(self.encoder_reparameterization_type)
+
+    @classmethod
+    def from_peft(cls, config) -> "PromptEncoderConfig":
+        return config_from_peft(cls, config)
+
+
+__all__ = ["PromptEncoderConfig", "PromptEncoderReparameterizationType", "normalize_encoder_type"]

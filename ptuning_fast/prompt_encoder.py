@@ -1,0 +1,177 @@
+"""``PromptEncoder``: a drop-in for ``peft.tuners.p_tuning.PromptEncoder`` (P-tuning v1).
+
+Same constructor, submodule names, ``state_dict`` keys, initialisation order (seed-for-seed the
+same weights as PEFT), warnings and errors. What differs is how it computes:
+
+- The T distinct virtual tokens are encoded once (``encoded_prompts()``, shape (T, D)) and the
+  result is broadcast over the batch: an index tensor whose rows are all the same (stride 0 over
+  the batch, or B == 1) gets an expanded view, never B copies. PEFT encodes every row it is given.
+- When no gradient is needed (``eval()``/``no_grad``), the encoded prompts are cached and reused
+  until a parameter changes (tracked by each parameter's version counter and storage), so
+  generation and evaluation pay nothing per step.
+- The MLP head runs through :func:`ptuning_fast.ops.prompt_mlp_head` (Triton on CUDA, the
+  reference elsewhere; see :mod:`ptuning_fast.backend`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.p_tuning.model import PromptEncoder as _PeftPromptEncoder
+
+from ._validation import INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
+from .backend import get_backend
+from .config import PromptEncoderConfig, PromptEncoderReparameterizationType, normalize_encoder_type
+from .ops.prompt_mlp import prompt_mlp_head
+
+
+def _read_config(config) -> PromptEncoderConfig:
+    """Accept ours, PEFT's or any object with the fields; validate what the encoder needs."""
+    if not hasattr(config, "num_virtual_tokens"):
+        raise TypeError(f"`config` must be a PromptEncoderConfig (ours or PEFT's), got {type(config).__name__}")
+    config = PromptEncoderConfig.from_peft(config)
+    check_positive_int(config.num_virtual_tokens, "num_virtual_tokens")
+    check_positive_int(config.token_dim, "token_dim")
+    check_positive_int(config.num_transformer_submodules, "num_transformer_submodules")
+    if not config.inference_mode:
+        if config.encoder_hidden_size is None:
+            raise TypeError("`encoder_hidden_size` must be an int, got None: PEFT fills it with the model's "
+                            "hidden size when wrapping a model; set it when building the encoder directly")
+        check_positive_int(config.encoder_hidden_size, "encoder_hidden_size")
+    return config
+
+
+class PromptEncoder(_PeftPromptEncoder):
+    """P-tuning prompt encoder, interchangeable with PEFT's (it is an instance of PEFT's class).
+
+    Input: indices (B, T) into the ``total_virtual_tokens`` virtual tokens.
+    Output: (B, T, token_dim); an expanded view when all rows are the same.
+    """
+
+    def __init__(self, config):
+        torch.nn.Module.__init__(self)  # PEFT's __init__ is replaced, in the same order, below
+        config = _read_config(config)
+        self.token_dim = config.token_dim
+        self.input_size = self.token_dim
+        self.output_size = self.token_dim
+        self.hidden_size = config.encoder_hidden_size
+        self.total_virtual_tokens = config.num_virtual_tokens * config.num_transformer_submodules
+        self.encoder_type = normalize_encoder_type(config.encoder_reparameterization_type)
+        self._cache = None  # (key, encoded prompts) reused while no parameter changes
+
+        self.embedding = torch.nn.Embedding(self.total_virtual_tokens, self.token_dim)
+        if config.inference_mode:
+            return
+        if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
+            self.lstm_head = torch.nn.LSTM(
+                input_size=self.input_size,
+                hidden_size=self.hidden_size,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
+            self.mlp_head = torch.nn.Sequential(
+                torch.nn.Linear(self.hidden_size * 2, self.hidden_size * 2),
+                torch.nn.ReLU(),
+                torch.nn.Linear(self.hidden_size * 2, self.output_size),
+            )
+        else:
+            default_layers = PromptEncoderConfig.encoder_num_layers
+            if config.encoder_num_layers != default_layers:
+                warnings.warn(
+                    f"for {self.encoder_type.value}, the argument `encoder_num_layers` is ignored. "
+                    f"Exactly {default_layers} MLP layers are used."
+                )
+            self.mlp_head = torch.nn.Sequential(
+                torch.nn.Linear(self.input_size, self.hidden_size),
+                torch.nn.ReLU(),
+                torch.nn.Linear(self.hidden_size, self.hidden_size),
+                torch.nn.ReLU(),
+                torch.nn.Linear(self.hidden_size, self.output_size),
+            )
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def inference_mode(self) -> bool:
+        """True when built with ``inference_mode=True``: embedding only, no encoder head."""
+        return not hasattr(self, "mlp_head")
+
+    def _mlp_layers(self):
+        return [(m.weight, m.bias) for m in self.mlp_head if isinstance(m, torch.nn.Linear)]
+
+    def _encode_sequences(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Encoder head over embeddings (..., T, D) -> (..., T, D), no caching."""
+        if self.inference_mode:
+            return embeds
+        if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
+            embeds = self.lstm_head(embeds)[0]
+        return prompt_mlp_head(embeds, self._mlp_layers())
+
+    def _cache_allowed(self) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False  # the result must carry a fresh autograd graph
+        stochastic = (self.encoder_type == PromptEncoderReparameterizationType.LSTM and not self.inference_mode
+                      and self.lstm_head.dropout > 0 and self.lstm_head.num_layers > 1)
+        return not (self.training and stochastic)
+
+    def _cache_key(self, device: torch.device) -> tuple:
+        autocast = torch.is_autocast_enabled(device.type)
+        return (
+            tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in self.parameters()),
+            get_backend(),
+            autocast,
+            torch.get_autocast_dtype(device.type) if autocast else None,
+            torch.is_inference_mode_enabled(),
+        )
+
+    def encoded_prompts(self) -> torch.Tensor:
+        """The encoded virtual tokens 0..total_virtual_tokens-1 in order, shape (T, token_dim).
+
+        For the LSTM encoder this is the bi-LSTM over that sequence, as PEFT feeds it.
+        Cached (and reused) while no gradient is needed and no parameter has changed.
+        """
+        weight = self.embedding.weight
+        if not self._cache_allowed():
+            return self._encode_sequences(weight.unsqueeze(0))[0]
+        key = self._cache_key(weight.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._encode_sequences(weight.unsqueeze(0))[0])
+        return self._cache[1]
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        weight = self.embedding.weight
+        check_tensor(indices, "indices", ndim=2, dtypes=INDEX_DTYPES, device=weight.device)
+        check_index_range(indices, self.total_virtual_tokens, "indices")
+        if indices.dtype not in (torch.int64, torch.int32):
+            indices = indices.long()
+        batch = indices.shape[0]
+        same_rows = batch == 1 or indices.stride(0) == 0  # one row, or one row expanded over B
+
+        if self.inference_mode or self.encoder_type == PromptEncoderReparameterizationType.MLP:
+            table = self.encoded_prompts()  # each distinct token encoded once
+            if same_rows:
+                return F.embedding(indices[:1], table).expand(batch, -1, -1)
+            return F.embedding(indices, table)
+
+        # bi-LSTM: a row is a sequence, so each distinct row is encoded once.
+        if same_rows:
+            rows, inverse = indices[:1], None
+        else:
+            rows, inverse = torch.unique(indices, dim=0, return_inverse=True)
+        canonical = torch.arange(self.total_virtual_tokens, device=rows.device, dtype=rows.dtype)
+        if rows.shape == (1, self.total_virtual_tokens) and torch.equal(rows[0], canonical):
+            encoded = self.encoded_prompts().unsqueeze(0)  # the sequence PEFT always feeds
+        else:
+            encoded = self._encode_sequences(F.embedding(rows, weight))
+        return encoded.expand(batch, -1, -1) if inverse is None else encoded[inverse]
+
+
+__all__ = ["PromptEncoder"]

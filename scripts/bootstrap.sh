@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a virtual environment and installs ptuning_fast into it, with what the
+# tests, benchmarks and demo need. Sourced by scripts/demo.sh and scripts/test.sh.
+#
+# Set PTUNING_FAST_VENV to reuse another environment (e.g. one that already has CUDA torch).
+# torch: an importable torch is kept as it is (never a second one over it). Without one, a
+# machine with an NVIDIA GPU gets `torch` from the index; a CPU-only machine gets
+# $PTUNING_FAST_TORCH_SPEC (default torch==2.13.0, the CPU build available here).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PTUNING_FAST_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+if [ ! -x "$PY" ]; then
+    python3 -m venv "$VENV"
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        "$PY" -m pip install -q torch
+    else
+        "$PY" -m pip install -q "${PTUNING_FAST_TORCH_SPEC:-torch==2.13.0}"
+    fi
+fi
+# Reinstall only when the packaging or C++/CUDA sources changed (a stamp of their hash).
+STAMP="$VENV/.ptuning_fast_stamp"
+HASH="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$HASH" ] || ! "$PY" -c "import ptuning_fast" >/dev/null 2>&1; then
+    # --no-build-isolation: build the extension against the torch above instead of a fresh one.
+    "$PY" -m pip install -q setuptools wheel
+    (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation -e ".[test,bench,demo]")
+    echo "$HASH" > "$STAMP"
+fi
