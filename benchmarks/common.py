@@ -1,0 +1,124 @@
+"""Shared measurement helpers for every benchmark: one way to time, one way to state the floor.
+
+Timing: warm-up, then `reps` timed calls, CUDA events on GPU (perf_counter on CPU), reported as
+median and 20th/80th percentiles in milliseconds. Floors: bytes that must move over measured
+copy bandwidth, FLOPs over measured matmul throughput, and the measured latency of one empty
+kernel launch; the floor of a case is the largest of those that apply.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, reps: int = 20) -> dict:
+    """Median / p20 / p80 milliseconds of ``fn()`` on ``device``."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 2 + [times[-1]] * 2
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1], "reps": reps}
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes allocated during one call of ``fn`` (CUDA only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device_str: str) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write counted)."""
+    device = torch.device(device_str)
+    n = (256 << 20) if device.type == "cuda" else (32 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, reps=10)["median_ms"]
+    return 2 * n / (t * 1e-3)
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_throughput(device_str: str, dtype: torch.dtype) -> float:
+    """Measured dense matmul throughput in FLOP/s for ``dtype``."""
+    device = torch.device(device_str)
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, warmup=2, reps=5)["median_ms"]
+    return 2 * n**3 / (t * 1e-3)
+
+
+@functools.lru_cache(maxsize=None)
+def launch_latency_ms(device_str: str) -> float:
+    """Time of one tiny kernel (a 1-element add) as seen by the timer: the per-launch floor."""
+    device = torch.device(device_str)
+    x = torch.zeros(1, device=device)
+    return time_fn(lambda: x.add_(1), device, warmup=10, reps=50)["median_ms"]
+
+
+def floor_ms(device: torch.device, *, bytes_moved: float = 0.0, flops: float = 0.0,
+             dtype: torch.dtype = torch.float32, launches: int = 1) -> dict:
+    """The time no implementation can beat for this work on this device, and its parts."""
+    dev = str(device)
+    parts = {
+        "memory_ms": bytes_moved / copy_bandwidth(dev) * 1e3,
+        "compute_ms": flops / matmul_throughput(dev, dtype) * 1e3 if flops else 0.0,
+        "launch_ms": launches * launch_latency_ms(dev),
+    }
+    parts["floor_ms"] = max(parts.values())
+    return parts
+
+
+@dataclass
+class Row:
+    """One timed implementation of one case; the runner turns rows into tables, JSON and plots."""
+
+    component: str
+    case: str
+    impl: str  # "ptuning_fast", "peft_eager", "peft_compile", ...
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    floor_ms: float
+    peak_bytes: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_row(component: str, case: str, impl: str, fn: Callable[[], object], device: torch.device,
+             floor: dict, *, warmup: int = 5, reps: int = 20, **extra) -> Row:
+    t = time_fn(fn, device, warmup=warmup, reps=reps)
+    return Row(component, case, impl, t["median_ms"], t["p20_ms"], t["p80_ms"], floor["floor_ms"],
+               peak_memory(fn, device), {**floor, **extra})
