@@ -8,40 +8,12 @@ kernel launch; the floor of a case is the largest of those that apply.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, reps: int = 20) -> dict:
-    """Median / p20 / p80 milliseconds of ``fn()`` on ``device``."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 2 + [times[-1]] * 2
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1], "reps": reps}
+from ptuning_fast._timing import synchronize, time_fn  # noqa: F401  (one timer for all)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:

@@ -1,0 +1,161 @@
+"""Benchmark runner: ``python -m benchmarks`` (or ``ptuning-fast bench``).
+
+Runs every component's ``measure(device, quick)`` (modules ``benchmarks/bench_*.py``), each of
+which checks its output against PEFT before timing, then prints one table, writes a JSON file with
+the raw rows plus device, versions, commit and command, and PNG plots (speedup over PEFT eager
+per case, and time over the floor).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import pkgutil
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import benchmarks
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASELINE = "peft_eager"
+
+
+def discover() -> list[str]:
+    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(benchmarks.__path__)
+                  if m.name.startswith("bench_"))
+
+
+def environment(device: torch.device) -> dict:
+    def version(name):
+        try:
+            return importlib.import_module(name).__version__
+        except Exception:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip())
+    except Exception:
+        commit, dirty = None, None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        **{name: version(name) for name in ("triton", "transformers", "peft")},
+        "commit": commit,
+        "dirty_tree": dirty,
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Add ``x_vs_peft`` (PEFT eager time / this time) and ``x_of_floor`` (time / floor) to rows."""
+    base = {(r["component"], r["case"]): r["median_ms"] for r in rows if r["impl"] == BASELINE}
+    for r in rows:
+        b = base.get((r["component"], r["case"]))
+        r["x_vs_peft"] = b / r["median_ms"] if b and r["median_ms"] > 0 else None
+        r["x_of_floor"] = r["median_ms"] / r["floor_ms"] if r["floor_ms"] else None
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'component':<14} {'case':<34} {'impl':<16} {'median ms':>10} {'p20-p80 ms':>17} {'x PEFT':>7} {'x floor':>8} {'peak MB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        spread = f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
+        vs = f"{r['x_vs_peft']:.2f}" if r.get("x_vs_peft") else "-"
+        fl = f"{r['x_of_floor']:.1f}" if r.get("x_of_floor") else "-"
+        peak = f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else "-"
+        lines.append(f"{r['component']:<14} {r['case'][:34]:<34} {r['impl']:<16} {r['median_ms']:>10.4f} "
+                     f"{spread:>17} {vs:>7} {fl:>8} {peak:>8}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out_prefix: Path) -> list[Path]:
+    """Two PNGs: speedup over PEFT eager per case, and time / floor per case (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    components = sorted({r["component"] for r in rows})
+    paths = []
+    for metric, label, name in (("x_vs_peft", "speedup over PEFT eager (x)", "speedup"),
+                                ("x_of_floor", "time / floor (x, lower is better)", "floor")):
+        fig, axes = plt.subplots(len(components), 1, figsize=(10, 3.2 * len(components)), squeeze=False)
+        for ax, comp in zip(axes[:, 0], components):
+            sub = [r for r in rows if r["component"] == comp and r.get(metric)]
+            cases = list(dict.fromkeys(r["case"] for r in sub))
+            impls = list(dict.fromkeys(r["impl"] for r in sub))
+            width = 0.8 / max(len(impls), 1)
+            for i, impl in enumerate(impls):
+                vals = [next((r[metric] for r in sub if r["case"] == c and r["impl"] == impl), 0) for c in cases]
+                ax.bar([j + i * width for j in range(len(cases))], vals, width, label=impl)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+            ax.set_xticklabels(cases, rotation=15, fontsize=7)
+            ax.set_title(comp)
+            ax.set_ylabel(label, fontsize=8)
+            if metric == "x_of_floor":
+                ax.set_yscale("log")
+            ax.axhline(1.0, color="black", linewidth=0.6)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_prefix.with_name(out_prefix.name + f"_{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes (what CPU runs by default)")
+    parser.add_argument("--only", nargs="*", choices=discover(), help="components to run (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and PNG results")
+    parser.add_argument("--tag", default=None, help="name of the result files (default: device + date)")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    quick = args.quick or device.type == "cpu"
+    env = environment(device)
+    print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+          f"transformers {env['transformers']} | peft {env['peft']} | commit {env['commit']}")
+    rows, failures = [], {}
+    for name in args.only or discover():
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        if not hasattr(module, "measure"):
+            continue
+        print(f"-- {name} ...", flush=True)
+        try:
+            rows += [r.as_dict() for r in module.measure(device, quick)]
+        except Exception as exc:  # a wrong or broken component posts no number, and says so
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            print(f"   FAILED: {failures[name]}", flush=True)
+    rows = ratios(rows)
+    print(format_table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{device.type}-{datetime.date.today().isoformat()}"
+    json_path = args.out / f"{tag}.json"
+    json_path.write_text(json.dumps({"environment": env, "rows": rows, "failures": failures}, indent=1))
+    print(f"wrote {json_path}")
+    if not args.no_plots and rows:
+        for p in plot(rows, args.out / tag):
+            print(f"wrote {p}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
