@@ -2,6 +2,8 @@
 // One bindings file; each op lives in its own <op>.cpp (CPU) and <op>_cuda.cu (CUDA) pair.
 #include <torch/extension.h>
 
+#include "prompt_mask.h"
+
 namespace ptuning_fast {
 bool with_cuda() {
 #ifdef WITH_CUDA
@@ -15,4 +17,12 @@ bool with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ptuning_fast C++/CUDA kernels";
   m.def("with_cuda", &ptuning_fast::with_cuda, "True when the CUDA kernels were compiled in");
+  m.def("prompt_attention_mask", &ptuning_fast::prompt_attention_mask,
+        "4D prompt-aware attention mask (B, 1, S, P + K), bool or additive",
+        py::arg("attention_mask"), py::arg("prompt_lengths"), py::arg("num_prompt_columns"),
+        py::arg("past_length"), py::arg("causal"), py::arg("sliding_window"), py::arg("out_dtype"));
+  m.def("prompt_position_ids", &ptuning_fast::prompt_position_ids,
+        "Position ids (B, S) of the query tokens after a prompt, left-padding aware",
+        py::arg("attention_mask"), py::arg("prompt_lengths"), py::arg("num_prompt_columns"),
+        py::arg("past_length"), py::arg("after_prompt"));
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from peft import PrefixTuningConfig as _PeftPrefixTuningConfig
 from peft import PromptEncoderConfig as _PeftPromptEncoderConfig
 from peft.tuners.p_tuning.config import PromptEncoderReparameterizationType
 
@@ -45,4 +46,26 @@ class PromptEncoderConfig(_PeftPromptEncoderConfig):
         return config_from_peft(cls, config)
 
 
-__all__ = ["PromptEncoderConfig", "PromptEncoderReparameterizationType", "normalize_encoder_type"]
+PREFIX_INIT_WEIGHTS = (None, "zero")
+
+
+@dataclass
+class PrefixTuningConfig(_PeftPrefixTuningConfig):
+    """``peft.PrefixTuningConfig`` (same fields, defaults and ``peft_type``) for P-Tuning v2.
+
+    One fix: ``init_weights`` other than ``None`` or ``"zero"`` fails when the config is made
+    (PEFT silently treats any other value as random init).
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_weights not in PREFIX_INIT_WEIGHTS:
+            raise ValueError(f"`init_weights` must be None (random) or \"zero\", got {self.init_weights!r}")
+
+    @classmethod
+    def from_peft(cls, config) -> "PrefixTuningConfig":
+        return config_from_peft(cls, config)
+
+
+__all__ = ["PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
+           "normalize_encoder_type"]

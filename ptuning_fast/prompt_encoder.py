@@ -11,6 +11,11 @@ same weights as PEFT), warnings and errors. What differs is how it computes:
   generation and evaluation pay nothing per step.
 - The MLP head runs through :func:`ptuning_fast.ops.prompt_mlp_head` (Triton on CUDA, the
   reference elsewhere; see :mod:`ptuning_fast.backend`).
+- The indices PeftModel passes (0..T-1 in order, one row expanded over the batch) need no lookup:
+  the head reads the embedding table directly and its output is viewed over the batch, so a
+  training step of the MLP encoder is three kernel launches forward and three backward. Index
+  values are checked once per index tensor (one host sync, skipped while the same tensor,
+  unmodified, comes back, and while compiling or capturing a CUDA graph).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.p_tuning.model import PromptEncoder as _PeftPromptEncoder
 
-from ._validation import INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
+from ._validation import INDEX_DTYPES, check_positive_int, check_tensor
 from .backend import get_backend
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType, normalize_encoder_type
 from .ops.prompt_mlp import prompt_mlp_head
@@ -59,6 +64,7 @@ class PromptEncoder(_PeftPromptEncoder):
         self.total_virtual_tokens = config.num_virtual_tokens * config.num_transformer_submodules
         self.encoder_type = normalize_encoder_type(config.encoder_reparameterization_type)
         self._cache = None  # (key, encoded prompts) reused while no parameter changes
+        self._checked_indices = None  # (key, indices, first row is 0..T-1) of the last index tensor checked
 
         self.embedding = torch.nn.Embedding(self.total_virtual_tokens, self.token_dim)
         if config.inference_mode:
@@ -146,10 +152,44 @@ class PromptEncoder(_PeftPromptEncoder):
         self._cache = None
 
     # ----------------------------------------------------------------------------------------
+    def _check_indices(self, indices: torch.Tensor) -> bool:
+        """Raise ValueError for index values outside [0, total_virtual_tokens); return whether the
+        first row is exactly 0..total-1 (then the encoded table is the answer, no lookup needed).
+
+        One host sync per new index tensor; a tensor checked last time and not modified since
+        (same storage, version and layout, held here so its memory cannot be reused) is not read
+        again. Values cannot be read while compiling or capturing a CUDA graph: then the general
+        lookup path runs, exact for any row.
+        """
+        if torch.compiler.is_compiling() or indices.numel() == 0:
+            return False
+        trackable = not torch.is_inference(indices)  # inference tensors carry no version counter
+        if trackable:
+            key = (indices.data_ptr(), indices._version, tuple(indices.shape), indices.stride(), indices.dtype,
+                   indices.device)
+            checked = getattr(self, "_checked_indices", None)
+            if checked is not None and checked[0] == key:
+                return checked[2]
+        if indices.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        total = self.total_virtual_tokens
+        lo, hi = torch.aminmax(indices.reshape(-1))
+        row = indices[0]
+        if row.shape[0] == total:
+            in_order = (row.long() == torch.arange(total, device=row.device)).all()
+        else:
+            in_order = torch.zeros((), dtype=torch.bool, device=row.device)
+        lo, hi, in_order = torch.stack([lo.long(), hi.long(), in_order.long()]).tolist()  # the one sync
+        if lo < 0 or hi >= total:
+            raise ValueError(f"`indices` holds indices outside [0, {total}): min {lo}, max {hi}")
+        if trackable:
+            self._checked_indices = (key, indices, bool(in_order))
+        return bool(in_order)
+
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         weight = self.embedding.weight
         check_tensor(indices, "indices", ndim=2, dtypes=INDEX_DTYPES, device=weight.device)
-        check_index_range(indices, self.total_virtual_tokens, "indices")
+        first_row_in_order = self._check_indices(indices)
         if indices.dtype not in (torch.int64, torch.int32):
             indices = indices.long()
         batch = indices.shape[0]
@@ -157,18 +197,22 @@ class PromptEncoder(_PeftPromptEncoder):
 
         if self.inference_mode or self.encoder_type == PromptEncoderReparameterizationType.MLP:
             table = self.encoded_prompts()  # each distinct token encoded once
+            if same_rows and first_row_in_order:
+                return table.unsqueeze(0).expand(batch, -1, -1)  # PeftModel's tokens: no lookup at all
             if same_rows:
                 return F.embedding(indices[:1], table).expand(batch, -1, -1)
             return F.embedding(indices, table)
 
         # bi-LSTM: a row is a sequence, so each distinct row is encoded once.
+        if same_rows and first_row_in_order:
+            return self.encoded_prompts().unsqueeze(0).expand(batch, -1, -1)  # the sequence PEFT always feeds
         if same_rows:
             rows, inverse = indices[:1], None
         else:
             rows, inverse = torch.unique(indices, dim=0, return_inverse=True)
         canonical = torch.arange(self.total_virtual_tokens, device=rows.device, dtype=rows.dtype)
-        if rows.shape == (1, self.total_virtual_tokens) and torch.equal(rows[0], canonical):
-            encoded = self.encoded_prompts().unsqueeze(0)  # the sequence PEFT always feeds
+        if not same_rows and rows.shape == (1, self.total_virtual_tokens) and torch.equal(rows[0], canonical):
+            encoded = self.encoded_prompts().unsqueeze(0)  # every row is the canonical sequence
         else:
             encoded = self._encode_sequences(F.embedding(rows, weight))
         return encoded.expand(batch, -1, -1) if inverse is None else encoded[inverse]

@@ -14,11 +14,14 @@ if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip_install() {  # pip install -q, without the noise of unreachable extra index locations
+    "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location .* is ignored" || true; }
+}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        "$PY" -m pip install -q torch
+        pip_install torch
     else
-        "$PY" -m pip install -q "${PTUNING_FAST_TORCH_SPEC:-torch==2.13.0}"
+        pip_install "${PTUNING_FAST_TORCH_SPEC:-torch==2.13.0}"
     fi
 fi
 # Reinstall only when the packaging or C++/CUDA sources changed (a stamp of their hash).
@@ -26,7 +29,7 @@ STAMP="$VENV/.ptuning_fast_stamp"
 HASH="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$HASH" ] || ! "$PY" -c "import ptuning_fast" >/dev/null 2>&1; then
     # --no-build-isolation: build the extension against the torch above instead of a fresh one.
-    "$PY" -m pip install -q setuptools wheel
-    (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation -e ".[test,bench,demo]")
+    pip_install setuptools wheel
+    (cd "$ROOT" && pip_install --no-build-isolation -e ".[test,bench,demo]")
     echo "$HASH" > "$STAMP"
 fi

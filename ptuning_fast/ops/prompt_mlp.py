@@ -9,6 +9,9 @@ from .._validation import FLOAT_DTYPES, check_tensor
 from ..backend import resolve_backend
 from ..reference.prompt_mlp import Layer, prompt_mlp_reference
 
+# Hidden sizes the kernels are built and tested for (one program holds a few rows of a layer).
+MAX_FEATURES = 8192
+
 
 def _check_layers(x: torch.Tensor, layers: Sequence[Layer]) -> None:
     check_tensor(x, "x", dtypes=FLOAT_DTYPES)
@@ -29,15 +32,38 @@ def _check_layers(x: torch.Tensor, layers: Sequence[Layer]) -> None:
             if bias.shape[0] != weight.shape[0]:
                 raise ValueError(f"`layers[{i}].bias` has {bias.shape[0]} elements, expected {weight.shape[0]}")
         width = weight.shape[0]
+    if not torch.is_autocast_enabled(x.device.type):
+        # Without autocast F.linear needs one dtype throughout; say which tensor differs.
+        for i, (weight, bias) in enumerate(layers):
+            for name, t in ((f"layers[{i}].weight", weight), (f"layers[{i}].bias", bias)):
+                if t is not None and t.dtype != x.dtype:
+                    raise TypeError(f"`{name}` has dtype {t.dtype} but `x` has {x.dtype}: outside "
+                                    "torch.autocast, x, weights and biases must share one dtype")
+
+
+def _kernels_apply(x: torch.Tensor, layers: Sequence[Layer]) -> bool:
+    """The kernels cover fp32/bf16/fp16, 1..8192 features; fp64 (the oracle dtype) and empty
+    inputs take the reference, which is exact for them."""
+    tensors = [x] + [t for layer in layers for t in layer if t is not None]
+    if any(t.dtype == torch.float64 for t in tensors) or x.numel() == 0:
+        return False
+    widths = [x.shape[-1]] + [weight.shape[0] for weight, _ in layers]
+    return max(widths) <= MAX_FEATURES
 
 
 def prompt_mlp_head(x: torch.Tensor, layers: Sequence[Layer]) -> torch.Tensor:
     """``Linear -> ReLU -> ... -> Linear`` over the last dim of ``x`` (differentiable).
 
-    ``layers`` are (weight, bias) pairs as in ``nn.Linear``. Honors ``torch.autocast``.
+    ``x``: (..., in_features); ``layers``: (weight (out, in), bias (out,) or None) pairs as in
+    ``nn.Linear``, ReLU between consecutive layers. Returns (..., out_features of the last layer).
+    Honors ``torch.autocast`` as ``F.linear`` does. On CUDA (backend ``auto``/``triton``) it runs the
+    fused Triton kernels: one launch per layer forward and one per layer backward (for up to 128
+    rows), weight and bias gradients accumulated in fp32.
+
+    Raises TypeError / ValueError naming the argument for a wrong type, shape, dtype or device.
     """
     _check_layers(x, layers)
-    if resolve_backend(x.device) == "triton":
+    if resolve_backend(x.device) == "triton" and _kernels_apply(x, layers):
         from ..kernels.prompt_mlp import prompt_mlp_triton
 
         return prompt_mlp_triton(x, layers)

@@ -1,0 +1,193 @@
+// CUDA kernels of the prompt-aware attention mask and position ids (CPU twin: prompt_mask.cpp).
+//
+// Mask: the output (B, 1, S, W = P + K) is written as one flat array in 16-byte chunks, one chunk
+// per thread and step of a grid-stride loop, so every store is a full vector store whatever W is
+// (a row may end inside a chunk). The build is bound by these writes; the inputs are a (B, K)
+// bool mask and B lengths that stay in cache.
+// Positions: one block per batch row scans the row's text mask in blocks of 256 columns.
+#include "prompt_mask.h"
+
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+namespace ptuning_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChunkBytes = 16;
+
+struct MaskArgs {
+  const bool* mask;  // (B, K), strides below
+  int64_t mask_s0, mask_s1;
+  const int64_t* lengths;  // (B,) or nullptr: every row has P prompt tokens
+  int64_t S, K, P, past_length, window;
+  bool causal;
+};
+
+// What one output row needs: its batch row, first live prompt column, visible column range.
+struct Row {
+  int64_t b, first_prompt, lo, hi;
+};
+
+__device__ __forceinline__ Row row_geometry(const MaskArgs& a, int64_t row) {
+  Row r;
+  r.b = row / a.S;
+  const int64_t q = a.P + a.past_length + (row - r.b * a.S);  // absolute key index of the query
+  const int64_t width = a.P + a.K;
+  int64_t n = a.lengths == nullptr ? a.P : a.lengths[r.b];
+  n = n < 0 ? 0 : (n > a.P ? a.P : n);  // clamped: a bad length cannot leave [0, P]
+  r.first_prompt = a.P - n;
+  if (a.causal) {
+    r.hi = q;
+    r.lo = a.window > 0 ? max(q - a.window + 1, int64_t(0)) : 0;  // kv > q - window
+  } else if (a.window > 0) {
+    r.lo = max(q - a.window, int64_t(0));  // |q - kv| <= window
+    r.hi = min(q + a.window, width - 1);
+  } else {
+    r.lo = 0;
+    r.hi = width - 1;
+  }
+  return r;
+}
+
+__device__ __forceinline__ bool visible(const MaskArgs& a, const Row& r, int64_t col) {
+  if (col < r.lo || col > r.hi) return false;
+  if (col < a.P) return col >= r.first_prompt;
+  return a.mask[r.b * a.mask_s0 + (col - a.P) * a.mask_s1];
+}
+
+template <typename scalar_t>
+__global__ void prompt_mask_kernel(MaskArgs a, scalar_t attend, scalar_t hidden, scalar_t* out,
+                                   int64_t total) {
+  constexpr int kVec = kChunkBytes / sizeof(scalar_t);
+  const int64_t width = a.P + a.K;
+  const int64_t chunks = (total + kVec - 1) / kVec;
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks;
+       c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t first = c * kVec;
+    int64_t row = first / width, col = first - row * width;
+    Row r = row_geometry(a, row);
+    alignas(kChunkBytes) scalar_t vals[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      if (col == width) {  // the chunk crosses into the next row
+        ++row;
+        col = 0;
+        if (row * width < total) r = row_geometry(a, row);  // else: past the end, not stored
+      }
+      vals[k] = visible(a, r, col) ? attend : hidden;
+      ++col;
+    }
+    if (first + kVec <= total) {
+      *reinterpret_cast<uint4*>(out + first) = *reinterpret_cast<const uint4*>(vals);
+    } else {  // last, partial chunk
+      for (int k = 0; first + k < total; ++k) out[first + k] = vals[k];
+    }
+  }
+}
+
+// Inclusive prefix sum over the block (blockDim.x == kThreads); `warp_totals` has kThreads/32.
+__device__ __forceinline__ int block_inclusive_scan(int value, int* warp_totals) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, value, d);
+    if (lane >= d) value += other;
+  }
+  if (lane == 31) warp_totals[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    int total = lane < kThreads / 32 ? warp_totals[lane] : 0;
+#pragma unroll
+    for (int d = 1; d < kThreads / 32; d <<= 1) {
+      const int other = __shfl_up_sync(0xffffffffu, total, d);
+      if (lane >= d) total += other;
+    }
+    if (lane < kThreads / 32) warp_totals[lane] = total;  // inclusive over warps
+  }
+  __syncthreads();
+  const int before = warp > 0 ? warp_totals[warp - 1] : 0;
+  return value + before;
+}
+
+__global__ void prompt_positions_kernel(MaskArgs a, bool after_prompt, int64_t* out) {
+  __shared__ int warp_totals[kThreads / 32];
+  const int64_t b = blockIdx.x;
+  int64_t n = a.lengths == nullptr ? a.P : a.lengths[b];
+  n = n < 0 ? 0 : (n > a.P ? a.P : n);
+  const int64_t offset = after_prompt ? n : 0;
+  int64_t seen_before = 0;  // real tokens in the earlier blocks of columns
+  for (int64_t start = 0; start < a.K; start += kThreads) {
+    const int64_t t = start + threadIdx.x;
+    const int real = t < a.K ? int(a.mask[b * a.mask_s0 + t * a.mask_s1]) : 0;
+    const int seen = block_inclusive_scan(real, warp_totals);
+    if (t < a.K && t >= a.past_length) {
+      out[b * a.S + (t - a.past_length)] = real ? offset + seen_before + seen - 1 : 0;
+    }
+    seen_before += warp_totals[kThreads / 32 - 1];  // the block's total
+    __syncthreads();  // warp_totals is reused by the next block of columns
+  }
+}
+
+MaskArgs make_args(const at::Tensor& mask, const at::Tensor& lengths, int64_t P,
+                   int64_t past_length, bool causal, int64_t window) {
+  MaskArgs a;
+  a.mask = mask.data_ptr<bool>();
+  a.mask_s0 = mask.stride(0);
+  a.mask_s1 = mask.stride(1);
+  a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  a.K = mask.size(1);
+  a.S = a.K - past_length;
+  a.P = P;
+  a.past_length = past_length;
+  a.window = window;
+  a.causal = causal;
+  return a;
+}
+
+}  // namespace
+
+void prompt_attention_mask_cuda(const at::Tensor& mask, const at::Tensor& lengths, int64_t P,
+                                int64_t past_length, bool causal, int64_t sliding_window,
+                                at::Tensor& out) {
+  const int64_t total = out.numel();
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const MaskArgs args = make_args(mask, lengths, P, past_length, causal, sliding_window);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, mask.device().index()));
+  AT_DISPATCH_FLOATING_TYPES_AND3(
+      at::kHalf, at::kBFloat16, at::kBool, out.scalar_type(), "prompt_attention_mask_cuda", [&] {
+        constexpr int64_t vec = kChunkBytes / sizeof(scalar_t);
+        const int64_t chunks = (total + vec - 1) / vec;
+        // Enough blocks to fill every SM several times; the grid-stride loop covers the rest.
+        const int64_t blocks = std::min<int64_t>((chunks + kThreads - 1) / kThreads, int64_t(sms) * 32);
+        const bool is_bool = std::is_same<scalar_t, bool>::value;
+        const scalar_t attend = is_bool ? scalar_t(1) : scalar_t(0);
+        const scalar_t hidden = is_bool ? scalar_t(0) : std::numeric_limits<scalar_t>::lowest();
+        prompt_mask_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+            args, attend, hidden, out.data_ptr<scalar_t>(), total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void prompt_position_ids_cuda(const at::Tensor& mask, const at::Tensor& lengths, int64_t P,
+                              int64_t past_length, bool after_prompt, at::Tensor& out) {
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const MaskArgs args = make_args(mask, lengths, P, past_length, /*causal=*/true, /*window=*/0);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  prompt_positions_kernel<<<mask.size(0), kThreads, 0, stream>>>(args, after_prompt,
+                                                                 out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace ptuning_fast

@@ -1,0 +1,88 @@
+"""Reading and writing (text, label) examples as JSONL or CSV files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def _check_path(path, name: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be a path (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"`{name}` must end in one of {SUFFIXES} (JSON lines or CSV), got {str(path)!r}")
+    return path
+
+
+def _check_column(column, name: str) -> str:
+    if not isinstance(column, str) or not column:
+        raise TypeError(f"`{name}` must be a non-empty str, got {column!r}")
+    return column
+
+
+def read_examples(path, text_column: str = "text", label_column: str = "label") -> list[dict]:
+    """Read ``[{"text": ..., "label": ...}]`` from a JSONL (one object a line) or CSV file.
+
+    The columns to read are named by ``text_column`` and ``label_column``; other columns are
+    ignored. Texts must be non-empty strings; labels are kept as they are (str, or int in JSONL).
+    """
+    path = _check_path(path, "path")
+    text_column = _check_column(text_column, "text_column")
+    label_column = _check_column(label_column, "label_column")
+    if not path.is_file():
+        raise ValueError(f"`path` {str(path)!r} does not exist or is not a file")
+
+    rows = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(handle)
+            for line, row in enumerate(reader, start=2):
+                rows.append((line, row))
+        else:
+            for line, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{line}: each line must be a JSON object, got {type(row).__name__}")
+                rows.append((line, row))
+
+    examples = []
+    for line, row in rows:
+        for column, argument in ((text_column, "text_column"), (label_column, "label_column")):
+            if row.get(column) is None:
+                raise ValueError(f"{path}:{line}: missing column {column!r} (set with `{argument}`)")
+        text, label = row[text_column], row[label_column]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{line}: column {text_column!r} must be a non-empty string, got {text!r}")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+            raise ValueError(f"{path}:{line}: column {label_column!r} must be a string or an int, got {label!r}")
+        examples.append({"text": text, "label": label})
+    if not examples:
+        raise ValueError(f"`path` {str(path)!r} holds no examples")
+    return examples
+
+
+def write_examples(examples, path) -> Path:
+    """Write ``[{"text": ..., "label": ...}]`` to ``path`` (JSONL or CSV, from the suffix)."""
+    path = _check_path(path, "path")
+    if not isinstance(examples, (list, tuple)) or not all(
+            isinstance(e, dict) and "text" in e and "label" in e for e in examples):
+        raise TypeError("`examples` must be a list of dicts with keys 'text' and 'label'")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        if path.suffix.lower() == ".csv":
+            writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows({"text": e["text"], "label": e["label"]} for e in examples)
+        else:
+            for e in examples:
+                handle.write(json.dumps({"text": e["text"], "label": e["label"]}) + "\n")
+    return path

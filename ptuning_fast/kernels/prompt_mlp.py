@@ -1,0 +1,492 @@
+"""Triton kernels for the P-tuning MLP head: ``Linear -> ReLU -> ... -> Linear``, forward and backward.
+
+The head runs on the T distinct virtual tokens (T = 1..512 rows) while its weights are D x H, up to
+8192 x 8192: every layer is a skinny matrix product whose time is the time to stream its weight
+through the chip once. So the kernels are built around one rule: each weight matrix is read once
+per pass and each weight gradient written once, with everything else fused around that stream.
+
+Forward, one launch per layer (a layer needs the whole previous layer, so no fewer launches
+without a grid-wide barrier):
+    ``_linear_kernel``: ``h = act(a @ W^T + b)``, a program owns a block of output features for
+    all rows (T <= 128: one row block, so W is read exactly once), bias and ReLU in the epilogue.
+    The post-ReLU activations are what the forward keeps for the backward.
+
+Backward, one launch per layer (T <= 128):
+    ``_linear_backward_kernel``: a program owns a block of the layer's *input* features k and walks
+    over all output features n. For each n-block it writes ``dW[n, k] = g[:, n]^T @ a[:, k]``, adds
+    ``g[:, n] @ W[n, k]`` to the input gradient, and (program 0) writes ``db[n] = sum_rows g[:, n]``.
+    The input gradient of its k-block is then complete, so the ReLU of the layer below is applied
+    right there (``a > 0`` from the saved activation) before the single store.
+    For T > 128 the same math runs as two launches per layer through ``_linear_kernel``
+    (``dW, db`` with a row-sum epilogue; ``dA`` with a ReLU-gate epilogue).
+
+Numerics: loads are cast to the compute dtype (the autocast dtype, else the parameter dtype), as
+``F.linear`` under autocast casts its inputs; products accumulate in fp32; activations are
+rounded to the compute dtype between layers, as the reference does; weight and bias gradients are
+accumulated in fp32 and rounded once to the parameter dtype. fp32 matmuls follow
+``torch.backends.cuda.matmul.allow_tf32`` (off by default: exact fp32, as PyTorch).
+
+Entry points: :func:`prompt_mlp_triton` (differentiable), and the launchers
+:func:`mlp_forward` / :func:`mlp_backward`. In eager mode an ``autograd.Function`` calls the
+launchers directly (lowest per-call overhead); under ``torch.compile`` it calls them through two
+opaque custom ops (``ptuning_fast::prompt_mlp_forward`` / ``_backward``) so Dynamo traces the
+whole head without a graph break. Nothing in the path synchronises with the host, so it can be
+captured in a CUDA graph (launch configurations are tuned on the first eager call per shape and
+fall back to fixed heuristics while a stream is being captured).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows handled by one program of the fused backward; beyond it the backward takes the tiled path.
+FUSED_BACKWARD_MAX_ROWS = 128
+_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _cast(x, DTYPE: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """``x.to(DTYPE)``. The GPU rounds fp32 -> bf16 to nearest even; Triton's CPU interpreter
+    truncates, so there (EMULATE_RTNE) the rounding is done on the bits first."""
+    if EMULATE_RTNE:
+        if DTYPE == tl.bfloat16:
+            if x.dtype == tl.float32:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _linear_kernel(
+    a_ptr, b_ptr, bias_ptr, gate_ptr, c_ptr, row_sum_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_bias,
+    stride_gm, stride_gn, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_GATE: tl.constexpr, ROW_SUM: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of ``c = epilogue(a @ b)``, reducing over all of K.
+
+    Epilogue, in order: ``+ bias[n]`` (bias rounded to the compute dtype, as F.linear under
+    autocast), ``relu``, ``* (gate > 0)`` (the ReLU backward), cast to c's dtype. With ROW_SUM
+    the programs of the first column block also write ``sum_k a[m, k]`` (a bias gradient).
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = _cast(tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
+        b = _cast(tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if ROW_SUM:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
+
+    if HAS_BIAS:
+        bias = _cast(tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE)
+        acc += bias.to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tile_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                       mask=tile_mask, other=0.0)
+        acc = tl.where(gate > 0, acc, 0.0)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             _cast(acc, c_ptr.dtype.element_ty, EMULATE_RTNE), mask=tile_mask)
+    if ROW_SUM:
+        row_limit = tl.where(pid_n == 0, M, 0)  # the first column block writes the row sums
+        tl.store(row_sum_ptr + offs_m, _cast(row_sum, row_sum_ptr.dtype.element_ty, EMULATE_RTNE), mask=offs_m < row_limit)
+
+
+@triton.jit
+def _linear_backward_kernel(
+    grad_ptr, inp_ptr, weight_ptr, grad_weight_ptr, grad_bias_ptr, grad_inp_ptr,
+    M, N, K,
+    stride_gm, stride_gn, stride_im, stride_ik, stride_wn, stride_wk,
+    stride_dwn, stride_dwk, stride_dim, stride_dik,
+    NEED_GRAD_WEIGHT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr, NEED_GRAD_INPUT: tl.constexpr,
+    GATE_GRAD_INPUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward of one layer ``z = inp @ W^T + b`` for all M (<= BLOCK_M) rows, given g = dL/dz.
+
+    A program owns input features [k0, k0 + BLOCK_K): the stripe dW[:, k-block] and the complete
+    input gradient of that block, which is summed over every output feature n inside the program
+    (no atomics, no second pass). GATE_GRAD_INPUT applies the ReLU that produced ``inp``.
+    """
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    mk_mask = mask_m[:, None] & mask_k[None, :]
+    inp = _cast(tl.load(inp_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik,
+                  mask=mk_mask, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
+
+    grad_inp = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        g = _cast(tl.load(grad_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
+        nk_mask = mask_n[:, None] & mask_k[None, :]
+        if NEED_GRAD_WEIGHT:
+            grad_w = tl.dot(tl.trans(g), inp, input_precision=INPUT_PRECISION)
+            tl.store(grad_weight_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+                     _cast(grad_w, grad_weight_ptr.dtype.element_ty, EMULATE_RTNE), mask=nk_mask)
+        if NEED_GRAD_BIAS:
+            # Every program sees all of g; only the first one writes the bias gradient.
+            grad_b = tl.sum(g.to(tl.float32), axis=0)
+            bias_limit = tl.where(pid == 0, N, 0)
+            tl.store(grad_bias_ptr + offs_n, _cast(grad_b, grad_bias_ptr.dtype.element_ty, EMULATE_RTNE), mask=offs_n < bias_limit)
+        if NEED_GRAD_INPUT:
+            w = _cast(tl.load(weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=nk_mask, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
+            grad_inp = tl.dot(g, w, grad_inp, input_precision=INPUT_PRECISION)
+
+    if NEED_GRAD_INPUT:
+        if GATE_GRAD_INPUT:
+            grad_inp = tl.where(inp > 0, grad_inp, 0.0)
+        tl.store(grad_inp_ptr + offs_m[:, None] * stride_dim + offs_k[None, :] * stride_dik,
+                 _cast(grad_inp, grad_inp_ptr.dtype.element_ty, EMULATE_RTNE), mask=mk_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations: a short list per kernel, tuned once per shape on the GPU
+# --------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _row_block(m: int) -> int:
+    """Rows per program: all rows (padded to the 16-row minimum of tl.dot) up to 128."""
+    return max(16, min(triton.next_power_of_2(m), FUSED_BACKWARD_MAX_ROWS))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# (block along the program dimension, block along the loop dimension, num_warps, num_stages)
+_LINEAR_CANDIDATES = ((16, 128, 4, 4), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3))
+_BACKWARD_CANDIDATES = ((16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (16, 128, 4, 2))
+_INTERPRETER_CONFIG = (32, 32, 1, 1)  # small blocks: the tests' odd sizes cross block edges
+_tuned: dict = {}
+
+
+def _heuristic(kind: str, programs_along: int, other_programs: int, device: torch.device, wide: bool) -> tuple:
+    """The widest program block that still gives every SM a program (weight streaming wants
+    many programs in flight), and a loop block sized for the dtype's register budget."""
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    block = 16
+    for candidate in (64, 32):
+        if triton.cdiv(programs_along, candidate) * other_programs >= sms:
+            block = candidate
+            break
+    if kind == "linear":
+        return (block, 128 if wide else 64, 4, 3)
+    return (block, 64, 4, 2)
+
+
+def _config(kind: str, key: tuple, launch, programs_along: int, other_programs: int,
+            device: torch.device, wide: bool) -> tuple:
+    """Launch config for ``launch(config)``: tuned on first use per (kind, shape, flags) key by
+    timing each candidate with CUDA events, or the heuristic where tuning is off or not possible."""
+    if _interpreting() or device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    config = _tuned.get(key)
+    if config is not None:
+        return config
+    default = _heuristic(kind, programs_along, other_programs, device, wide)
+    if os.environ.get("PTUNING_FAST_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return default
+    candidates = _LINEAR_CANDIDATES if kind == "linear" else _BACKWARD_CANDIDATES
+    timings = {}
+    for config in dict.fromkeys((default,) + candidates):
+        try:
+            launch(config)  # compiles; raises if the config does not fit the chip
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                launch(config)
+            end.record()
+            end.synchronize()
+            timings[config] = start.elapsed_time(end)
+        except Exception:  # out of shared memory / registers for this config on this chip
+            continue
+    _tuned[key] = config = min(timings, key=timings.get) if timings else default
+    return config
+
+
+def _dot_dtype(compute_dtype: torch.dtype):
+    """tl.dot operand dtype. Triton's CPU interpreter multiplies bf16 operands as their raw bits,
+    so there they are widened to fp32 first: exact, since a product of two bf16 values fits in
+    fp32, and accumulated in fp32 as the tensor cores do."""
+    if compute_dtype == torch.bfloat16 and _interpreting():
+        return tl.float32
+    return _TORCH_TO_TL[compute_dtype]
+
+
+def _input_precision(compute_dtype: torch.dtype) -> str:
+    # Match torch.matmul: fp32 products are exact unless the user allowed TF32.
+    if compute_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _launch_linear(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, compute_dtype: torch.dtype,
+                   bias: Optional[torch.Tensor] = None, relu: bool = False, gate: Optional[torch.Tensor] = None,
+                   row_sum: Optional[torch.Tensor] = None) -> None:
+    """``c[M, N] = epilogue(a[M, K] @ b[K, N])`` (any strides); see ``_linear_kernel``."""
+    M, K = a.shape
+    N = b.shape[1]
+    block_m = _row_block(M)
+    grid_m = triton.cdiv(M, block_m)
+    gate_strides = gate.stride() if gate is not None else (0, 0)
+    precision = _input_precision(compute_dtype)
+
+    def launch(config):
+        block_n, block_k, num_warps, num_stages = config
+        _linear_kernel[(triton.cdiv(N, block_n), grid_m)](
+            a, b, bias if bias is not None else c, gate if gate is not None else c, c,
+            row_sum if row_sum is not None else c,
+            M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), bias.stride(0) if bias is not None else 0,
+            gate_strides[0], gate_strides[1], c.stride(0), c.stride(1),
+            HAS_BIAS=bias is not None, RELU=relu, HAS_GATE=gate is not None, ROW_SUM=row_sum is not None,
+            COMPUTE_DTYPE=_TORCH_TO_TL[compute_dtype], DOT_DTYPE=_dot_dtype(compute_dtype), INPUT_PRECISION=precision,
+            EMULATE_RTNE=_interpreting(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        )
+
+    key = ("linear", M, N, K, compute_dtype, a.dtype, b.dtype, c.dtype, bias is not None, relu,
+           gate is not None, row_sum is not None, a.device)
+    launch(_config("linear", key, launch, N, grid_m, a.device, compute_dtype != torch.float32))
+
+
+def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, *,
+                            grad_weight: Optional[torch.Tensor], grad_bias: Optional[torch.Tensor],
+                            grad_inp: Optional[torch.Tensor], gate: bool, compute_dtype: torch.dtype) -> None:
+    """All gradients of one layer in one launch (M <= FUSED_BACKWARD_MAX_ROWS rows)."""
+    M, N = grad.shape
+    K = inp.shape[1]
+    dummy = grad  # stands in for outputs that are not needed (never written)
+    dw_strides = grad_weight.stride() if grad_weight is not None else (0, 0)
+    di_strides = grad_inp.stride() if grad_inp is not None else (0, 0)
+    precision = _input_precision(compute_dtype)
+
+    def launch(config):
+        block_k, block_n, num_warps, num_stages = config
+        _linear_backward_kernel[(triton.cdiv(K, block_k),)](
+            grad, inp, weight,
+            grad_weight if grad_weight is not None else dummy,
+            grad_bias if grad_bias is not None else dummy,
+            grad_inp if grad_inp is not None else dummy,
+            M, N, K,
+            grad.stride(0), grad.stride(1), inp.stride(0), inp.stride(1), weight.stride(0), weight.stride(1),
+            dw_strides[0], dw_strides[1], di_strides[0], di_strides[1],
+            NEED_GRAD_WEIGHT=grad_weight is not None, NEED_GRAD_BIAS=grad_bias is not None,
+            NEED_GRAD_INPUT=grad_inp is not None, GATE_GRAD_INPUT=gate,
+            COMPUTE_DTYPE=_TORCH_TO_TL[compute_dtype], DOT_DTYPE=_dot_dtype(compute_dtype), INPUT_PRECISION=precision,
+            EMULATE_RTNE=_interpreting(),
+            BLOCK_M=_row_block(M), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        )
+
+    key = ("backward", M, N, K, compute_dtype, grad.dtype, inp.dtype, weight.dtype,
+           grad_weight is not None, grad_bias is not None, grad_inp is not None, grad.device)
+    launch(_config("backward", key, launch, K, 1, grad.device, compute_dtype != torch.float32))
+
+
+def mlp_forward(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                compute_dtype: torch.dtype) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Forward of the head on 2-D ``x`` (M, D_in): returns (output, post-ReLU hidden activations).
+
+    Output and activations are in ``compute_dtype``. One launch per layer.
+    """
+    hidden: List[torch.Tensor] = []
+    h = x
+    last = len(weights) - 1
+    for i, (weight, bias) in enumerate(zip(weights, biases)):
+        out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=compute_dtype)
+        _launch_linear(h, weight.t(), out, compute_dtype=compute_dtype, bias=bias, relu=i < last)
+        if i < last:
+            hidden.append(out)
+        h = out
+    return h, hidden
+
+
+def mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor],
+                 biases: Sequence[Optional[torch.Tensor]], hidden: Sequence[torch.Tensor], compute_dtype: torch.dtype,
+                 need_grad_x: bool, need_grad_weights: Sequence[bool], need_grad_biases: Sequence[bool],
+                 ) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]], List[Optional[torch.Tensor]]]:
+    """Gradients of the head given ``grad_out`` (M, D_out): (dx, [dW], [db]); None where not needed.
+
+    ``hidden`` are the activations :func:`mlp_forward` returned. Weight and bias gradients are
+    accumulated in fp32 and come back in their parameter's dtype; dx in x's dtype.
+    One launch per layer for up to 128 rows, two beyond.
+    """
+    n_layers = len(weights)
+    has_bias = [b is not None for b in biases]
+    grad_weights: List[Optional[torch.Tensor]] = [None] * n_layers
+    grad_biases: List[Optional[torch.Tensor]] = [None] * n_layers
+    grad_x = None
+    # The first layer that needs anything bounds how far the input gradient must travel.
+    first_needed = 0 if need_grad_x else next(
+        (i for i in range(n_layers) if need_grad_weights[i] or (has_bias[i] and need_grad_biases[i])), n_layers)
+    fused = x.shape[0] <= FUSED_BACKWARD_MAX_ROWS
+    g = grad_out
+    for i in range(n_layers - 1, first_needed - 1, -1):
+        weight = weights[i]
+        inp = hidden[i - 1] if i > 0 else x
+        dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weights[i] else None
+        db = torch.empty_like(biases[i], memory_format=torch.contiguous_format) if (
+            has_bias[i] and need_grad_biases[i]) else None
+        need_inp = i > first_needed or (i == 0 and need_grad_x)
+        d_inp = (torch.empty(inp.shape, device=inp.device, dtype=compute_dtype if i > 0 else x.dtype)
+                 if need_inp else None)
+        if fused:
+            _launch_linear_backward(g, inp, weight, grad_weight=dw, grad_bias=db, grad_inp=d_inp, gate=i > 0,
+                                    compute_dtype=compute_dtype)
+        else:
+            if dw is not None or db is not None:
+                if dw is None:  # only the bias gradient: a row sum of g^T, into a scratch dW
+                    dw_out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+                else:
+                    dw_out = dw
+                _launch_linear(g.t(), inp, dw_out, compute_dtype=compute_dtype, row_sum=db)
+            if d_inp is not None:
+                _launch_linear(g, weight, d_inp, compute_dtype=compute_dtype, gate=inp if i > 0 else None)
+        grad_weights[i], grad_biases[i] = dw, db
+        if i == 0:
+            grad_x = d_inp
+        g = d_inp
+    return grad_x, grad_weights, grad_biases
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the launchers behind two opaque custom ops
+# --------------------------------------------------------------------------------------------
+_EMPTY = (0,)  # shape of the placeholder a custom op returns for a gradient that is not needed
+
+
+@torch.library.custom_op("ptuning_fast::prompt_mlp_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
+                compute_dtype: torch.dtype) -> List[torch.Tensor]:
+    out, hidden = mlp_forward(x, weights, biases, compute_dtype)
+    return [out, *hidden]
+
+
+@_forward_op.register_fake
+def _(x, weights, biases, compute_dtype):
+    out, *hidden = [x.new_empty((x.shape[0], w.shape[0]), dtype=compute_dtype) for w in weights[-1:] + weights[:-1]]
+    return [out, *hidden]
+
+
+@torch.library.custom_op("ptuning_fast::prompt_mlp_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
+                 biases: List[Optional[torch.Tensor]], hidden: List[torch.Tensor], compute_dtype: torch.dtype,
+                 need_grad_x: bool, need_grad_weights: List[bool], need_grad_biases: List[bool]) -> List[torch.Tensor]:
+    grad_x, grad_weights, grad_biases = mlp_backward(grad_out, x, weights, biases, hidden, compute_dtype,
+                                                     need_grad_x, need_grad_weights, need_grad_biases)
+    empty = x.new_empty(_EMPTY)
+    return [empty if t is None else t for t in (grad_x, *grad_weights, *grad_biases)]
+
+
+@_backward_op.register_fake
+def _(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights, need_grad_biases):
+    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty(_EMPTY)
+    grad_weights = [w.new_empty(w.shape) if need else w.new_empty(_EMPTY) for w, need in zip(weights, need_grad_weights)]
+    grad_biases = [b.new_empty(b.shape) if need and b is not None else x.new_empty(_EMPTY)
+                   for b, need in zip(biases, need_grad_biases)]
+    return [grad_x, *grad_weights, *grad_biases]
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+class PromptMLPFunction(torch.autograd.Function):
+    """``apply(x2d, compute_dtype, W1, b1, W2, b2, ...)``; a bias may be None."""
+
+    @staticmethod
+    def forward(ctx, x, compute_dtype, *params):
+        weights, biases = list(params[0::2]), list(params[1::2])
+        if torch.compiler.is_compiling():
+            out, *hidden = _forward_op(x, weights, biases, compute_dtype)
+        else:
+            out, hidden = mlp_forward(x, weights, biases, compute_dtype)
+        ctx.save_for_backward(x, *weights, *biases, *hidden)
+        ctx.compute_dtype = compute_dtype
+        ctx.n_layers = len(weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        n_layers = ctx.n_layers
+        x, *rest = ctx.saved_tensors
+        weights, biases, hidden = rest[:n_layers], rest[n_layers:2 * n_layers], rest[2 * n_layers:]
+        need_x = ctx.needs_input_grad[0]
+        need_w = [ctx.needs_input_grad[2 + 2 * i] for i in range(n_layers)]
+        need_b = [ctx.needs_input_grad[3 + 2 * i] for i in range(n_layers)]
+        if torch.compiler.is_compiling():
+            grads = _backward_op(grad_out, x, weights, biases, hidden, ctx.compute_dtype, need_x, need_w, need_b)
+            grad_x = grads[0] if need_x else None
+            grad_w = [g if need else None for g, need in zip(grads[1:1 + n_layers], need_w)]
+            grad_b = [g if need and b is not None else None
+                      for g, need, b in zip(grads[1 + n_layers:], need_b, biases)]
+        else:
+            grad_x, grad_w, grad_b = mlp_backward(grad_out, x, weights, biases, hidden, ctx.compute_dtype,
+                                                  need_x, need_w, need_b)
+        return (grad_x, None, *[g for pair in zip(grad_w, grad_b) for g in pair])
+
+
+def compute_dtype_for(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would compute in: the autocast dtype when autocast is on, else the weight's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def prompt_mlp_triton(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> torch.Tensor:
+    """``Linear -> ReLU -> ... -> Linear`` over the last dim of ``x`` with the Triton kernels.
+
+    ``x``: (..., D_in) fp32/bf16/fp16; ``layers``: (weight (out, in), bias (out,) or None) pairs.
+    Returns (..., D_out) in the compute dtype (autocast's, else the parameters'), differentiable
+    with respect to ``x`` and every weight and bias. Inputs are assumed validated
+    (see :func:`ptuning_fast.ops.prompt_mlp_head`).
+    """
+    lead_shape = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    compute_dtype = compute_dtype_for(x, layers[0][0])
+    params = [t for weight, bias in layers for t in (weight, bias)]
+    out = PromptMLPFunction.apply(x2d, compute_dtype, *params)
+    return out.reshape(*lead_shape, out.shape[-1])
+
+
+__all__ = ["PromptMLPFunction", "mlp_backward", "mlp_forward", "prompt_mlp_triton"]

@@ -1,0 +1,203 @@
+"""Prompt-aware 4D attention masks and position ids for prefixed models.
+
+``build_prompt_attention_mask`` turns the 2D padding mask of the text into the 4D mask the
+attention reads when P prompt columns (a deep-prompt K/V prefix in the cache, or P-tuning's
+virtual tokens) come before the text; ``build_prompt_position_ids`` gives the matching positions.
+Pass the 4D mask as ``attention_mask=`` to a transformers 5 model: a 4D mask is used untouched.
+The exact definition is in :mod:`ptuning_fast.reference.mask`.
+
+Dispatch: backend ``"reference"`` -> PyTorch; otherwise the C++/CUDA extension (CPU kernel or
+CUDA kernel by device) when it is loaded, else PyTorch. Both give identical results.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .._extension import load_extension
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_tensor
+from ..backend import get_backend
+from ..reference.mask import prompt_attention_mask_reference, prompt_position_ids_reference
+
+MASK_DTYPES = (torch.bool,) + INDEX_DTYPES + FLOAT_DTYPES
+OUTPUT_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PADDING_SIDES = ("left", "right")
+
+PromptLengths = Union[int, torch.Tensor]
+
+
+def _extension(device: torch.device):
+    """The loaded extension when it should build masks on ``device``, else None (use PyTorch)."""
+    if get_backend() == "reference" or device.type not in ("cpu", "cuda"):
+        return None
+    ext = load_extension()
+    if ext is None or (device.type == "cuda" and not ext.with_cuda()):
+        return None
+    return ext
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_arguments(attention_mask, num_virtual_tokens, past_length, padding_side, num_prompt_columns):
+    """Check every argument; returns (prompt_lengths tensor or None, P).
+
+    One host sync at most, and none for a bool or integer mask with an int prompt length and no
+    ``padding_side`` check.
+    """
+    check_tensor(attention_mask, "attention_mask", ndim=2, dtypes=MASK_DTYPES)
+    batch, text_length = attention_mask.shape
+    check_positive_int(past_length, "past_length", allow_zero=True)
+    if past_length > text_length:
+        raise ValueError(f"`past_length` ({past_length}) cannot exceed the text length of "
+                         f"`attention_mask` ({text_length}); the mask covers past and new tokens")
+    if padding_side is not None and padding_side not in PADDING_SIDES:
+        raise ValueError(f"`padding_side` must be None, 'left' or 'right'; got {padding_side!r}")
+
+    lengths = None
+    if isinstance(num_virtual_tokens, torch.Tensor):
+        lengths = check_tensor(num_virtual_tokens, "num_virtual_tokens", ndim=1, dtypes=INDEX_DTYPES,
+                               device=attention_mask.device)
+        if lengths.shape[0] != batch:
+            raise ValueError(f"`num_virtual_tokens` has {lengths.shape[0]} per-row lengths but "
+                             f"`attention_mask` has batch size {batch}")
+    else:
+        check_positive_int(num_virtual_tokens, "num_virtual_tokens", allow_zero=True)
+    if num_prompt_columns is not None:
+        check_positive_int(num_prompt_columns, "num_prompt_columns", allow_zero=True)
+
+    # Data-dependent checks, gathered so that they cost a single device->host transfer.
+    # Integer masks are read as transformers reads them (nonzero = real) with no check, so the
+    # usual call (int or bool mask, int prompt length) never waits for the device.
+    stats = []
+    float_mask = attention_mask.dtype.is_floating_point
+    if float_mask:  # e.g. an additive mask passed by mistake
+        stats.append(((attention_mask != 0) & (attention_mask != 1)).any())
+    if padding_side is not None and text_length > 1:
+        real = attention_mask != 0
+        # Left padding: no real token is followed by a pad. Right padding: no pad by a real token.
+        step = real[:, 1:] & ~real[:, :-1] if padding_side == "right" else real[:, :-1] & ~real[:, 1:]
+        stats.append(step.any())
+    if lengths is not None and batch > 0:
+        stats += list(torch.aminmax(lengths.long()))
+    values = torch.stack([s.long() for s in stats]).tolist() if stats else []
+
+    if float_mask and values.pop(0):
+        raise ValueError("a floating `attention_mask` must hold only 0 and 1 (1 = real token, 0 = padding); "
+                         "pass the 2D padding mask, not an additive mask")
+    if padding_side is not None and text_length > 1 and values.pop(0):
+        raise ValueError(f"`attention_mask` is not {padding_side}-padded: some row has a "
+                         f"{'real token after a pad' if padding_side == 'right' else 'pad after a real token'}"
+                         f" (check the tokenizer's padding_side)")
+    if lengths is None:
+        longest = num_virtual_tokens
+    elif batch > 0:
+        shortest, longest = values
+        if shortest < 0:
+            raise ValueError(f"`num_virtual_tokens` must be >= 0, got a row with {shortest}")
+    else:
+        longest = 0
+    P = longest if num_prompt_columns is None else num_prompt_columns
+    if longest > P:
+        raise ValueError(f"`num_prompt_columns` ({P}) is smaller than the longest prompt ({longest})")
+    return lengths, P
+
+
+def _lengths_tensor(lengths, num_virtual_tokens, batch, device):
+    return lengths.long() if lengths is not None else torch.full((batch,), num_virtual_tokens,
+                                                                 dtype=torch.long, device=device)
+
+
+def build_prompt_attention_mask(
+    attention_mask: torch.Tensor,
+    num_virtual_tokens: PromptLengths,
+    *,
+    causal: bool = True,
+    past_length: int = 0,
+    sliding_window: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+    padding_side: Optional[str] = None,
+    num_prompt_columns: Optional[int] = None,
+) -> torch.Tensor:
+    """The 4D attention mask ``(B, 1, S, P + K)`` of a text that follows ``P`` prompt columns.
+
+    Args:
+        attention_mask: ``(B, K)`` padding mask of the text: bool, integer (nonzero = real
+            token, as transformers reads it) or floating holding only 0/1 (checked). With a cache it covers the ``past_length`` text tokens already
+            cached and the ``S = K - past_length`` tokens of this step, like transformers' 2D mask.
+        num_virtual_tokens: prompt length, an int or a ``(B,)`` integer tensor of per-row
+            lengths ``n_b``. Row b's prompt occupies the LAST ``n_b`` of the ``P`` prompt columns
+            (next to the text); the other prompt columns are hidden from that row.
+        causal: causal text attention (decoders) or bidirectional (encoders). Prompt columns are
+            visible to every query either way.
+        past_length: text tokens already in the cache before this step's queries.
+        sliding_window: keep only keys with ``kv > q - w`` (causal) or ``|q - kv| <= w``
+            (bidirectional), as transformers' sliding-window masks, over the whole key axis.
+        dtype: ``None`` or ``torch.bool`` for a boolean mask (True = attend; for SDPA), or the
+            model's floating dtype for an additive mask (0 / ``finfo(dtype).min``; for eager).
+        padding_side: ``None`` accepts any padding layout; ``"left"``/``"right"`` also checks
+            that ``attention_mask`` is padded that way (catches a tokenizer mismatch).
+        num_prompt_columns: ``P``, the number of prompt columns in the cache; defaults to the
+            longest prompt.
+
+    Key columns are ``[P prompt columns][K text columns]`` and query ``i`` is column
+    ``P + past_length + i``: equal to what ``transformers.masking_utils`` builds from a cache
+    holding the prompt and the 2D mask ``cat([live prompt columns, attention_mask], 1)``.
+    For P-tuning's virtual tokens (which are queries too), pass that concatenated mask and
+    ``num_virtual_tokens=0``.
+    """
+    lengths, P = _check_arguments(attention_mask, num_virtual_tokens, past_length, padding_side,
+                                  num_prompt_columns)
+    _check_bool(causal, "causal")
+    if sliding_window is not None:
+        check_positive_int(sliding_window, "sliding_window")
+    if dtype is None:
+        dtype = torch.bool
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"`dtype` must be a torch.dtype or None, got {type(dtype).__name__}")
+    if dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"`dtype` must be torch.bool or a floating dtype "
+                        f"(float16, bfloat16, float32, float64); got {dtype}")
+
+    ext = _extension(attention_mask.device)
+    if ext is not None:
+        if lengths is None and P != num_virtual_tokens:
+            lengths = torch.full((attention_mask.shape[0],), num_virtual_tokens, dtype=torch.long,
+                                 device=attention_mask.device)
+        return ext.prompt_attention_mask(attention_mask, None if lengths is None else lengths.long(),
+                                         P, past_length, causal, sliding_window or 0, dtype)
+    return prompt_attention_mask_reference(
+        attention_mask, _lengths_tensor(lengths, num_virtual_tokens, attention_mask.shape[0],
+                                        attention_mask.device),
+        P, causal=causal, past_length=past_length, sliding_window=sliding_window, dtype=dtype)
+
+
+def build_prompt_position_ids(
+    attention_mask: torch.Tensor,
+    num_virtual_tokens: PromptLengths,
+    *,
+    past_length: int = 0,
+    after_prompt: bool = True,
+    padding_side: Optional[str] = None,
+) -> torch.Tensor:
+    """``position_ids`` ``(B, S)`` (int64) of this step's text tokens, matching the mask above.
+
+    A real token's position counts the real tokens before it (left padding is skipped, as
+    ``generate()`` does), plus ``n_b`` when ``after_prompt`` (text continues after the prompt,
+    as transformers and PEFT do with a prefix) or from 0 otherwise. Padding tokens get 0.
+    Arguments as in :func:`build_prompt_attention_mask`; ``num_virtual_tokens`` may be per row.
+    """
+    lengths, P = _check_arguments(attention_mask, num_virtual_tokens, past_length, padding_side, None)
+    _check_bool(after_prompt, "after_prompt")
+    ext = _extension(attention_mask.device)
+    if ext is not None:
+        return ext.prompt_position_ids(attention_mask, None if lengths is None else lengths.long(),
+                                       P, past_length, after_prompt)
+    return prompt_position_ids_reference(
+        attention_mask, _lengths_tensor(lengths, num_virtual_tokens, attention_mask.shape[0],
+                                        attention_mask.device),
+        past_length=past_length, after_prompt=after_prompt)

@@ -1,0 +1,149 @@
+"""``PrefixEncoder``: a drop-in for ``peft.tuners.prefix_tuning.PrefixEncoder`` (P-Tuning v2).
+
+Same constructor (a ``PrefixTuningConfig``, ours or PEFT's), submodule names and ``state_dict``
+keys (``embedding.weight``, ``transform.{0,2}.{weight,bias}``), initialisation (PEFT's own
+``__init__`` runs, so seed-for-seed the same weights, ``init_weights="zero"`` included) and the
+same ``forward(prefix) -> (B, T, num_layers * 2 * token_dim)``. What differs is how it is used:
+
+- :meth:`prefix_weights` hands the parameters to :func:`ptuning_fast.ops.prefix_kv` /
+  :class:`ptuning_fast.ops.prefix_kv.PrefixKVBuffer`, which encode the T distinct virtual tokens
+  once and write every layer's K/V prefix straight into the KV cache (see
+  :func:`ptuning_fast.integrations.prefix.build_prefix_cache`). PEFT encodes B x T rows.
+- When no gradient is needed (``eval()``/``no_grad``), the projected prefix is cached and reused
+  until a parameter changes, so generation pays for the projection once.
+- ``forward`` encodes each distinct token once and gathers (an expanded view when every row is
+  the same); PEFT encodes every row it is given.
+
+GQA/MQA models: as PEFT, ``token_dim = num_key_value_heads * head_dim`` and
+``num_attention_heads = num_key_value_heads`` once the config is filled from the model
+(``peft.utils.other._prepare_prompt_learning_config``, which PEFT runs when wrapping a model).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.prefix_tuning.model import PrefixEncoder as _PeftPrefixEncoder
+
+from ._validation import INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
+from .backend import get_backend
+from .config import PrefixTuningConfig
+from .ops.prefix_kv import PrefixWeights
+from .reference.prefix_kv import encode_prefix_reference
+
+
+def _read_config(config) -> PrefixTuningConfig:
+    """Accept ours, PEFT's or any object with the fields; validate what the encoder needs."""
+    if not hasattr(config, "num_virtual_tokens"):
+        raise TypeError(f"`config` must be a PrefixTuningConfig (ours or PEFT's), got {type(config).__name__}")
+    config = PrefixTuningConfig.from_peft(config)
+    check_positive_int(config.num_virtual_tokens, "num_virtual_tokens")
+    for name in ("token_dim", "num_layers"):
+        if getattr(config, name) is None:
+            raise TypeError(f"`{name}` must be an int, got None: PEFT fills it from the model when wrapping "
+                            "a model; set it when building the encoder directly")
+        check_positive_int(getattr(config, name), name)
+    if config.num_attention_heads is not None:
+        check_positive_int(config.num_attention_heads, "num_attention_heads")
+        if config.token_dim % config.num_attention_heads:
+            raise ValueError(f"`token_dim` ({config.token_dim}) must be a multiple of `num_attention_heads` "
+                             f"({config.num_attention_heads}, the KV heads the prefix feeds)")
+    if config.prefix_projection and not config.inference_mode:
+        if config.encoder_hidden_size is None:
+            raise TypeError("`encoder_hidden_size` must be an int, got None: PEFT fills it with token_dim when "
+                            "wrapping a model; set it when building the encoder directly")
+        check_positive_int(config.encoder_hidden_size, "encoder_hidden_size")
+    return config
+
+
+class PrefixEncoder(_PeftPrefixEncoder):
+    """Prefix-tuning encoder, interchangeable with PEFT's (it is an instance of PEFT's class).
+
+    Input of ``forward``: indices (B, T) into the ``num_virtual_tokens`` virtual tokens.
+    Output: (B, T, num_layers * 2 * token_dim), PEFT's flat layout
+    (column ``((layer * 2 + k/v) * kv_heads + head) * head_dim + channel``).
+    """
+
+    def __init__(self, config):
+        config = _read_config(config)
+        super().__init__(config)  # PEFT's own construction: same modules, same RNG stream
+        self.num_virtual_tokens = config.num_virtual_tokens
+        self.token_dim = config.token_dim
+        self.num_layers = config.num_layers
+        # KV heads and head size, when the config knows them (filled from a model by PEFT).
+        self.num_kv_heads: Optional[int] = config.num_attention_heads
+        self.head_dim: Optional[int] = (config.token_dim // config.num_attention_heads
+                                        if config.num_attention_heads else None)
+        self._cache = None  # (key, encoded prefix) reused while no parameter changes
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def projected(self) -> bool:
+        """True when the prefix is ``transform(embedding)`` (``prefix_projection`` in training mode)."""
+        return self.prefix_projection and hasattr(self, "transform")
+
+    @property
+    def width(self) -> int:
+        """Values per virtual token: ``num_layers * 2 * token_dim``."""
+        return self.num_layers * 2 * self.token_dim
+
+    def _parameter_weights(self) -> PrefixWeights:
+        if not self.projected:
+            return PrefixWeights(self.embedding.weight)
+        first, last = self.transform[0], self.transform[2]
+        return PrefixWeights(self.embedding.weight, first.weight, first.bias, last.weight, last.bias)
+
+    def _cache_key(self) -> tuple:
+        device = self.embedding.weight.device
+        autocast = torch.is_autocast_enabled(device.type)
+        return (
+            tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in self.parameters()),
+            get_backend(),
+            autocast,
+            torch.get_autocast_dtype(device.type) if autocast else None,
+            torch.is_inference_mode_enabled(),
+        )
+
+    def _needs_graph(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def encoded_prefix(self) -> torch.Tensor:
+        """The T virtual tokens encoded, ``(T, num_layers * 2 * token_dim)``, in the parameters' dtype.
+
+        Cached (and reused) while no gradient is needed and no parameter has changed.
+        """
+        if not self.projected:
+            return self.embedding.weight
+        if self._needs_graph() or torch.compiler.is_compiling():
+            return encode_prefix_reference(*self._parameter_weights())
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, encode_prefix_reference(*self._parameter_weights()))
+        return self._cache[1]
+
+    def prefix_weights(self) -> PrefixWeights:
+        """What :func:`ptuning_fast.ops.prefix_kv` needs: the parameters when a gradient is needed
+        (the kernels then compute the projection), else the cached encoded prefix (T, J)."""
+        if not self.projected or self._needs_graph():
+            return self._parameter_weights()
+        return PrefixWeights(self.encoded_prefix())
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        weight = self.embedding.weight
+        check_tensor(prefix, "prefix", ndim=2, dtypes=INDEX_DTYPES, device=weight.device)
+        check_index_range(prefix, self.num_virtual_tokens, "prefix")
+        if prefix.dtype not in (torch.int64, torch.int32):
+            prefix = prefix.long()
+        table = self.encoded_prefix()  # each distinct token encoded once
+        batch = prefix.shape[0]
+        if batch == 1 or prefix.stride(0) == 0:  # one row, or one row expanded over the batch
+            return F.embedding(prefix[:1], table).expand(batch, -1, -1)
+        return F.embedding(prefix, table)
+
+
+__all__ = ["PrefixEncoder"]

@@ -1,0 +1,86 @@
+"""Reference of the prompt-aware attention mask and position ids (what csrc/prompt_mask* compute).
+
+Layout of the key axis, as a prefilled cache holds it: ``[P prompt columns][K text columns]``,
+where the text part covers the ``past_length`` tokens already in the cache followed by the
+``S = K - past_length`` tokens of this step (the queries). Query ``i`` sits at key index
+``q = P + past_length + i``, which is where transformers puts it (``q_offset`` = cache length).
+
+Per-row prompts: row ``b`` has ``n_b <= P`` prompt tokens in the LAST ``n_b`` prompt columns;
+the first ``P - n_b`` columns are hidden from every query. Right-aligned prompts sit next to the
+text, so the hidden columns behave like extra left padding and a row computes what it would
+alone with a P = n_b prompt.
+
+Column ``j`` is visible to query ``q`` of row ``b`` when it is live (a live prompt column or a
+real text token) and, if ``causal``, ``j <= q``; a sliding window ``w`` further keeps
+``j > q - w`` (causal) or ``|q - j| <= w`` (bidirectional), over the whole key axis as
+transformers' sliding layers do. Padding hides key columns only; a padded query still sees the
+prompt, and its output is ignored downstream. Additive masks use ``finfo(dtype).min`` rather
+than ``-inf``, so a row that sees nothing (possible only when its prompt is empty) softmaxes to
+a finite uniform row.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def live_prompt_columns(prompt_lengths: torch.Tensor, num_prompt_columns: int) -> torch.Tensor:
+    """(B, P) bool: True on the last ``prompt_lengths[b]`` of the ``P`` prompt columns of row b."""
+    columns = torch.arange(num_prompt_columns, device=prompt_lengths.device)
+    return columns[None, :] >= (num_prompt_columns - prompt_lengths)[:, None]
+
+
+def prompt_attention_mask_reference(
+    attention_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    num_prompt_columns: int,
+    *,
+    causal: bool = True,
+    past_length: int = 0,
+    sliding_window: Optional[int] = None,
+    dtype: torch.dtype = torch.bool,
+) -> torch.Tensor:
+    """(B, 1, S, P + K) mask from the (B, K) text mask and the (B,) prompt lengths.
+
+    ``dtype=torch.bool``: True where attention is allowed. A floating ``dtype``: 0 where allowed,
+    ``torch.finfo(dtype).min`` where not (transformers' additive convention).
+    """
+    batch, text_length = attention_mask.shape
+    P, device = num_prompt_columns, attention_mask.device
+    query_length = text_length - past_length
+    live = torch.cat([live_prompt_columns(prompt_lengths, P), attention_mask != 0], dim=1)
+
+    query = torch.arange(query_length, device=device)[:, None] + P + past_length  # (S, 1)
+    key = torch.arange(P + text_length, device=device)[None, :]  # (1, P + K)
+    allowed = torch.ones(query_length, P + text_length, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= key <= query
+    if sliding_window is not None:
+        allowed &= (key > query - sliding_window) if causal else ((query - key).abs() <= sliding_window)
+
+    mask = live[:, None, None, :] & allowed[None, None, :, :]
+    if dtype == torch.bool:
+        return mask
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+def prompt_position_ids_reference(
+    attention_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    *,
+    past_length: int = 0,
+    after_prompt: bool = True,
+) -> torch.Tensor:
+    """(B, S) int64 positions of the query tokens, counting real tokens only (left-padding aware).
+
+    A real token's position is the number of real text tokens before it, plus ``n_b`` when
+    ``after_prompt`` (text continues after the prompt, as transformers does with a prefilled
+    cache). Padding tokens get 0, as in ``generate()``.
+    """
+    real = attention_mask != 0
+    positions = real.long().cumsum(-1) - 1
+    if after_prompt:
+        positions = positions + prompt_lengths.long()[:, None]
+    return positions.masked_fill(~real, 0)[:, past_length:]
