@@ -36,12 +36,12 @@ struct Row {
   int64_t b, first_prompt, lo, hi;
 };
 
-__device__ __forceinline__ Row row_geometry(const MaskArgs& a, int64_t row) {
+__device__ __forceinline__ Row row_geometry(const MaskArgs& a, int64_t b, int64_t i) {
   Row r;
-  r.b = row / a.S;
-  const int64_t q = a.P + a.past_length + (row - r.b * a.S);  // absolute key index of the query
+  r.b = b;
+  const int64_t q = a.P + a.past_length + i;  // absolute key index of query i
   const int64_t width = a.P + a.K;
-  int64_t n = a.lengths == nullptr ? a.P : a.lengths[r.b];
+  int64_t n = a.lengths == nullptr ? a.P : a.lengths[b];
   n = n < 0 ? 0 : (n > a.P ? a.P : n);  // clamped: a bad length cannot leave [0, P]
   r.first_prompt = a.P - n;
   if (a.causal) {
@@ -63,24 +63,30 @@ __device__ __forceinline__ bool visible(const MaskArgs& a, const Row& r, int64_t
   return a.mask[r.b * a.mask_s0 + (col - a.P) * a.mask_s1];
 }
 
-template <typename scalar_t>
+// index_t is int32_t when the output has fewer than 2^31 elements (cheaper divisions), else int64_t.
+template <typename scalar_t, typename index_t>
 __global__ void prompt_mask_kernel(MaskArgs a, scalar_t attend, scalar_t hidden, scalar_t* out,
-                                   int64_t total) {
+                                   index_t total) {
   constexpr int kVec = kChunkBytes / sizeof(scalar_t);
-  const int64_t width = a.P + a.K;
-  const int64_t chunks = (total + kVec - 1) / kVec;
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks;
-       c += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t first = c * kVec;
-    int64_t row = first / width, col = first - row * width;
-    Row r = row_geometry(a, row);
+  const index_t width = index_t(a.P + a.K), S = index_t(a.S);
+  const index_t chunks = (total + kVec - 1) / kVec;
+  for (index_t c = index_t(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks;
+       c += index_t(gridDim.x) * blockDim.x) {
+    const index_t first = c * kVec;
+    index_t row = first / width, col = first - row * width;
+    index_t b = row / S, i = row - b * S;
+    Row r = row_geometry(a, b, i);
     alignas(kChunkBytes) scalar_t vals[kVec];
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       if (col == width) {  // the chunk crosses into the next row
-        ++row;
         col = 0;
-        if (row * width < total) r = row_geometry(a, row);  // else: past the end, not stored
+        ++row;
+        if (++i == S) {
+          i = 0;
+          ++b;
+        }
+        if (row * width < total) r = row_geometry(a, b, i);  // else: past the end, not stored
       }
       vals[k] = visible(a, r, col) ? attend : hidden;
       ++col;
@@ -173,8 +179,13 @@ void prompt_attention_mask_cuda(const at::Tensor& mask, const at::Tensor& length
         const bool is_bool = std::is_same<scalar_t, bool>::value;
         const scalar_t attend = is_bool ? scalar_t(1) : scalar_t(0);
         const scalar_t hidden = is_bool ? scalar_t(0) : std::numeric_limits<scalar_t>::lowest();
-        prompt_mask_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-            args, attend, hidden, out.data_ptr<scalar_t>(), total);
+        if (total <= std::numeric_limits<int32_t>::max() - kChunkBytes) {
+          prompt_mask_kernel<scalar_t, int32_t><<<blocks, kThreads, 0, stream>>>(
+              args, attend, hidden, out.data_ptr<scalar_t>(), int32_t(total));
+        } else {
+          prompt_mask_kernel<scalar_t, int64_t><<<blocks, kThreads, 0, stream>>>(
+              args, attend, hidden, out.data_ptr<scalar_t>(), total);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }

@@ -118,7 +118,8 @@ class PromptEncoder(_PeftPromptEncoder):
     def _cache_allowed(self) -> bool:
         if torch.compiler.is_compiling():
             return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if torch.is_grad_enabled() and (self.embedding.weight.requires_grad  # the common case, checked cheaply
+                                        or any(p.requires_grad for p in self.parameters())):
             return False  # the result must carry a fresh autograd graph
         stochastic = (self.encoder_type == PromptEncoderReparameterizationType.LSTM and not self.inference_mode
                       and self.lstm_head.dropout > 0 and self.lstm_head.num_layers > 1)

@@ -33,7 +33,6 @@ import importlib.util
 import json
 import math
 import os
-import resource
 import sys
 import time
 import warnings
@@ -706,6 +705,7 @@ def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    import resource  # Unix only; the job runs on Linux machines
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
@@ -714,156 +714,185 @@ def run(config: TrainConfig) -> TrainResult:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
     with use_backend(config.backend):  # the caller's choice comes back afterwards
-        return _run(config)
+        job = _Job(config)
+        job.train()
+        return TrainResult(job.summary(), job.peft_model)
 
 
-def _run(config: TrainConfig) -> TrainResult:
-    dist_info = setup_distributed(config)
-    device = dist_info.device
-    if config.baseline == "none":
-        try:
-            resolve_backend(device)  # fail now, not inside the first forward
-        except RuntimeError as err:
-            raise ValueError(f"`backend` {config.backend!r}: {err}") from None
-    log = print if dist_info.is_main else (lambda *a, **k: None)
+class _Job:
+    """One run: data, model, optimizer and process group set up in ``__init__``; ``train()`` loops."""
 
-    train_examples, eval_examples = load_examples(config)
-    labels = label_names(train_examples, eval_examples)
-    tokenizer = load_tokenizer(config)
-    train_data = encode_examples(train_examples, labels, tokenizer, config)
-    eval_data = encode_examples(eval_examples, labels, tokenizer, config)
-    label_words = label_token_ids(labels, tokenizer) if config.task == "causal-lm" else None
-    pad_id = tokenizer.pad_token_id
-    if len(train_data.ids) < config.batch_size:
-        raise ValueError(f"`batch_size` ({config.batch_size}) is larger than the training set ({len(train_data.ids)})")
-    steps_per_epoch = len(train_data.ids) // config.batch_size
-    total_steps = config.steps or max(1, int(round(config.epochs * steps_per_epoch)))
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.dist = setup_distributed(config)
+        self.device = self.dist.device
+        if config.baseline == "none":
+            try:
+                resolve_backend(self.device)  # fail now, not inside the first forward
+            except RuntimeError as err:
+                raise ValueError(f"`backend` {config.backend!r}: {err}") from None
 
-    torch.manual_seed(config.seed)
-    peft_model, implementation = build_model(config, tokenizer, len(labels) if config.task == "classification" else None)
-    left_pad = config.task == "classification" and config.prompt == "v1" and _is_decoder_only(peft_model.config)
-    peft_model.to(device)
-    peft_model.train()
-    params = trainable_parameters(peft_model)
-    optimizer = make_optimizer(list(params.values()), config)
+        train_examples, eval_examples = load_examples(config)
+        self.labels = label_names(train_examples, eval_examples)
+        tokenizer = load_tokenizer(config)
+        self.pad_id = tokenizer.pad_token_id
+        self.train_data = encode_examples(train_examples, self.labels, tokenizer, config)
+        self.eval_data = encode_examples(eval_examples, self.labels, tokenizer, config)
+        self.label_words = label_token_ids(self.labels, tokenizer) if config.task == "causal-lm" else None
+        if len(self.train_data.ids) < config.batch_size:
+            raise ValueError(f"`batch_size` ({config.batch_size}) is larger than the training set "
+                             f"({len(self.train_data.ids)})")
+        steps_per_epoch = len(self.train_data.ids) // config.batch_size
+        self.total_steps = config.steps or max(1, int(round(config.epochs * steps_per_epoch)))
 
-    start_step = 0
-    if config.resume is not None:
-        folder = latest_checkpoint(config.output_dir) if str(config.resume) == "latest" else Path(config.resume)
-        start_step = load_checkpoint(folder, peft_model, optimizer, config, labels)
-        if start_step >= total_steps:
-            raise ValueError(f"`resume`: the checkpoint is at step {start_step}, the job has only {total_steps} steps")
-        log(f"resumed from {folder} at step {start_step}")
+        torch.manual_seed(config.seed)
+        num_labels = len(self.labels) if config.task == "classification" else None
+        self.peft_model, self.implementation = build_model(config, tokenizer, num_labels)
+        self.left_pad = (config.task == "classification" and config.prompt == "v1"
+                         and _is_decoder_only(self.peft_model.config))
+        self.peft_model.to(self.device).train()
+        self.params = list(trainable_parameters(self.peft_model).values())
+        self.optimizer = make_optimizer(self.params, config)
 
-    strategy = config.strategy if config.strategy != "auto" else "ddp"
-    model, manual_grad_sync, sharded_blocks = peft_model, False, 0
-    if dist_info.enabled and strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(peft_model, device_ids=[device.index] if device.type == "cuda" else None)
-    elif dist_info.enabled and strategy == "fsdp":
-        sharded_blocks = _shard_frozen_blocks(peft_model, dist_info)
-        manual_grad_sync = True
+        self.start_step = 0
+        if config.resume is not None:
+            folder = latest_checkpoint(config.output_dir) if str(config.resume) == "latest" else Path(config.resume)
+            self.start_step = load_checkpoint(folder, self.peft_model, self.optimizer, config, self.labels)
+            if self.start_step >= self.total_steps:
+                raise ValueError(f"`resume`: the checkpoint is at step {self.start_step}, the job has only "
+                                 f"{self.total_steps} steps")
+            self.log(f"resumed from {folder} at step {self.start_step}")
+        self._wrap_for_processes()
 
-    n_trainable = sum(p.numel() for p in params.values())
-    n_total = sum(p.numel() for p in peft_model.parameters())
-    log(f"model {config.model} | task {config.task} | prompts {config.prompt} | {implementation} | backend "
-        f"{config.backend} | device {device} x{dist_info.world_size} ({strategy if dist_info.enabled else 'single'}) | "
-        f"trainable {n_trainable:,} of {n_total:,} | {total_steps} steps of {config.batch_size}")
+        self.history, self.losses = [], []
+        self.train_seconds, self.tokens_seen, self.samples_seen = 0.0, 0, 0
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=0.5,
-               disable=not (config.progress and dist_info.is_main))
-    history, window = [], []
-    train_seconds, tokens_seen, samples_seen = 0.0, 0, 0
-    per_rank = config.batch_size // dist_info.world_size
-    last_eval = None
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            from tqdm.auto import tqdm
+            tqdm.write(message)
 
-    def run_eval(step: int) -> dict:
-        result = evaluate(model, eval_data, config, dist_info, pad_id, label_words, left_pad)
-        result["step"] = step
-        history.append(result)
-        if dist_info.is_main:
-            tqdm.write(f"step {step}: eval accuracy {result['eval_accuracy']:.4f} loss {result['eval_loss']:.4f}")
-        return result
+    def _wrap_for_processes(self) -> None:
+        """DDP, or FSDP on the frozen blocks plus our own gradient all-reduce; nothing on one process."""
+        self.strategy = "single"
+        self.model, self.manual_grad_sync, self.sharded_blocks = self.peft_model, False, 0
+        if not self.dist.enabled:
+            return
+        self.strategy = "fsdp" if self.config.strategy == "fsdp" else "ddp"
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.peft_model, device_ids=device_ids)
+        else:
+            self.sharded_blocks = _shard_frozen_blocks(self.peft_model, self.dist)
+            self.manual_grad_sync = True
 
-    for step in range(start_step, total_steps):
+    # --------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        config = self.config
+        n_trainable = sum(p.numel() for p in self.params)
+        n_total = sum(p.numel() for p in self.peft_model.parameters())
+        self.log(f"model {config.model} | task {config.task} | prompts {config.prompt} | {self.implementation} | "
+                 f"backend {config.backend} | device {self.device} x{self.dist.world_size} ({self.strategy}) | "
+                 f"trainable {n_trainable:,} of {n_total:,} | {self.total_steps} steps of {config.batch_size}")
+        from tqdm.auto import tqdm
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", dynamic_ncols=True,
+                   mininterval=0.5, disable=not (config.progress and self.dist.is_main))
+        for step in range(self.start_step, self.total_steps):
+            self.train_step(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.running_loss():.4f}", tok_s=f"{self.tokens_seen / self.train_seconds:,.0f}")
+            done = step + 1
+            if done < self.total_steps and config.eval_every and done % config.eval_every == 0:
+                self.evaluate(done)
+            if done < self.total_steps and config.save_every and done % config.save_every == 0:
+                self.save(done)
+        bar.close()
+        self.evaluate(self.total_steps)
+        if config.output_dir is not None:
+            self.save(self.total_steps)
+
+    def train_step(self, step: int) -> None:
+        """One optimizer step on global batch ``step``; this rank computes its slice of it."""
+        config, dist_info = self.config, self.dist
         t0 = time.perf_counter()
-        indices = global_batch(len(train_data.ids), config.batch_size, step, config.seed)
+        indices = global_batch(len(self.train_data.ids), config.batch_size, step, config.seed)
+        per_rank = config.batch_size // dist_info.world_size
         mine = indices[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
-        # Same padded length on every rank (the global batch's longest): same shapes as one process.
-        pad_to = max(len(train_data.ids[i]) for i in indices)
-        batch = make_batch(train_data, mine, pad_id, device, pad_to=pad_to, left_pad=left_pad)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, total_steps, config)
-        with _autocast(config, device):
-            loss_sum, _ = loss_sum_and_correct(model, batch, config.task, label_words)
-        # Normalise by the global count; DDP then averages over ranks, hence the world_size factor.
-        global_terms = count_targets(train_data, indices, config.task)
+        # Every rank pads to the global batch's longest example: the shapes one process would see.
+        pad_to = max(len(self.train_data.ids[i]) for i in indices)
+        batch = make_batch(self.train_data, mine, self.pad_id, self.device, pad_to=pad_to, left_pad=self.left_pad)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, self.total_steps, config)
+        with _autocast(config, self.device):
+            loss_sum, _ = loss_sum_and_correct(self.model, batch, config.task, self.label_words)
+        # Normalised by the global count of loss terms; DDP averages over ranks, hence world_size.
+        global_terms = count_targets(self.train_data, indices, config.task)
         (loss_sum * (dist_info.world_size / global_terms)).backward()
-        if manual_grad_sync:
-            _all_reduce_gradients(list(params.values()), dist_info.world_size)
+        if self.manual_grad_sync:
+            _all_reduce_gradients(self.params, dist_info.world_size)
         if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - t0
-        tokens_seen += sum(len(train_data.ids[i]) for i in indices)
-        samples_seen += len(indices)
+            torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
         step_loss = loss_sum.detach().float()
         if dist_info.enabled:  # the global batch's loss, not this rank's part
             import torch.distributed as dist
             dist.all_reduce(step_loss)
-        window = (window + [step_loss.item() / global_terms])[-20:]
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", tok_s=f"{tokens_seen / train_seconds:,.0f}")
+        self.losses = (self.losses + [step_loss.item() / global_terms])[-20:]  # .item() waits for the device
+        self.train_seconds += time.perf_counter() - t0
+        self.tokens_seen += sum(len(self.train_data.ids[i]) for i in indices)
+        self.samples_seen += len(indices)
 
-        done = step + 1
-        if config.eval_every and done % config.eval_every == 0 and done < total_steps:
-            last_eval = run_eval(done)
-        if config.save_every and done % config.save_every == 0 and done < total_steps:
-            _save(config, peft_model, optimizer, done, labels, dist_info)
-    bar.close()
+    def running_loss(self) -> Optional[float]:
+        """Mean training loss over the last 20 steps."""
+        return sum(self.losses) / len(self.losses) if self.losses else None
 
-    last_eval = run_eval(total_steps)
-    if config.output_dir is not None:
-        _save(config, peft_model, optimizer, total_steps, labels, dist_info)
-    peak_bytes, peak_kind = _peak_memory(device)
-    if dist_info.enabled:  # the largest over the ranks
-        import torch.distributed as dist
-        peak = torch.tensor([peak_bytes], dtype=torch.float64, device=device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        peak_bytes, peak_kind = int(peak.item()), peak_kind + ", max over ranks"
-    summary = {
-        "model": config.model, "task": config.task, "prompt": config.prompt, "implementation": implementation,
-        "backend": config.backend, "device": str(device), "world_size": dist_info.world_size,
-        "strategy": strategy if dist_info.enabled else "single", "sharded_blocks": sharded_blocks,
-        "precision": "bf16" if uses_bf16(config, device) else "fp32",
-        "steps": total_steps, "resumed_from_step": start_step, "batch_size": config.batch_size,
-        "trainable_parameters": n_trainable, "train_seconds": train_seconds,
-        "samples_per_second": samples_seen / train_seconds if train_seconds else 0.0,
-        "tokens_per_second": tokens_seen / train_seconds if train_seconds else 0.0,
-        "final_train_loss": sum(window) / len(window) if window else None,
-        "eval_accuracy": last_eval["eval_accuracy"], "eval_loss": last_eval["eval_loss"],
-        "chance_accuracy": max(sum(1 for t in eval_data.targets if t == c) for c in range(len(labels)))
-        / len(eval_data.targets),
-        "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind, "history": history,
-    }
-    if config.output_dir is not None and dist_info.is_main:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    log(format_summary(summary))
-    return TrainResult(summary, peft_model)
+    def evaluate(self, step: int) -> None:
+        result = evaluate(self.model, self.eval_data, self.config, self.dist, self.pad_id, self.label_words,
+                          self.left_pad)
+        self.history.append({"step": step, **result})
+        self.log(f"step {step}: eval accuracy {result['eval_accuracy']:.4f} loss {result['eval_loss']:.4f}")
 
+    def save(self, step: int) -> None:
+        if self.dist.is_main:
+            save_checkpoint(Path(self.config.output_dir) / f"{CHECKPOINT_PREFIX}{step}", self.peft_model,
+                            self.optimizer, step, self.config, self.labels)
+        if self.dist.enabled:
+            import torch.distributed as dist
+            dist.barrier()
 
-def _save(config: TrainConfig, peft_model, optimizer, step: int, labels: list, dist_info: Distributed) -> None:
-    if dist_info.is_main:
-        save_checkpoint(Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{step}", peft_model, optimizer, step,
-                        config, labels)
-    if dist_info.enabled:
-        import torch.distributed as dist
-        dist.barrier()
+    # --------------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """The final numbers (also written to ``OUTPUT_DIR/summary.json`` and printed)."""
+        config = self.config
+        peak_bytes, peak_kind = _peak_memory(self.device)
+        if self.dist.enabled:  # the largest over the ranks
+            import torch.distributed as dist
+            peak = torch.tensor([peak_bytes], dtype=torch.float64, device=self.device)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            peak_bytes, peak_kind = int(peak.item()), peak_kind + ", max over ranks"
+        seconds = self.train_seconds or float("nan")
+        targets = self.eval_data.targets
+        summary = {
+            "model": config.model, "task": config.task, "prompt": config.prompt,
+            "implementation": self.implementation, "backend": config.backend, "device": str(self.device),
+            "world_size": self.dist.world_size, "strategy": self.strategy, "sharded_blocks": self.sharded_blocks,
+            "precision": "bf16" if uses_bf16(config, self.device) else "fp32",
+            "steps": self.total_steps, "resumed_from_step": self.start_step, "batch_size": config.batch_size,
+            "trainable_parameters": sum(p.numel() for p in self.params), "train_seconds": self.train_seconds,
+            "samples_per_second": self.samples_seen / seconds, "tokens_per_second": self.tokens_seen / seconds,
+            "final_train_loss": self.running_loss(),
+            "eval_accuracy": self.history[-1]["eval_accuracy"], "eval_loss": self.history[-1]["eval_loss"],
+            "chance_accuracy": max(targets.count(c) for c in range(len(self.labels))) / len(targets),
+            "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind, "history": self.history,
+        }
+        if config.output_dir is not None and self.dist.is_main:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(config.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        self.log(format_summary(summary))
+        return summary
 
 
 def format_summary(summary: dict) -> str:

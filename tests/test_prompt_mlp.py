@@ -58,7 +58,8 @@ def error(a, b):
 def assert_error_rule(got, same_dtype_ref, oracle, what):
     tiny = 1e-6 * max(1.0, oracle.abs().max().item())
     err, ref_err = error(got, oracle), error(same_dtype_ref, oracle)
-    assert err <= 2 * ref_err + tiny, f"{what}: kernel error {err:.3e} > 2 x reference error {ref_err:.3e} + {tiny:.1e}"
+    assert err <= 2 * ref_err + tiny, (
+        f"{what}: kernel error {err:.3e} > 2 x reference error {ref_err:.3e} + {tiny:.1e}")
 
 
 def check_against_reference(x, layers, *, autocast_dtype=None, seed=1):
@@ -218,6 +219,25 @@ def test_triton_op_under_compile_has_no_graph_break():
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compiled_with_frozen_parts_and_no_bias():
+    """Under torch.compile: layers without bias, a frozen weight and an x without grad."""
+    layers = make_head((20, 24, 24, 20), seed=19)
+    layers[0] = (layers[0][0].detach(), None)
+    layers[2] = (layers[2][0], None)
+    x = torch.randn(4, 20, generator=torch.Generator().manual_seed(20))
+    inputs = [t for t in flat_inputs(x, layers) if t.requires_grad]
+
+    def step(x):
+        return kernels.prompt_mlp_triton(x, layers).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got_grads = torch.autograd.grad(compiled(x), inputs)
+    ref_grads = torch.autograd.grad(prompt_mlp_reference(x, layers).square().sum(), inputs)
+    assert len(got_grads) == 3  # W1, b1, W2
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -45,8 +45,9 @@ class _AppendKV(torch.autograd.Function):
     """Append one step's keys/values to a layer and return the layer's full keys/values."""
 
     @staticmethod
-    def forward(ctx, token, layer: "PrefixKVLayer", start: int, key_states, value_states):
-        layer._write(start, key_states, value_states)
+    def forward(ctx, token, layer: "PrefixKVLayer", start: int, key_states, value_states, write: bool = True):
+        if write:  # False when a checkpointed layer is recomputed: the storage already holds it
+            layer._write(start, key_states, value_states)
         end = start + key_states.shape[-2]
         ctx.layer, ctx.start, ctx.end = layer, start, end
         ctx.set_materialize_grads(False)
@@ -62,7 +63,7 @@ class _AppendKV(torch.autograd.Function):
             token_grad = torch.zeros((), device=layer.device)
         grad_k = grad_keys[:, :, start:end] if grad_keys is not None and ctx.needs_input_grad[3] else None
         grad_v = grad_values[:, :, start:end] if grad_values is not None and ctx.needs_input_grad[4] else None
-        return token_grad, None, None, grad_k, grad_v
+        return token_grad, None, None, grad_k, grad_v, None
 
 
 class PrefixKVLayer(DynamicLayer):
@@ -140,7 +141,7 @@ class PrefixKVLayer(DynamicLayer):
         self._check_states(key_states, value_states)
         S = key_states.shape[-2]
         if _in_backward():
-            replay = self._replay(S)
+            replay = self._replay(key_states, value_states)
             if replay is not None:
                 return replay
         start, end = self.length, self.length + S
@@ -162,8 +163,10 @@ class PrefixKVLayer(DynamicLayer):
         self._sync()
         return keys, values
 
-    def _replay(self, S: int):
-        """A checkpointed layer recomputed in the backward: return what its forward returned."""
+    def _replay(self, key_states, value_states):
+        """A checkpointed layer recomputed in the backward: return what its forward returned, with
+        autograd history again (the recompute must save the same tensors as the forward did)."""
+        S = key_states.shape[-2]
         for start, length, with_grad in reversed(self._segments):
             if length == S:
                 if not with_grad:
@@ -171,7 +174,7 @@ class PrefixKVLayer(DynamicLayer):
                         "PrefixKVCache: a layer was recomputed in the backward after a forward without autograd "
                         "(reentrant gradient checkpointing). Use non-reentrant checkpointing: "
                         "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
-                return self._alias(0, start + S), self._alias(1, start + S)
+                return _AppendKV.apply(self.buffer.token, self, start, key_states, value_states, False)
         return None
 
     def get_seq_length(self) -> int:

@@ -59,11 +59,12 @@ _TOKEN_OUTPUTS = {
     TaskType.TOKEN_CLS: ("logits", "hidden_states"),
     TaskType.QUESTION_ANS: ("start_logits", "end_logits", "hidden_states"),
     TaskType.SEQ_CLS: ("hidden_states",),
-    TaskType.FEATURE_EXTRACTION: ("last_hidden_state", "hidden_states"),
+    TaskType.FEATURE_EXTRACTION: ("last_hidden_state", "hidden_states", "logits"),  # logits: masked-LM heads
     TaskType.SEQ_2_SEQ_LM: ("encoder_last_hidden_state", "encoder_hidden_states"),
 }
 # Labels with one entry per input token (padded with -100 under the prompt).
-_TOKEN_LABELS = {TaskType.CAUSAL_LM: ("labels",), TaskType.TOKEN_CLS: ("labels",)}
+_TOKEN_LABELS = {TaskType.CAUSAL_LM: ("labels",), TaskType.TOKEN_CLS: ("labels",),
+                 TaskType.FEATURE_EXTRACTION: ("labels",)}  # masked-LM heads take per-token labels
 # Labels that are column indices into the input (moved to the layout's columns).
 _INDEX_LABELS = {TaskType.QUESTION_ANS: ("start_positions", "end_positions")}
 
@@ -165,7 +166,8 @@ class PromptTemplate:
                     content = tokenizer(content, add_special_tokens=False)["input_ids"]
                 ids.extend(int(i) for i in content)
         if add_special_tokens:
-            ids = list(tokenizer.build_inputs_with_special_tokens(ids))
+            before, after = _special_tokens_around(tokenizer)
+            ids = before + ids + after
         return ids
 
     def batch(self, tokenizer, examples: Sequence[dict], prompt_token_id: int, *, padding_side: str = "right",
@@ -185,6 +187,17 @@ class PromptTemplate:
             ids[i, span] = torch.tensor(row, dtype=torch.long)
             mask[i, span] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+def _special_tokens_around(tokenizer):
+    """The ids a tokenizer puts before and after a text when adding special tokens ([CLS] / [SEP]...)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain):])
+    raise ValueError("cannot tell where this tokenizer puts its special tokens; pass add_special_tokens=False "
+                     "and add them yourself")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,8 +793,8 @@ class PTuningModel(torch.nn.Module):
 
         max_new_tokens = kwargs.get("max_new_tokens") or 0
 
-        def inject_prefix(original, *args, **inner):
-            model_inputs = original(*args, **inner)
+        def inject_prefix(original, *args, **kwargs):  # named `kwargs`: generate() inspects the signature
+            model_inputs = original(*args, **kwargs)
             cache = model_inputs.get("past_key_values")
             if cache is None or cache.get_seq_length() == 0:  # the first step: put the prefix in
                 ids = _first_present(model_inputs.get("input_ids"), model_inputs.get("decoder_input_ids"),

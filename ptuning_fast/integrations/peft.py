@@ -140,10 +140,17 @@ def accelerate(peft_model):
             peft_model.prompt_encoder[name] = _rebuild_with_same_parameters(encoder, cls, config)
     if "get_prompt" not in peft_model.__dict__:
         peft_model.get_prompt = types.MethodType(_fast_get_prompt, peft_model)
-    state = peft_model.__dict__.get(_ATTRIBUTE)
-    if state is None:
-        handle = peft_model.get_base_model().register_forward_pre_hook(_prefix_mask_hook, with_kwargs=True)
-        peft_model.__dict__[_ATTRIBUTE] = {"mask_hook": handle}
+    if _ATTRIBUTE not in peft_model.__dict__:
+        # PEFT calls the whole model, or for some heads (BERT classification...) its backbone alone.
+        base = peft_model.get_base_model()
+        targets = [base]
+        backbone_name = peft_model.__dict__.get("transformer_backbone_name")
+        if backbone_name:
+            backbone = base.get_submodule(backbone_name)
+            if backbone is not base:
+                targets.append(backbone)
+        handles = [m.register_forward_pre_hook(_prefix_mask_hook, with_kwargs=True) for m in targets]
+        peft_model.__dict__[_ATTRIBUTE] = {"mask_hooks": handles}
     return peft_model
 
 

@@ -216,15 +216,17 @@ def prefix_hidden_triton(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Te
     HH = w1.shape[0]
     hidden = torch.empty((T, HH), dtype=torch.float32, device=embedding.device)
     compute, dot_dtype, precision = _dot_config(torch.promote_types(embedding.dtype, w1.dtype))
+    interp = triton_interpreter_enabled()
     BLOCK_T = _pow2(T, 16, 64)
-    BLOCK_H = _pow2(HH, 16, 128)
-    BLOCK_D = _pow2(D, 16, 64 if triton_interpreter_enabled() else 32)
+    # Narrow column blocks on the GPU: Hh is small (~512), so wide blocks would leave most SMs idle.
+    BLOCK_H = _pow2(HH, 16, 128 if interp else 32)
+    BLOCK_D = _pow2(D, 16, 64 if interp else 32)
     grid = (triton.cdiv(HH, BLOCK_H), triton.cdiv(T, BLOCK_T))
     _prefix_hidden_kernel[grid](
         embedding, w1, b1, hidden, T, D, HH,
         embedding.stride(0), embedding.stride(1), w1.stride(0), w1.stride(1),
         COMPUTE_DTYPE=compute, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-        EMULATE_RTNE=triton_interpreter_enabled(),
+        EMULATE_RTNE=interp,
         BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         num_warps=_num_warps(BLOCK_T * BLOCK_H),
     )
@@ -309,8 +311,9 @@ def prefix_grad_triton(
         stride_b, stride_h, stride_p, stride_d = grad.stride()
         JL = HKV * DH
     interp = triton_interpreter_enabled()
-    BLOCK_P = _pow2(P, 16 if interp else 1, 64 if interp else 16)
-    BLOCK_J = _pow2(JL, 16, 256)
+    # One layer's slice is only Hkv * Dh columns wide: small position blocks keep enough programs.
+    BLOCK_P = _pow2(P, 16 if interp else 8, 64 if interp else 8)
+    BLOCK_J = _pow2(JL, 16, 256 if interp else 128)
     grid = (triton.cdiv(JL, BLOCK_J), triton.cdiv(P, BLOCK_P), N)
     _prefix_grad_kernel[grid](
         grad, g, order, row_ptr, starts,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -115,7 +115,8 @@ def _linear_kernel(
              _cast(acc, c_ptr.dtype.element_ty, EMULATE_RTNE), mask=tile_mask)
     if ROW_SUM:
         row_limit = tl.where(pid_n == 0, M, 0)  # the first column block writes the row sums
-        tl.store(row_sum_ptr + offs_m, _cast(row_sum, row_sum_ptr.dtype.element_ty, EMULATE_RTNE), mask=offs_m < row_limit)
+        tl.store(row_sum_ptr + offs_m, _cast(row_sum, row_sum_ptr.dtype.element_ty, EMULATE_RTNE),
+                 mask=offs_m < row_limit)
 
 
 @triton.jit
@@ -159,7 +160,8 @@ def _linear_backward_kernel(
             # Every program sees all of g; only the first one writes the bias gradient.
             grad_b = tl.sum(g.to(tl.float32), axis=0)
             bias_limit = tl.where(pid == 0, N, 0)
-            tl.store(grad_bias_ptr + offs_n, _cast(grad_b, grad_bias_ptr.dtype.element_ty, EMULATE_RTNE), mask=offs_n < bias_limit)
+            tl.store(grad_bias_ptr + offs_n, _cast(grad_b, grad_bias_ptr.dtype.element_ty, EMULATE_RTNE),
+                     mask=offs_n < bias_limit)
         if NEED_GRAD_INPUT:
             w = _cast(tl.load(weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=nk_mask, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
@@ -175,13 +177,18 @@ def _linear_backward_kernel(
 # --------------------------------------------------------------------------------------------
 # Launch configurations: a short list per kernel, tuned once per shape on the GPU
 # --------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton reads TRITON_INTERPRET when it is imported, so the mode is fixed for the process.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Host-side integer helpers in plain Python (triton.cdiv & co. are slower constexpr functions).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _row_block(m: int) -> int:
     """Rows per program: all rows (padded to the 16-row minimum of tl.dot) up to 128."""
-    return max(16, min(triton.next_power_of_2(m), FUSED_BACKWARD_MAX_ROWS))
+    return max(16, min(1 << (m - 1).bit_length(), FUSED_BACKWARD_MAX_ROWS))
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,8 +197,8 @@ def _num_sms(device_index: int) -> int:
 
 
 # (block along the program dimension, block along the loop dimension, num_warps, num_stages)
-_LINEAR_CANDIDATES = ((16, 128, 4, 4), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3))
-_BACKWARD_CANDIDATES = ((16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (16, 128, 4, 2))
+_LINEAR_CANDIDATES = ((16, 128, 4, 4), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3))
+_BACKWARD_CANDIDATES = ((16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2))
 _INTERPRETER_CONFIG = (32, 32, 1, 1)  # small blocks: the tests' odd sizes cross block edges
 _tuned: dict = {}
 
@@ -202,7 +209,7 @@ def _heuristic(kind: str, programs_along: int, other_programs: int, device: torc
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     block = 16
     for candidate in (64, 32):
-        if triton.cdiv(programs_along, candidate) * other_programs >= sms:
+        if _cdiv(programs_along, candidate) * other_programs >= sms:
             block = candidate
             break
     if kind == "linear":
@@ -212,9 +219,11 @@ def _heuristic(kind: str, programs_along: int, other_programs: int, device: torc
 
 def _config(kind: str, key: tuple, launch, programs_along: int, other_programs: int,
             device: torch.device, wide: bool) -> tuple:
-    """Launch config for ``launch(config)``: tuned on first use per (kind, shape, flags) key by
-    timing each candidate with CUDA events, or the heuristic where tuning is off or not possible."""
-    if _interpreting() or device.type != "cuda":
+    """Launch config for ``launch(config)``: tuned on first use per (kind, shape, dtypes) key by
+    timing each candidate with CUDA events (variants of a kernel that differ only in epilogue
+    flags share the result), or the heuristic where tuning is off (PTUNING_FAST_AUTOTUNE=0) or
+    impossible (while a CUDA graph is being captured)."""
+    if _INTERPRETING or device.type != "cuda":
         return _INTERPRETER_CONFIG
     config = _tuned.get(key)
     if config is not None:
@@ -241,86 +250,84 @@ def _config(kind: str, key: tuple, launch, programs_along: int, other_programs: 
     return config
 
 
-def _dot_dtype(compute_dtype: torch.dtype):
-    """tl.dot operand dtype. Triton's CPU interpreter multiplies bf16 operands as their raw bits,
-    so there they are widened to fp32 first: exact, since a product of two bf16 values fits in
-    fp32, and accumulated in fp32 as the tensor cores do."""
-    if compute_dtype == torch.bfloat16 and _interpreting():
-        return tl.float32
-    return _TORCH_TO_TL[compute_dtype]
+class _Numerics(NamedTuple):
+    """How the kernels compute, decided once per op call."""
+
+    dtype: torch.dtype  # compute dtype (autocast's, else the parameters')
+    tl_dtype: object  # the same as a Triton dtype
+    dot_dtype: object  # tl.dot operand dtype
+    precision: str  # tl.dot input_precision
 
 
-def _input_precision(compute_dtype: torch.dtype) -> str:
+def _numerics(compute_dtype: torch.dtype) -> _Numerics:
     # Match torch.matmul: fp32 products are exact unless the user allowed TF32.
-    if compute_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    exact_fp32 = compute_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    # Triton's CPU interpreter multiplies bf16 operands as their raw bits, so there they are
+    # widened to fp32 first: exact (a product of two bf16 values fits in fp32) and accumulated in
+    # fp32, as the tensor cores do.
+    widen = compute_dtype == torch.bfloat16 and _INTERPRETING
+    return _Numerics(compute_dtype, _TORCH_TO_TL[compute_dtype],
+                     tl.float32 if widen else _TORCH_TO_TL[compute_dtype], "ieee" if exact_fp32 else "tf32")
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _launch_linear(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, compute_dtype: torch.dtype,
+def _launch_linear(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, numerics: _Numerics, *,
                    bias: Optional[torch.Tensor] = None, relu: bool = False, gate: Optional[torch.Tensor] = None,
                    row_sum: Optional[torch.Tensor] = None) -> None:
     """``c[M, N] = epilogue(a[M, K] @ b[K, N])`` (any strides); see ``_linear_kernel``."""
     M, K = a.shape
     N = b.shape[1]
     block_m = _row_block(M)
-    grid_m = triton.cdiv(M, block_m)
-    gate_strides = gate.stride() if gate is not None else (0, 0)
-    precision = _input_precision(compute_dtype)
+    grid_m = _cdiv(M, block_m)
+    strides = (*a.stride(), *b.stride(), bias.stride(0) if bias is not None else 0,
+               *(gate.stride() if gate is not None else (0, 0)), *c.stride())
 
     def launch(config):
         block_n, block_k, num_warps, num_stages = config
-        _linear_kernel[(triton.cdiv(N, block_n), grid_m)](
+        _linear_kernel[(_cdiv(N, block_n), grid_m)](
             a, b, bias if bias is not None else c, gate if gate is not None else c, c,
             row_sum if row_sum is not None else c,
-            M, N, K,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), bias.stride(0) if bias is not None else 0,
-            gate_strides[0], gate_strides[1], c.stride(0), c.stride(1),
+            M, N, K, *strides,
             HAS_BIAS=bias is not None, RELU=relu, HAS_GATE=gate is not None, ROW_SUM=row_sum is not None,
-            COMPUTE_DTYPE=_TORCH_TO_TL[compute_dtype], DOT_DTYPE=_dot_dtype(compute_dtype), INPUT_PRECISION=precision,
-            EMULATE_RTNE=_interpreting(),
+            COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
+            EMULATE_RTNE=_INTERPRETING,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
 
-    key = ("linear", M, N, K, compute_dtype, a.dtype, b.dtype, c.dtype, bias is not None, relu,
-           gate is not None, row_sum is not None, a.device)
-    launch(_config("linear", key, launch, N, grid_m, a.device, compute_dtype != torch.float32))
+    key = ("linear", M, N, K, numerics.dtype, a.dtype, b.dtype, c.dtype, a.device)
+    launch(_config("linear", key, launch, N, grid_m, a.device, numerics.dtype != torch.float32))
 
 
-def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, *,
+def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, numerics: _Numerics, *,
                             grad_weight: Optional[torch.Tensor], grad_bias: Optional[torch.Tensor],
-                            grad_inp: Optional[torch.Tensor], gate: bool, compute_dtype: torch.dtype) -> None:
+                            grad_inp: Optional[torch.Tensor], gate: bool) -> None:
     """All gradients of one layer in one launch (M <= FUSED_BACKWARD_MAX_ROWS rows)."""
     M, N = grad.shape
     K = inp.shape[1]
-    dummy = grad  # stands in for outputs that are not needed (never written)
-    dw_strides = grad_weight.stride() if grad_weight is not None else (0, 0)
-    di_strides = grad_inp.stride() if grad_inp is not None else (0, 0)
-    precision = _input_precision(compute_dtype)
+    unused = grad  # stands in for outputs that are not needed (never written)
+    strides = (*grad.stride(), *inp.stride(), *weight.stride(),
+               *(grad_weight.stride() if grad_weight is not None else (0, 0)),
+               *(grad_inp.stride() if grad_inp is not None else (0, 0)))
 
     def launch(config):
         block_k, block_n, num_warps, num_stages = config
-        _linear_backward_kernel[(triton.cdiv(K, block_k),)](
+        _linear_backward_kernel[(_cdiv(K, block_k),)](
             grad, inp, weight,
-            grad_weight if grad_weight is not None else dummy,
-            grad_bias if grad_bias is not None else dummy,
-            grad_inp if grad_inp is not None else dummy,
-            M, N, K,
-            grad.stride(0), grad.stride(1), inp.stride(0), inp.stride(1), weight.stride(0), weight.stride(1),
-            dw_strides[0], dw_strides[1], di_strides[0], di_strides[1],
+            grad_weight if grad_weight is not None else unused,
+            grad_bias if grad_bias is not None else unused,
+            grad_inp if grad_inp is not None else unused,
+            M, N, K, *strides,
             NEED_GRAD_WEIGHT=grad_weight is not None, NEED_GRAD_BIAS=grad_bias is not None,
             NEED_GRAD_INPUT=grad_inp is not None, GATE_GRAD_INPUT=gate,
-            COMPUTE_DTYPE=_TORCH_TO_TL[compute_dtype], DOT_DTYPE=_dot_dtype(compute_dtype), INPUT_PRECISION=precision,
-            EMULATE_RTNE=_interpreting(),
+            COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
+            EMULATE_RTNE=_INTERPRETING,
             BLOCK_M=_row_block(M), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
 
-    key = ("backward", M, N, K, compute_dtype, grad.dtype, inp.dtype, weight.dtype,
-           grad_weight is not None, grad_bias is not None, grad_inp is not None, grad.device)
-    launch(_config("backward", key, launch, K, 1, grad.device, compute_dtype != torch.float32))
+    key = ("backward", M, N, K, numerics.dtype, grad.dtype, inp.dtype, weight.dtype, grad.device)
+    launch(_config("backward", key, launch, K, 1, grad.device, numerics.dtype != torch.float32))
 
 
 def mlp_forward(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
@@ -329,12 +336,13 @@ def mlp_forward(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequen
 
     Output and activations are in ``compute_dtype``. One launch per layer.
     """
+    numerics = _numerics(compute_dtype)
     hidden: List[torch.Tensor] = []
     h = x
     last = len(weights) - 1
     for i, (weight, bias) in enumerate(zip(weights, biases)):
         out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=compute_dtype)
-        _launch_linear(h, weight.t(), out, compute_dtype=compute_dtype, bias=bias, relu=i < last)
+        _launch_linear(h, weight.t(), out, numerics, bias=bias, relu=i < last)
         if i < last:
             hidden.append(out)
         h = out
@@ -351,6 +359,7 @@ def mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[torc
     accumulated in fp32 and come back in their parameter's dtype; dx in x's dtype.
     One launch per layer for up to 128 rows, two beyond.
     """
+    numerics = _numerics(compute_dtype)
     n_layers = len(weights)
     has_bias = [b is not None for b in biases]
     grad_weights: List[Optional[torch.Tensor]] = [None] * n_layers
@@ -371,17 +380,17 @@ def mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[torc
         d_inp = (torch.empty(inp.shape, device=inp.device, dtype=compute_dtype if i > 0 else x.dtype)
                  if need_inp else None)
         if fused:
-            _launch_linear_backward(g, inp, weight, grad_weight=dw, grad_bias=db, grad_inp=d_inp, gate=i > 0,
-                                    compute_dtype=compute_dtype)
+            _launch_linear_backward(g, inp, weight, numerics, grad_weight=dw, grad_bias=db, grad_inp=d_inp,
+                                    gate=i > 0)
         else:
             if dw is not None or db is not None:
                 if dw is None:  # only the bias gradient: a row sum of g^T, into a scratch dW
                     dw_out = torch.empty_like(weight, memory_format=torch.contiguous_format)
                 else:
                     dw_out = dw
-                _launch_linear(g.t(), inp, dw_out, compute_dtype=compute_dtype, row_sum=db)
+                _launch_linear(g.t(), inp, dw_out, numerics, row_sum=db)
             if d_inp is not None:
-                _launch_linear(g, weight, d_inp, compute_dtype=compute_dtype, gate=inp if i > 0 else None)
+                _launch_linear(g, weight, d_inp, numerics, gate=inp if i > 0 else None)
         grad_weights[i], grad_biases[i] = dw, db
         if i == 0:
             grad_x = d_inp
@@ -414,14 +423,17 @@ def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
                  need_grad_x: bool, need_grad_weights: List[bool], need_grad_biases: List[bool]) -> List[torch.Tensor]:
     grad_x, grad_weights, grad_biases = mlp_backward(grad_out, x, weights, biases, hidden, compute_dtype,
                                                      need_grad_x, need_grad_weights, need_grad_biases)
-    empty = x.new_empty(_EMPTY)
-    return [empty if t is None else t for t in (grad_x, *grad_weights, *grad_biases)]
+    # Placeholders for gradients not needed: a fresh one each (outputs of a custom op must not
+    # alias one another), with the dtype the fake implementation below gives them.
+    return ([x.new_empty(_EMPTY) if grad_x is None else grad_x]
+            + [w.new_empty(_EMPTY) if g is None else g for w, g in zip(weights, grad_weights)]
+            + [x.new_empty(_EMPTY) if g is None else g for g in grad_biases])
 
 
 @_backward_op.register_fake
 def _(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights, need_grad_biases):
     grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty(_EMPTY)
-    grad_weights = [w.new_empty(w.shape) if need else w.new_empty(_EMPTY) for w, need in zip(weights, need_grad_weights)]
+    grad_weights = [w.new_empty(w.shape if need else _EMPTY) for w, need in zip(weights, need_grad_weights)]
     grad_biases = [b.new_empty(b.shape) if need and b is not None else x.new_empty(_EMPTY)
                    for b, need in zip(biases, need_grad_biases)]
     return [grad_x, *grad_weights, *grad_biases]

@@ -242,11 +242,13 @@ class _PrefixPlan:
             else:
                 encoded.append(w.embedding)
                 hidden.append(None)
-        index = (self.adapter_index if self.adapter_index is not None
-                 else torch.zeros(self.batch_size, dtype=torch.long, device=self.device))
         g = self.geometry
-        out[..., : self.P, :] = prefix_kv_reference(encoded, index, g.num_layers, g.num_kv_heads,
-                                                    g.head_dim, dtype=out.dtype)
+        if self.adapter_index is None:  # one adapter: broadcast over the rows, no (B, T, J) temporary
+            x = encoded[0].to(out.dtype).view(self.P, g.num_layers, 2, g.num_kv_heads, g.head_dim)
+            out[..., : self.P, :] = x.permute(1, 2, 3, 0, 4).unsqueeze(2)
+        else:
+            out[..., : self.P, :] = prefix_kv_reference(encoded, self.adapter_index, g.num_layers,
+                                                        g.num_kv_heads, g.head_dim, dtype=out.dtype)
         return hidden
 
     # -- backward: reduce the cache gradient over each adapter's rows ----------------------

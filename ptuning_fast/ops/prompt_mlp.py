@@ -13,6 +13,13 @@ from ..reference.prompt_mlp import Layer, prompt_mlp_reference
 MAX_FEATURES = 8192
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...): never autocast
+        return False
+
+
 def _check_layers(x: torch.Tensor, layers: Sequence[Layer]) -> None:
     check_tensor(x, "x", dtypes=FLOAT_DTYPES)
     if x.dim() < 1:
@@ -32,7 +39,7 @@ def _check_layers(x: torch.Tensor, layers: Sequence[Layer]) -> None:
             if bias.shape[0] != weight.shape[0]:
                 raise ValueError(f"`layers[{i}].bias` has {bias.shape[0]} elements, expected {weight.shape[0]}")
         width = weight.shape[0]
-    if not torch.is_autocast_enabled(x.device.type):
+    if not _autocast_enabled(x.device.type):
         # Without autocast F.linear needs one dtype throughout; say which tensor differs.
         for i, (weight, bias) in enumerate(layers):
             for name, t in ((f"layers[{i}].weight", weight), (f"layers[{i}].bias", bias)):

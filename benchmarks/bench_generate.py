@@ -1,0 +1,68 @@
+"""``generate()`` with a prompt: greedy decoding of a P-tuned and a prefix-tuned causal LM.
+
+PEFT eager vs the same PeftModel after ``ptuning_fast.accelerate``; the generated tokens must be
+identical before timing. Floor: every decoding step reads the frozen weights once
+(params x bytes x new tokens over copy bandwidth), plus one launch per layer per step.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
+
+import ptuning_fast
+from benchmarks import models
+from benchmarks.common import Row, floor_ms, make_row
+
+NEW_TOKENS = 16
+
+
+def _generate_fn(model, ids, mask):
+    def run():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                  min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+
+    return run
+
+
+def measure(device: torch.device, quick: bool) -> list[Row]:
+    rows = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for kind in ("p_tuning", "prefix"):
+        torch.manual_seed(0)
+        base, shape = models.llm_model(quick)
+        base = base.to(device, dtype).eval()
+        if kind == "p_tuning":
+            config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=shape["tokens"],
+                                         encoder_hidden_size=base.config.hidden_size)
+        else:
+            config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=shape["tokens"])
+        peft_model = get_peft_model(base, config).eval()
+        fast_model = ptuning_fast.accelerate(copy.deepcopy(peft_model)).eval()
+        ids, mask = models.inputs(base, shape, device)
+        ref, got = _generate_fn(peft_model, ids, mask)(), _generate_fn(fast_model, ids, mask)()
+        if not torch.equal(ref, got):
+            raise AssertionError(f"generate/{kind}: tokens differ from PEFT's")
+        weight_bytes = models.frozen_params(base) * base.dtype.itemsize
+        floor = floor_ms(device, bytes_moved=weight_bytes * NEW_TOKENS,
+                         launches=NEW_TOKENS * base.config.num_hidden_layers)
+        case = f"{kind} B={shape['batch']} S={shape['seq']} T={shape['tokens']} new={NEW_TOKENS}"
+        for impl, model in (("peft_eager", peft_model), ("ptuning_fast", fast_model)):
+            rows.append(make_row("generate", case, impl, _generate_fn(model, ids, mask), device, floor,
+                                 warmup=1, reps=3 if quick else 5))
+        del peft_model, fast_model, base
+    return rows
+
+
+def test_bench_generate_tiny(benchmark):
+    """CI: greedy generate of an accelerated prefix-tuned tiny LLM equals PEFT's tokens."""
+    torch.manual_seed(0)
+    base, shape = models.llm_model(quick=True)
+    peft_model = get_peft_model(base.eval(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    fast = ptuning_fast.accelerate(copy.deepcopy(peft_model)).eval()
+    ids, mask = models.inputs(base, shape, torch.device("cpu"))
+    expected = _generate_fn(peft_model, ids, mask)()
+    got = benchmark.pedantic(_generate_fn(fast, ids, mask), rounds=2, iterations=1)
+    assert torch.equal(got, expected)
