@@ -43,13 +43,13 @@ def extension_build():
     want_cuda = os.environ.get("PTUNING_FAST_FORCE_CUDA", "") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
     )
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch builds its own extensions with
     if want_cuda and cu:
         ext = CUDAExtension(
             "ptuning_fast._C",
             cpp + cu,
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         )
     else:
         ext = CppExtension("ptuning_fast._C", cpp, extra_compile_args=cxx_flags)

@@ -98,18 +98,22 @@ def peft_prefix(encoder, config, batch: int, dtype, tokens):
     return past_key_values.permute([2, 0, 3, 1, 4]).split(2)
 
 
+def _randn(shape, g, device, dtype):
+    # Values representable in the model dtype, so that the fp64 oracle sees the same inputs.
+    return torch.randn(shape, generator=g).to(MODEL_DTYPE).to(device, dtype)
+
+
 def text_states(case: Case, device, dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
     shape = (case.batch, case.kv_heads, case.text, case.head_dim)
-    return [(torch.randn(shape, generator=g).to(device, dtype).requires_grad_(),
-             torch.randn(shape, generator=g).to(device, dtype).requires_grad_()) for _ in range(case.layers)]
+    return [(_randn(shape, g, device, dtype).requires_grad_(), _randn(shape, g, device, dtype).requires_grad_())
+            for _ in range(case.layers)]
 
 
 def upstream_grads(case: Case, device, dtype, seed=2):
     g = torch.Generator().manual_seed(seed)
     shape = (case.batch, case.kv_heads, case.tokens + case.text, case.head_dim)
-    return [(torch.randn(shape, generator=g).to(device, dtype), torch.randn(shape, generator=g).to(device, dtype))
-            for _ in range(case.layers)]
+    return [(_randn(shape, g, device, dtype), _randn(shape, g, device, dtype)) for _ in range(case.layers)]
 
 
 def make_steps(case: Case, encoder, config, device, dtype, *, compiled_prefix=None):

@@ -41,8 +41,8 @@ def _jit_build():
     return load(
         name="ptuning_fast_C",
         sources=sources + (cuda_sources if with_cuda else []),
-        extra_cflags=["-O3", "-std=c++17"] + (["-DWITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=["-O3", "-std=c++17", "-DWITH_CUDA"],
+        extra_cflags=["-O3"] + (["-DWITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=["-O3", "-DWITH_CUDA"],
         build_directory=str(build_dir),
         verbose=False,
     )

@@ -36,3 +36,12 @@ def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'}, got {value}")
     return value
+
+
+def check_config_int(config, name: str, filled_from: str) -> int:
+    """A config field that PEFT fills when it wraps a model: say so when it is still None."""
+    value = getattr(config, name)
+    if value is None:
+        raise TypeError(f"`{name}` must be an int, got None: PEFT fills it from {filled_from} when wrapping "
+                        "a model; set it when building the encoder directly")
+    return check_positive_int(value, name)

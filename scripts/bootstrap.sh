@@ -26,10 +26,12 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 # Reinstall only when the packaging or C++/CUDA sources changed (a stamp of their hash).
 STAMP="$VENV/.ptuning_fast_stamp"
-HASH="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)"
+HASH="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/scripts/constraints.txt" "$ROOT"/csrc/* 2>/dev/null \
+        | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$HASH" ] || ! "$PY" -c "import ptuning_fast" >/dev/null 2>&1; then
-    # --no-build-isolation: build the extension against the torch above instead of a fresh one.
+    # --no-build-isolation: build the extension against the torch above instead of a fresh one;
+    # -c: the dependency versions the suite is checked against.
     pip_install setuptools wheel
-    (cd "$ROOT" && pip_install --no-build-isolation -e ".[test,bench,demo]")
+    (cd "$ROOT" && pip_install --no-build-isolation -c scripts/constraints.txt -e ".[test,bench,demo]")
     echo "$HASH" > "$STAMP"
 fi

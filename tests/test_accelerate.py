@@ -4,25 +4,19 @@ import warnings
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder
 from peft.tuners.prefix_tuning import PrefixEncoder as PeftPrefixEncoder
-from tiny_models import build, labels_for, random_ids, randomize_
+from tiny_models import build, labels_for, prompt_configs, random_ids, randomize_
 
 import ptuning_fast
 from ptuning_fast.integrations.cache import PrefixKVCache
+from ptuning_fast.integrations.compat import get_cache
 from ptuning_fast.integrations.peft import is_accelerated, is_peft_patched
 from ptuning_fast.prefix_encoder import PrefixEncoder
 
 T = 5
-KINDS = {
-    "mlp": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=T, encoder_hidden_size=20),
-    "lstm": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=T, encoder_hidden_size=12,
-                                             encoder_reparameterization_type="LSTM"),
-    "prefix": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=T),
-    "prefix_proj": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=T, prefix_projection=True,
-                                                   encoder_hidden_size=24),
-}
+KINDS = prompt_configs(T)
 MODEL_NAMES = ["llama", "gpt2", "llama_cls", "bert_cls", "bert_token", "bert_qa", "t5"]
 
 
@@ -128,7 +122,7 @@ def test_prefix_goes_through_fused_cache_and_mask(name):
     seen = {}
 
     def spy(module, args, kwargs):
-        seen["cache"], seen["mask"] = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        seen["cache"], seen["mask"] = get_cache(kwargs), kwargs.get("attention_mask")
 
     # PEFT runs BERT's classification heads through the backbone alone: watch the attention's caller.
     watched = model.get_base_model()
@@ -190,3 +184,24 @@ def test_accelerate_errors():
         lora = get_peft_model(base, LoraConfig(target_modules=["q_proj"], r=2))
     with pytest.raises(ValueError, match="no prompt-learning adapter"):
         ptuning_fast.accelerate(lora)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "prefix_proj"])
+def test_kernels_give_peft_numbers(kind):
+    """The accelerated model on the Triton kernels (CUDA, or Triton's interpreter on CPU)."""
+    pytest.importorskip("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, task = peft_model("llama", kind)
+    model.to(device)
+    inputs = {k: v.to(device) for k, v in batch(task, seed=12, kind=kind).items()}
+    ref_out, ref_score, ref_grads = run(model, inputs)
+    ptuning_fast.accelerate(model)
+    with ptuning_fast.use_backend("triton"):
+        out, score, grads = run(model, inputs)
+        generated = model.generate(input_ids=inputs["input_ids"][1:], max_new_tokens=2, do_sample=False,
+                                   pad_token_id=0)
+    torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(score, ref_score, rtol=1e-5, atol=1e-6)
+    for key in ref_grads:
+        torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert generated.shape == (2, 9)

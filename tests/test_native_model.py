@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, get_peft_model
-from tiny_models import PAD, VOCAB, build, gpt2, labels_for, llama, random_ids, randomize_
+from tiny_models import PAD, VOCAB, build, gpt2, labels_for, llama, padded_batch, random_ids, randomize_
 from transformers import BertConfig, BertForMaskedLM
 
 import ptuning_fast
@@ -28,17 +28,6 @@ def native(name, kind, seed=0, **options):
     randomize_(model.prompt_encoder, seed + 50)
     return model, task
 
-
-def padded_batch(lengths, width, seed, side):
-    """Random ids with each row's ``lengths[b]`` real tokens on the left or right of ``width`` columns."""
-    ids = random_ids(len(lengths), width, seed)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        if side == "left":
-            mask[row, width - n:] = 1
-        else:
-            mask[row, :n] = 1
-    return ids * mask, mask
 
 
 def encoder_grads(model):
@@ -67,7 +56,7 @@ def test_matches_peft_on_unpadded_batches(name, kind):
     if kind == "v1" and task in ("CAUSAL_LM", "TOKEN_CLS"):
         ref_logits = ref_logits[:, T:]  # ours are aligned with the caller's input_ids
     torch.testing.assert_close(got.logits, ref_logits, rtol=1e-5, atol=1e-5)
-    score_ref = ref.loss if labels else ref.logits.pow(2).mean()
+    score_ref = ref.loss if labels else ref_logits.pow(2).mean()
     score_got = got.loss if labels else got.logits.pow(2).mean()
     if labels:
         torch.testing.assert_close(score_got, score_ref, rtol=1e-6, atol=1e-6)
@@ -131,6 +120,23 @@ def test_padded_rows_equal_unpadded_rows(name, kind, side):
         torch.testing.assert_close(got, alone[key][0], rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("name", ["llama", "bert_cls"])
+def test_eager_attention_gets_an_additive_mask_with_the_same_results(name):
+    ids, mask = padded_batch([5, 2, 6], 6, seed=33, side="left")
+    logits = {}
+    for implementation in ("sdpa", "eager"):
+        model, _ = native(name, "v2")
+        model.base_model.config._attn_implementation = implementation
+        seen = []
+        hook = model.base_model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
+        logits[implementation] = model(input_ids=ids, attention_mask=mask).logits
+        hook.remove()
+        assert seen[0].shape == (3, 1, 6, T + 6)  # the fused 4D mask
+        assert seen[0].dtype == (torch.bool if implementation == "sdpa" else torch.float32)
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=1e-5, atol=1e-6)
+
+
 def test_left_padded_positions_match_generate():
     """Positions in a training forward == positions generate() uses (PEFT's differ on padded rows)."""
     for kind, prefix in (("v1", T), ("v2", T)):
@@ -186,7 +192,7 @@ def test_generate_rows_equal_single_rows_and_forward(name, kind, positions):
     randomize_(model.prompt_encoder, 77, scale=2.0)
     lengths = [4, 2, 5]
     ids, mask = padded_batch(lengths, 5, seed=51, side="right")  # right padding: re-laid out
-    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=PAD)  # no early stop
     out = model.generate(input_ids=ids, attention_mask=mask, **settings)
     for row, n in enumerate(lengths):
         columns = mask[row].nonzero().view(-1)
@@ -194,7 +200,8 @@ def test_generate_rows_equal_single_rows_and_forward(name, kind, positions):
         assert torch.equal(out[row, -4:], alone[0, -4:])
         if task == "CAUSAL_LM":  # input_ids come back in front; a forward over the result agrees
             assert torch.equal(alone[0, :n], ids[row, columns])
-            greedy = model(input_ids=alone).logits[0, n - 1:-1].argmax(-1)
+            logits = model(input_ids=alone).logits[0, n - 1:-1]
+            greedy = logits.index_fill(-1, torch.tensor([2]), float("-inf")).argmax(-1)  # EOS held off by min_new
             assert torch.equal(greedy, alone[0, n:])
 
 
@@ -381,8 +388,7 @@ def test_errors():
     with pytest.raises(ValueError, match="mixes prompt kinds"):
         model(input_ids=ids, adapter_names=["default", "deep"])
     model.add_adapter("deep2", config_of("v2"))
-    with pytest.raises(ValueError, match="several deep-prompt adapters"):
-        model(input_ids=ids, adapter_names=["deep", "deep2"])
+    model(input_ids=ids, adapter_names=["deep", "deep2"])  # deep prompts mix too (tests/test_multitask.py)
     with pytest.raises(ValueError, match="already exists"):
         model.add_adapter("deep", config_of("v2"))
     with pytest.raises(ValueError, match="set_adapter|adapter_name.*unknown"):
@@ -391,10 +397,14 @@ def test_errors():
         model(input_ids=ids[0])
     with pytest.raises(TypeError, match="input_ids.*dtype"):
         model(input_ids=ids.float())
+    with pytest.raises(ValueError, match="input_ids.*outside \\[0, 61\\)"):
+        model(input_ids=ids + VOCAB)
     with pytest.raises(ValueError, match="attention_mask.*shape"):
         model(input_ids=ids, attention_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="exactly one of `input_ids` and `inputs_embeds`"):
         model(input_ids=ids, inputs_embeds=torch.zeros(2, 4, 32))
+    with pytest.raises(ValueError, match="past_key_values.*generate\\(\\)"):
+        model(input_ids=ids, past_key_values=object())
     with pytest.raises(ValueError, match="generate\\(\\) computes `position_ids`"):
         model.generate(input_ids=ids, position_ids=torch.zeros_like(ids), max_new_tokens=1)
     with pytest.raises(ValueError, match="placement"):
@@ -421,6 +431,29 @@ def test_errors():
     classifier, _ = native("bert_cls", "v1")
     with pytest.raises(ValueError, match="generate\\(\\) needs a causal LM or seq2seq"):
         classifier.generate(input_ids=ids, max_new_tokens=1)
+
+
+def test_deep_prompts_train_under_gradient_checkpointing():
+    """PEFT refuses prefix tuning with gradient checkpointing; here it gives the same gradients."""
+    results = []
+    for checkpointing in (False, True):
+        model, task = native("llama", "v2")
+        model.train()
+        if checkpointing:
+            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids, mask = padded_batch([6, 4], 6, seed=95, side="left")
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        results.append((loss.detach(), encoder_grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for key, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][key], grad, rtol=1e-5, atol=1e-7)
+
+    model, _ = native("gpt2", "v2")  # GPT-2 hands its layers no cache under checkpointing: said clearly
+    model.train()
+    model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(RuntimeError, match="drops the cache under gradient checkpointing"):
+        model(input_ids=random_ids(2, 4, 96))
 
 
 def test_frozen_base_and_trainable_prompt_only():

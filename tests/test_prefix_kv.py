@@ -95,7 +95,8 @@ def check_op(weights, index, out_dtype, backend, capacity=0, seed=3, sizes=SMALL
     exact_grads = grads_of(exact, exact_w, upstream[..., :P, :].double())
 
     assert_error_rule(got[..., :P, :], ref, exact, "output")
-    names = [f"adapter{n}.{f}" for n, w in enumerate(weights) for f, t in zip(PrefixWeights._fields, w) if t is not None]
+    names = [f"adapter{n}.{f}" for n, w in enumerate(weights)
+             for f, t in zip(PrefixWeights._fields, w) if t is not None]
     for name, g, r, e, p in zip(names, got_grads, ref_grads, exact_grads, params(weights)):
         assert g.dtype == p.dtype and g.shape == p.shape, name
         assert_error_rule(g, r, e, f"grad {name}")
@@ -114,20 +115,32 @@ def test_reference_matches_peft_get_prompt_layout():
         assert torch.equal(ours[layer, 0], key) and torch.equal(ours[layer, 1], value)
 
 
-def test_gradcheck_reference_float64():
+def gradcheck_two_adapters(op):
+    """gradcheck, in float64, of ``op(weights, index)`` over a projected and a plain adapter
+    shared by three rows."""
     w = [PrefixWeights(*[t.detach().double().requires_grad_() for t in make_weights(3, True)]),
          PrefixWeights(torch.randn(2, J, dtype=torch.float64, requires_grad=True))]
     index = torch.tensor([1, 0, 1])
 
     def fn(*flat):
         it = iter(flat)
-        ws = [PrefixWeights(*[next(it) for _ in range(5)]), PrefixWeights(next(it))]
-        return reference_op(ws, index, torch.float64)
+        return op([PrefixWeights(*[next(it) for _ in range(5)]), PrefixWeights(next(it))], index)
 
     assert torch.autograd.gradcheck(fn, tuple(params(w)), eps=1e-6, atol=1e-5)
 
 
+def test_gradcheck_reference_float64():
+    gradcheck_two_adapters(lambda ws, index: reference_op(ws, index, torch.float64))
+
+
 # ----------------------------------------------------------------------------- the op
+def test_gradcheck_op_float64():
+    """float64 runs on the reference path: gradcheck checks the op's hand-written backward."""
+    with use_backend("triton"):
+        gradcheck_two_adapters(lambda ws, index: prefix_kv(ws, index, num_layers=L, num_kv_heads=HKV, head_dim=DH,
+                                                           capacity=1))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("projected", [False, True])
 def test_one_adapter_fp32(backend, projected):
@@ -139,7 +152,7 @@ def test_one_adapter_fp32(backend, projected):
 @pytest.mark.parametrize("projected", [False, True])
 def test_mixed_adapters_with_unequal_lengths(backend, projected):
     """Rows pick their adapter; the shorter prefix fills the last columns, zeros before it."""
-    weights = [make_weights(5, projected, seed=1), make_weights(2, projected, seed=2), make_weights(3, projected, seed=3)]
+    weights = [make_weights(T, projected, seed=seed) for T, seed in ((5, 1), (2, 2), (3, 3))]
     index = torch.tensor([1, 0, 1, 1, 0])  # adapter 2 has no row: its gradients must be zero
     got, grads = check_op(weights, index, torch.float32, backend)
     assert got[:, :, index == 1, :, :3].abs().max().item() == 0

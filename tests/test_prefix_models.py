@@ -175,6 +175,21 @@ def test_greedy_generate_matches_peft(name, projection):
     assert got.tolist() == ref.tolist()
 
 
+def test_beam_search_and_several_sequences_match_peft():
+    """generate() repeats the rows for beams but not a cache passed in: the cache is built for them."""
+    peft, base, encoder, _ = peft_model("llama", projection=True)
+    peft.eval()
+    ids, mask, _ = batch("CAUSAL_LM", rows=2, length=5, pad_side="left")
+    for kw in (dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, num_return_sequences=2)):
+        kw.update(max_new_tokens=4, pad_token_id=PAD)
+        with torch.no_grad():
+            torch.manual_seed(4)
+            ref = peft.generate(input_ids=ids, attention_mask=mask, **kw)
+        torch.manual_seed(4)
+        got = prefix_generate(base, encoder, ids, mask, **kw)
+        assert got.tolist() == ref.tolist()
+
+
 # ----------------------------------------------------------------------------- padding and positions
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert_token"])
 @pytest.mark.parametrize("pad_side", ["left", "right"])
@@ -213,6 +228,8 @@ def test_gradient_checkpointing(name):
         base.gradient_checkpointing_enable()
         ckpt = prefix_forward(base, encoder, input_ids=ids, attention_mask=mask, labels=labels)
         ckpt_grads = grads(ckpt.loss, encoder)
+    # transformers' guard against caches under checkpointing is back once the forward is done
+    assert not any("_can_checkpoint_with_cache" in vars(m) for m in base.modules())
     torch.testing.assert_close(ckpt.loss, plain.loss, rtol=1e-6, atol=0)
     assert_grads_close(ckpt_grads, plain_grads, rtol=1e-6)
     fresh = MODELS[name][0]()

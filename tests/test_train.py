@@ -70,8 +70,9 @@ def tiny_llama(tmp_path_factory):
 
 
 def tiny_config(model, **overrides) -> TrainConfig:
+    # CPU even where CUDA exists: exact comparisons, and two ranks cannot share one GPU under NCCL.
     options = dict(model=model, batch_size=8, eval_batch_size=64, steps=3, num_virtual_tokens=3,
-                   encoder_hidden_size=16, lr=1e-2, eval_every=0, progress=False, max_length=24)
+                   encoder_hidden_size=16, lr=1e-2, eval_every=0, progress=False, max_length=24, device="cpu")
     options.update(overrides)
     return TrainConfig(**options)
 
@@ -186,7 +187,8 @@ def test_flags_map_to_config_fields():
                                "--output-dir", "out", "--prefix-projection", "--lr", "0.5"])
     assert (config.prompt, config.num_virtual_tokens, config.progress, config.resume, config.output_dir,
             config.prefix_projection, config.learning_rate) == ("v2", 7, False, "latest", "out", True, 0.5)
-    assert TrainConfig(prompt="v1").learning_rate == 3e-3 and TrainConfig(prompt="v2").learning_rate == 1e-2
+    assert TrainConfig(prompt="v1").learning_rate == 1e-2 and TrainConfig(prompt="v2").learning_rate == 3e-2
+    assert TrainConfig(prompt="v2", prefix_projection=True).learning_rate == 3e-4
 
 
 def test_cli_dispatch(capsys, monkeypatch):
@@ -365,6 +367,27 @@ def test_causal_lm_run(tiny_llama, small_data, prompt):
     assert result.summary["implementation"].startswith(("ptuning_fast", "peft"))
 
 
+def test_bf16_autocast_run(tiny_bert, small_data):
+    data, eval_data = small_data
+    config = tiny_config(tiny_bert, data=data, eval_data=eval_data, steps=2, precision="bf16", device="cpu")
+    result = train.run(config)
+    assert result.summary["precision"] == "bf16" and result.summary["final_train_loss"] > 0
+    assert all(p.dtype == torch.float32 for p in train.trainable_parameters(result.model).values())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prompt", ["v1", "v2"])
+def test_cuda_triton_run_matches_the_peft_baseline(tiny_bert, small_data, prompt):
+    data, eval_data = small_data
+    common = dict(data=data, eval_data=eval_data, prompt=prompt, steps=2, device="cuda", precision="fp32")
+    fast = train.run(tiny_config(tiny_bert, backend="triton", **common))
+    peft_run = train.run(tiny_config(tiny_bert, baseline="peft", **common))
+    assert fast.summary["implementation"] == "ptuning_fast" and fast.summary["device"].startswith("cuda")
+    expected, got = trainable_state(peft_run.model), trainable_state(fast.model)
+    for name in expected:  # loose enough for TF32 matmuls in the kernels, far below one step's change (lr 1e-2)
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-2, atol=1e-3, msg=name)
+
+
 def test_baseline_peft_keeps_pefts_modules(tiny_bert, small_data):
     from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder
     data, eval_data = small_data
@@ -409,20 +432,24 @@ def test_two_gloo_processes_match_one_process(tiny_bert, small_data, tmp_path):
                               lr=0.5, max_grad_norm=0.0),
         "fsdp_v1": tiny_config(tiny_bert, data=data, eval_data=eval_data, steps=3, strategy="fsdp", optimizer="sgd",
                                lr=0.5, max_grad_norm=0.0),
-        "fsdp_v2": tiny_config(tiny_bert, data=data, eval_data=eval_data, steps=3, prompt="v2", strategy="fsdp"),
+        "fsdp_v2": tiny_config(tiny_bert, data=data, eval_data=eval_data, steps=3, prompt="v2", strategy="fsdp",
+                               output_dir=str(tmp_path / "fsdp_v2")),
     }
     mp.spawn(_distributed_worker, args=(2, _free_port(), configs, str(tmp_path)), nprocs=2, join=True)
     for name, config in configs.items():
         rank0 = load_file(tmp_path / f"{name}-rank0.safetensors")
         rank1 = load_file(tmp_path / f"{name}-rank1.safetensors")
-        single = trainable_state(train.run(dataclasses.replace(config, strategy="auto")).model)
+        single = trainable_state(train.run(dataclasses.replace(config, strategy="auto", output_dir=None)).model)
         assert rank0.keys() == rank1.keys() == single.keys()
         for key in single:
             assert torch.equal(rank0[key], rank1[key]), (name, key)  # ranks in exact sync
             # one process on the whole batch == two on halves (up to summation order)
             torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
-        initial = load_file(tmp_path / f"{name}-rank0.safetensors")
-        assert any(initial[k].abs().sum() > 0 for k in initial)
+    # rank 0 wrote the checkpoint (adapter + full state) under FSDP too
+    saved = load_file(tmp_path / "fsdp_v2" / "checkpoint-3" / train.TRAINABLE_FILE)
+    rank0 = load_file(tmp_path / "fsdp_v2-rank0.safetensors")
+    assert saved.keys() == rank0.keys() and all(torch.equal(saved[k], rank0[k]) for k in saved)
+    assert (tmp_path / "fsdp_v2" / "checkpoint-3" / "adapter_model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,8 +463,7 @@ def test_hf_trainer_example(tiny_bert, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     model = get_peft_model(model, PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=4,
                                                       encoder_hidden_size=16))
-    from ptuning_fast.integrations.peft import accelerate
-    model = accelerate(model)  # ptuning_fast.accelerate
+    model = ptuning_fast.accelerate(model)
     before = trainable_state(model)
     label_ids = {"negative": 0, "positive": 1}
     dataset = [dict(tokenizer(e["text"], truncation=True, max_length=24), labels=label_ids[e["label"]])

@@ -96,3 +96,31 @@ def randomize_(module, seed, scale=0.5):
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def prompt_configs(num_virtual_tokens):
+    """One config factory per prompt kind (each takes the task type), ``num_virtual_tokens`` long."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig
+
+    T = num_virtual_tokens
+    return {
+        "mlp": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=T, encoder_hidden_size=20),
+        "lstm": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=T, encoder_hidden_size=12,
+                                                 encoder_reparameterization_type="LSTM"),
+        "prefix": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=T),
+        "prefix_proj": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=T, prefix_projection=True,
+                                                       encoder_hidden_size=24),
+    }
+
+
+def padded_batch(lengths, width, seed, side):
+    """Random ids with each row's ``lengths[b]`` real tokens on the left or right of ``width``
+    columns, the rest ``PAD``; returns (ids, mask)."""
+    ids = random_ids(len(lengths), width, seed)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, width - n:] = 1
+        else:
+            mask[row, :n] = 1
+    return ids * mask + PAD * (1 - mask), mask

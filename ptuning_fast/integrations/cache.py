@@ -16,7 +16,7 @@ new keys/values and folds the prefix slice into the buffer's reduced prefix grad
 each adapter's rows, one layer at a time, as soon as attention produces it). One gradient-carrying
 forward per cache: build a new cache for each training step.
 
-Gradient checkpointing (non-reentrant, transformers' default): :func:`enable_cache_under_checkpointing`
+Gradient checkpointing (non-reentrant, transformers' default): :func:`keep_cache_under_checkpointing`
 keeps the cache in checkpointed layers; a layer recomputed during the backward finds its earlier
 write and returns the same views instead of appending again. PEFT refuses prefix tuning with
 gradient checkpointing.
@@ -27,6 +27,7 @@ Also implemented for ``generate()``: ``get_seq_length``, ``get_mask_sizes``, ``c
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -58,12 +59,12 @@ class _AppendKV(torch.autograd.Function):
     def backward(ctx, grad_keys, grad_values):
         layer, start, end = ctx.layer, ctx.start, ctx.end
         layer.buffer.accumulate_layer_grad(layer.layer_idx, grad_keys, grad_values)
-        token_grad = None
-        if ctx.needs_input_grad[0]:  # a dependency edge only: the prefix gradient went to the buffer
-            token_grad = torch.zeros((), device=layer.device)
+        # The token is a dependency edge only (the prefix gradient went to the buffer): no gradient
+        # for it, so nothing is summed over the layers; its Function's backward still runs after
+        # every layer's.
         grad_k = grad_keys[:, :, start:end] if grad_keys is not None and ctx.needs_input_grad[3] else None
         grad_v = grad_values[:, :, start:end] if grad_values is not None and ctx.needs_input_grad[4] else None
-        return token_grad, None, None, grad_k, grad_v, None
+        return None, None, None, grad_k, grad_v, None
 
 
 class PrefixKVLayer(DynamicLayer):
@@ -274,23 +275,32 @@ class PrefixKVCache(DynamicCache):
         return [layer.layer_idx for layer in self.layers if layer.length > layer.prefix_length]
 
 
-def enable_cache_under_checkpointing(model) -> int:
-    """Let the checkpointed layers of ``model`` keep a :class:`PrefixKVCache` under gradient
-    checkpointing (transformers drops caches there). Returns the number of layers changed.
+@contextlib.contextmanager
+def keep_cache_under_checkpointing(model):
+    """Within the block, the checkpointed layers of ``model`` keep a :class:`PrefixKVCache` under
+    gradient checkpointing (transformers drops caches there); restored afterwards, so a plain
+    ``DynamicCache`` used later is dropped again as transformers intends.
 
-    Safe with this cache only: a recomputed layer finds its earlier write (see
-    :meth:`PrefixKVLayer.update`). Models that drop the cache before their layers (GPT-2 passes
-    ``None`` under checkpointing) still lose the prefix; :func:`ptuning_fast.integrations.prefix.
-    prefix_forward` detects that and raises.
+    Run the forward inside the block (the backward may run after it: the recomputed layers
+    reuse the cache captured by the forward). Safe with this cache only: a recomputed layer finds
+    its earlier write (see :meth:`PrefixKVLayer.update`). Models that drop the cache before their
+    layers (GPT-2 passes ``None`` under checkpointing) still lose the prefix;
+    :func:`ptuning_fast.integrations.prefix.prefix_forward` detects that and raises.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module._can_checkpoint_with_cache = True
-            changed += 1
-    return changed
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    saved = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield len(layers)
+    finally:
+        for m, value in zip(layers, saved):
+            if value is None:
+                m.__dict__.pop("_can_checkpoint_with_cache", None)
+            else:
+                m._can_checkpoint_with_cache = value
 
 
-__all__ = ["PrefixKVCache", "PrefixKVLayer", "enable_cache_under_checkpointing"]
+__all__ = ["PrefixKVCache", "PrefixKVLayer", "keep_cache_under_checkpointing"]

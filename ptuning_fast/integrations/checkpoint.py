@@ -80,7 +80,11 @@ def _optimizer_tensors(optimizer):
                 tensors[f"state.{index}.{name}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
-    metadata = {"format": "pt", "param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    try:
+        metadata = {"format": "pt", "param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    except TypeError as exc:
+        raise ValueError(f"`optimizer` state holds values that cannot be written without pickle ({exc}); keep "
+                         "hyper-parameters as plain numbers, or save the optimizer yourself") from None
     return tensors, metadata
 
 
@@ -203,12 +207,19 @@ def load_adapter(model, model_id: str, adapter_name: str = "default", *, is_trai
                  optimizer: Optional[torch.optim.Optimizer] = None):
     """Load the adapter folder ``model_id`` (ours or PEFT's) as ``adapter_name``.
 
-    ``model``: a transformers model (a new :class:`PTuningModel` is returned), a ``PTuningModel``
-    (the adapter is added) or a ``PeftModel`` (the adapter is added, or its weights replaced when
-    it exists). ``is_trainable=True`` rebuilds the whole encoder from ``ptuning_fast_encoder.safetensors``
+    ``model``: a transformers model (a new :class:`PTuningModel` is returned), or a
+    ``PTuningModel`` / ``PeftModel``: the adapter is added, or, when it exists, its weights are
+    copied into its parameters in place (so an optimizer already built on them stays valid).
+    ``is_trainable=True`` loads the whole encoder from ``ptuning_fast_encoder.safetensors``
     (written with ``save_encoder=True``) and, with ``optimizer``, restores its state, so that
-    training resumes where it stopped. Otherwise the encoded prompts are loaded for inference, as
-    PEFT does. Returns the model holding the adapter.
+    training resumes where it stopped::
+
+        model = get_ptuning_model(base, config)                    # or get_peft_model(...)
+        optimizer = torch.optim.AdamW(model.prompt_encoder.parameters())
+        load_adapter(model, "ckpt", is_trainable=True, optimizer=optimizer)
+
+    Otherwise the encoded prompts are loaded for inference, as PEFT does. Returns the model
+    holding the adapter.
     """
     if not isinstance(is_trainable, bool):
         raise TypeError(f"`is_trainable` must be a bool, got {is_trainable!r}")
@@ -227,15 +238,15 @@ def load_adapter(model, model_id: str, adapter_name: str = "default", *, is_trai
         raise ValueError(f"no optimizer state ({OPTIMIZER_NAME}) in {model_id!r}: it was saved without `optimizer`")
     config.inference_mode = not is_trainable
 
-    if isinstance(model, PeftModel):
+    if isinstance(model, (PeftModel, PTuningModel)):
         if adapter_name not in model.prompt_encoder:
-            model.add_adapter(adapter_name, config)
+            if isinstance(model, PTuningModel):
+                model.add_adapter(adapter_name, config, options)
+            else:
+                model.add_adapter(adapter_name, config)
         elif model.peft_config[adapter_name].peft_type != config.peft_type:
             raise ValueError(f"adapter {adapter_name!r} is {model.peft_config[adapter_name].peft_type.value} but "
                              f"{model_id!r} holds {config.peft_type.value}")
-        holder = model
-    elif isinstance(model, PTuningModel):
-        model.add_adapter(adapter_name, config, options)
         holder = model
     elif isinstance(model, torch.nn.Module) and hasattr(model, "config"):
         holder = PTuningModel(model, config, adapter_name=adapter_name, options=options)

@@ -13,7 +13,9 @@ What it does that PEFT does not:
   builds such inputs from a template string. The k-th placeholder of a row gets virtual token k.
 - **Every head**: causal LM, sequence and token classification (labels are padded for the
   prompt, which PEFT crashes on), question answering (``token_type_ids`` and ``position_ids``
-  are kept, PEFT drops them), seq2seq and feature extraction, for both prompt kinds.
+  are kept, PEFT drops them; the span loss is taken over the caller's columns, never over prompt
+  columns), seq2seq, masked LM and feature extraction, for both prompt kinds. Deep prompts also
+  train under gradient checkpointing (PEFT refuses).
 - **Padding**: the prompt always sits next to the text. Each row is re-laid out as its real
   tokens (with the prompt) packed together and the padding moved to the side the head reads
   from (left for decoder-only models, so the last column is the last token, right otherwise).
@@ -27,8 +29,20 @@ What it does that PEFT does not:
 
 Adapters live in ``prompt_encoder`` (an ``nn.ModuleDict`` keyed by adapter name, like PEFT's), and
 the rows of a batch are resolved to adapters in one place (:meth:`PTuningModel._rows`), so a batch
-may name one adapter per row with ``adapter_names=[...]``. v1 adapters mix freely (different
-prompt lengths included); deep prompts take one adapter per batch.
+may name one adapter per row with ``adapter_names=[...]`` (PEFT's keyword for mixed batches, which
+PEFT offers for LoRA-style adapters only), in ``forward`` and ``generate()``: many P-tuned tasks
+served, or trained, in one batch on one frozen model. Every row computes what it computes alone,
+and each adapter's gradient comes from its own rows only.
+
+- v1 adapters mix freely: each row gets its adapter's encoded virtual tokens (each adapter
+  encoded once per step); shorter prompts leave fewer columns, the layout pads them per row.
+- Deep-prompt adapters mix too: each adapter's prefix is encoded once per step and written by
+  the fused prefix kernel into the cache rows that use it; adapters of different
+  ``num_virtual_tokens`` fill the last columns of the longest prefix and the mask and position
+  builders take the per-row lengths (seq2seq models, and models without ``position_ids``, need
+  one length per batch).
+- v1 and deep prompts cannot share a batch (input tokens vs attention-cache entries), nor can
+  template and prefix placements or ``positions`` modes: such a mix raises, saying why.
 """
 from __future__ import annotations
 
@@ -37,6 +51,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -46,8 +61,10 @@ from peft import PeftType, TaskType
 from peft.utils.other import _prepare_prompt_learning_config
 
 from .._validation import INDEX_DTYPES, check_index_range, check_tensor
-from ..config import PromptEncoderConfig
+from ..config import PrefixTuningConfig, PromptEncoderConfig
+from ..prefix_encoder import PrefixEncoder
 from ..prompt_encoder import PromptEncoder
+from .compat import CACHE_KWARG, get_cache
 
 PLACEMENTS = ("prefix", "template")
 POSITIONS = ("continue", "restart")
@@ -65,8 +82,6 @@ _TOKEN_OUTPUTS = {
 # Labels with one entry per input token (padded with -100 under the prompt).
 _TOKEN_LABELS = {TaskType.CAUSAL_LM: ("labels",), TaskType.TOKEN_CLS: ("labels",),
                  TaskType.FEATURE_EXTRACTION: ("labels",)}  # masked-LM heads take per-token labels
-# Labels that are column indices into the input (moved to the layout's columns).
-_INDEX_LABELS = {TaskType.QUESTION_ANS: ("start_positions", "end_positions")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,12 +251,6 @@ class PromptLayout:
         index = self.text_columns.view(self.text_columns.shape + (1,) * (values.dim() - 2))
         return values.gather(1, index.expand((-1, -1) + tuple(values.shape[2:])))
 
-    def move_indices(self, positions: torch.Tensor) -> torch.Tensor:
-        """Input column indices (B,) (e.g. QA start positions) -> layout columns; out of range -> L."""
-        text_length = self.text_columns.shape[1]
-        valid = (positions >= 0) & (positions < text_length)
-        moved = self.text_columns.gather(1, positions.clamp(0, text_length - 1).long().view(-1, 1)).view(-1)
-        return torch.where(valid, moved, torch.full_like(moved, self.width)).to(positions.dtype)
 
 
 def build_prompt_layout(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, *, pad_left: bool,
@@ -327,11 +336,17 @@ def infer_task_type(model) -> TaskType:
     return TaskType.FEATURE_EXTRACTION
 
 
+_DECODER_ONLY = weakref.WeakKeyDictionary()  # model -> bool, so the module walk happens once per model
+
+
 def is_decoder_only(model) -> bool:
     """True for causal decoder-only models (their heads read the last column; generation pads left)."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        return False
-    return any(getattr(module, "is_causal", False) is True for module in model.modules())
+    known = _DECODER_ONLY.get(model)
+    if known is None:
+        known = not getattr(model.config, "is_encoder_decoder", False) and any(
+            getattr(module, "is_causal", False) is True for module in model.modules())
+        _DECODER_ONLY[model] = known
+    return known
 
 
 @functools.lru_cache(maxsize=256)
@@ -355,9 +370,7 @@ def prepare_config(config, model, task_type=None):
     if config.peft_type == PeftType.P_TUNING:
         config = PromptEncoderConfig.from_peft(config)
     else:
-        prefix_config_class = _prefix_config_class()
-        if hasattr(prefix_config_class, "from_peft"):
-            config = prefix_config_class.from_peft(config)
+        config = PrefixTuningConfig.from_peft(config)
     if task_type is not None:
         config.task_type = TaskType(task_type)
     elif config.task_type is None:
@@ -371,34 +384,20 @@ def prepare_config(config, model, task_type=None):
     return config
 
 
-def _prefix_config_class():
-    try:
-        from ..config import PrefixTuningConfig
-    except ImportError:
-        from peft import PrefixTuningConfig
-    return PrefixTuningConfig
-
-
 def make_encoder(config):
     """This package's encoder for ``config``: ``PromptEncoder`` (v1) or ``PrefixEncoder`` (v2)."""
-    if config.peft_type == PeftType.P_TUNING:
-        return PromptEncoder(config)
-    try:
-        from ..prefix_encoder import PrefixEncoder
-    except ImportError:  # the fused prefix encoder is not part of this install: PEFT's computes the same
-        from peft.tuners.prefix_tuning import PrefixEncoder
-    return PrefixEncoder(config)
+    return PromptEncoder(config) if config.peft_type == PeftType.P_TUNING else PrefixEncoder(config)
 
 
 def encoded_prompt_table(encoder, config) -> torch.Tensor:
-    """The encoded virtual tokens of a v1 adapter, (T_total, D); PEFT's inference mode reads the
-    embedding itself."""
-    if config.inference_mode or not hasattr(encoder, "encoded_prompts"):
-        if config.inference_mode:
-            return encoder.embedding.weight
-        tokens = torch.arange(encoder.total_virtual_tokens, device=encoder.embedding.weight.device)
-        return encoder(tokens[None])[0]
-    return encoder.encoded_prompts()
+    """The encoded virtual tokens of a v1 adapter, (T_total, D), as PEFT computes them: the
+    embedding itself in inference mode, else the encoder over tokens 0..T_total-1 (cached by ours)."""
+    if config.inference_mode:
+        return encoder.embedding.weight
+    if hasattr(encoder, "encoded_prompts"):
+        return encoder.encoded_prompts()
+    tokens = torch.arange(encoder.total_virtual_tokens, device=encoder.embedding.weight.device)
+    return encoder(tokens[None])[0]  # PEFT's own encoder
 
 
 def prefix_key_values(encoder, config, batch_size: int, dtype) -> List[tuple]:
@@ -422,35 +421,69 @@ def prefix_key_values(encoder, config, batch_size: int, dtype) -> List[tuple]:
 
 
 def build_prefix_cache(encoder, config, model, batch_size: int, dtype=None, *, seq_len: int = 0,
-                       max_new_tokens: int = 0):
+                       max_new_tokens: int = 0, adapter_index: Optional[torch.Tensor] = None):
     """A transformers cache holding the prefix of every layer, ready for the model's forward.
+
+    ``encoder`` / ``config``: one deep-prompt adapter, or lists of several (one per adapter) with
+    ``adapter_index`` ``(B,)`` giving each row's adapter. Each adapter is encoded once, whatever
+    the number of its rows; a shorter prefix fills the LAST of the ``P = max T_n`` prefix columns
+    (mask the others: :func:`prefix_attention_mask` with the per-row lengths).
 
     Decoder-only and encoder-only models get the fused :class:`~ptuning_fast.integrations.cache.PrefixKVCache`
     (every layer's prefix written once, room for ``seq_len + max_new_tokens`` text tokens after it).
     Seq2seq models get an ``EncoderDecoderCache`` with the prefix in the decoder's self-attention,
-    laid out as PEFT does, built from :func:`prefix_key_values`.
+    laid out as PEFT does, built from :func:`prefix_key_values` (adapters of one length).
     """
-    if config.num_transformer_submodules == 1:
+    encoders = list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    if len(encoders) != len(configs):
+        raise ValueError(f"{len(encoders)} prefix encoders but {len(configs)} configs: give one config per encoder")
+    if configs[0].num_transformer_submodules == 1:
         from .prefix import build_prefix_cache as build_fused
 
-        return build_fused(encoder, model, batch_size, seq_len=seq_len, max_new_tokens=max_new_tokens, dtype=dtype)
+        return build_fused(encoders, model, batch_size, adapter_index=adapter_index, seq_len=seq_len,
+                           max_new_tokens=max_new_tokens, dtype=dtype)
     from transformers import DynamicCache, EncoderDecoderCache
 
-    cache = EncoderDecoderCache(DynamicCache(prefix_key_values(encoder, config, batch_size, dtype)), DynamicCache())
+    if len({c.num_virtual_tokens for c in configs}) > 1:
+        raise ValueError("seq2seq deep prompts of one batch must have the same `num_virtual_tokens`, got "
+                         f"{[c.num_virtual_tokens for c in configs]}")
+    per_adapter = [prefix_key_values(e, c, 1, dtype) for e, c in zip(encoders, configs)]
+    if len(per_adapter) == 1:
+        layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in per_adapter[0]]
+    else:
+        if adapter_index is None:
+            raise ValueError(f"`adapter_index` is required with {len(per_adapter)} adapters: give the adapter of "
+                             "each row")
+        layers = []
+        for layer in range(len(per_adapter[0])):  # (N, H, T, Dh) per layer, each row picks its adapter's
+            keys = torch.cat([kv[layer][0] for kv in per_adapter])
+            values = torch.cat([kv[layer][1] for kv in per_adapter])
+            layers.append((keys[adapter_index], values[adapter_index]))
+    cache = EncoderDecoderCache(DynamicCache(layers), DynamicCache())
     for key in list(cache.is_updated):
         cache.is_updated[key] = False
     return cache
 
 
-def prefix_attention_mask(attention_mask: torch.Tensor, prefix_length: int) -> torch.Tensor:
-    """The (B, P + S) mask of a model whose cache holds a P-token prefix: the prefix is visible to all."""
-    ones = torch.ones(attention_mask.shape[0], prefix_length, dtype=attention_mask.dtype, device=attention_mask.device)
-    return torch.cat([ones, attention_mask], dim=1)
+def prefix_attention_mask(attention_mask: torch.Tensor, prefix_length) -> torch.Tensor:
+    """The (B, P + S) mask of a model whose cache holds a P-token prefix. ``prefix_length``: an int
+    (every row's prefix fills the P columns) or a (B,) tensor of per-row lengths ``n_b`` (row b's
+    prefix fills the last ``n_b`` of ``P = max n_b`` columns; the columns before are masked)."""
+    batch, device, dtype = attention_mask.shape[0], attention_mask.device, attention_mask.dtype
+    if not isinstance(prefix_length, torch.Tensor):
+        ones = torch.ones(batch, prefix_length, dtype=dtype, device=device)
+        return torch.cat([ones, attention_mask], dim=1)
+    longest = int(prefix_length.max())
+    columns = torch.arange(longest, device=device)
+    live = (columns[None, :] >= (longest - prefix_length)[:, None]).to(dtype)
+    return torch.cat([live, attention_mask], dim=1)
 
 
-def fused_prefix_mask(model, attention_mask: torch.Tensor, prefix_length: int) -> Optional[torch.Tensor]:
+def fused_prefix_mask(model, attention_mask: torch.Tensor, prefix_length) -> Optional[torch.Tensor]:
     """The 4D mask (B, 1, S, P + S) of a prefilled P-token prefix, built in one pass by
     :func:`ptuning_fast.build_prompt_attention_mask`, or None where the model must build its own.
+    ``prefix_length``: an int, or (B,) per-row lengths (each row's prefix in the last columns).
 
     transformers uses a 4D mask as given, so this only serves attention implementations that read
     one (``sdpa``: boolean, ``eager``: additive in the model's dtype) and models without
@@ -466,6 +499,15 @@ def fused_prefix_mask(model, attention_mask: torch.Tensor, prefix_length: int) -
 
     dtype = torch.bool if implementation == "sdpa" else model.get_input_embeddings().weight.dtype
     return build_prompt_attention_mask(attention_mask, prefix_length, causal=is_decoder_only(model), dtype=dtype)
+
+
+def span_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:
+    """Question answering's loss as transformers computes it (out-of-range positions are ignored)."""
+    ignored = start_logits.shape[1]
+    start = start_positions.reshape(-1).clamp(0, ignored)
+    end = end_positions.reshape(-1).clamp(0, ignored)
+    return (F.cross_entropy(start_logits, start, ignore_index=ignored)
+            + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
 
 
 def _first_present(*tensors):
@@ -581,25 +623,56 @@ class PTuningModel(torch.nn.Module):
         names = list(dict.fromkeys(adapter_names))
         kinds = {self.peft_config[n].peft_type for n in names}
         if len(kinds) > 1:
-            raise ValueError(f"`adapter_names` mixes prompt kinds {sorted(k.value for k in kinds)}: v1 prompts are "
-                             "input tokens and deep prompts are attention-cache entries, so they cannot share a "
-                             "batch; run each kind's rows separately")
+            which = {n: self.peft_config[n].peft_type.value for n in names}
+            raise ValueError(f"`adapter_names` mixes prompt kinds {sorted(k.value for k in kinds)} ({which}): v1 "
+                             "prompts are input tokens and deep prompts are attention-cache entries, so they cannot "
+                             "share a batch; run each kind's rows separately")
         if len(names) == 1:
             return _Rows(names, None)
         if kinds == {PeftType.PREFIX_TUNING}:
-            raise ValueError(f"`adapter_names` names several deep-prompt adapters ({names}); a batch takes one "
-                             "deep-prompt adapter, so run each adapter's rows separately")
+            self._check_deep_prompt_mix(names)
         placements = {self.prompt_options[n].placement for n in names}
         tokens = {self.prompt_options[n].prompt_token_id for n in names}
-        if len(placements) > 1 or len(tokens) > 1:
-            raise ValueError("`adapter_names` mixes template and prefix placements (or placeholder ids): the "
-                             "rows of a batch must share one placement")
+        if len(placements) > 1 or (placements == {"template"} and len(tokens) > 1):
+            which = {n: (self.prompt_options[n].placement, self.prompt_options[n].prompt_token_id) for n in names}
+            raise ValueError(f"`adapter_names` mixes template and prefix placements (or placeholder ids): {which} "
+                             "(placement, prompt_token_id); one batch is laid out one way, so the rows of a batch "
+                             "must share one placement")
         position_modes = {self.prompt_options[n].positions for n in names}
         if len(position_modes) > 1:
-            raise ValueError("`adapter_names` mixes positions='continue' and 'restart' adapters")
+            which = {n: self.prompt_options[n].positions for n in names}
+            raise ValueError(f"`adapter_names` mixes positions='continue' and 'restart' adapters ({which}); one "
+                             "batch numbers its positions one way, so run each mode's rows separately")
         lookup = {name: i for i, name in enumerate(names)}
         index = torch.tensor([lookup[n] for n in adapter_names], dtype=torch.long, device=device)
         return _Rows(names, index)
+
+    def _check_deep_prompt_mix(self, names: List[str]) -> None:
+        """Deep-prompt adapters share a batch through one cache; say why where they cannot."""
+        lengths = {name: self.peft_config[name].num_virtual_tokens for name in names}
+        if len(set(lengths.values())) == 1:
+            return
+        if self._task == TaskType.SEQ_2_SEQ_LM:
+            raise ValueError(f"`adapter_names` mixes deep-prompt adapters of different lengths {lengths} on a seq2seq "
+                             "model: its decoder builds its own self-attention mask and cannot hide the prefix "
+                             "columns a shorter prompt leaves empty; use adapters of one `num_virtual_tokens`")
+        if not accepts(self.base_model, "position_ids"):
+            raise ValueError(f"`adapter_names` mixes deep-prompt adapters of different lengths {lengths}, but "
+                             f"{type(self.base_model).__name__} takes no `position_ids`, so rows with the shorter "
+                             "prompts would get wrong positions; use adapters of one `num_virtual_tokens`")
+
+    def _prefix_lengths(self, rows: _Rows, batch_size: int, device):
+        """Deep prompts: each row's prefix length, an int when every row has the same, else (B,) int64."""
+        lengths = [self.peft_config[name].num_virtual_tokens for name in rows.names]
+        if rows.index is None or len(set(lengths)) == 1:
+            return lengths[0]
+        return torch.tensor(lengths, dtype=torch.long, device=device)[rows.index]
+
+    def _prefix_encoders(self, rows: _Rows):
+        """(encoders, configs, adapter_index) of the rows' deep-prompt adapters, for the prefix cache."""
+        encoders = [self.prompt_encoder[name] for name in rows.names]
+        configs = [self.peft_config[name] for name in rows.names]
+        return encoders, configs, rows.index
 
     def _prompt_rows(self, rows: _Rows, batch_size: int, device):
         """v1: (table (sum of T, D), row_offset (B,), prompt_lengths (B,)) for the rows' adapters."""
@@ -609,9 +682,10 @@ class PTuningModel(torch.nn.Module):
             table = encoded_prompt_table(self.prompt_encoder[name], config)
             tables.append(table[: config.num_virtual_tokens])  # seq2seq: the encoder half, as PEFT
             lengths.append(config.num_virtual_tokens)
-        lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
         if rows.index is None:
-            return tables[0], torch.zeros(batch_size, dtype=torch.long, device=device), lengths_t.expand(batch_size)
+            return (tables[0], torch.zeros(batch_size, dtype=torch.long, device=device),
+                    torch.full((batch_size,), lengths[0], dtype=torch.long, device=device))
+        lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
         if len({t.dtype for t in tables}) > 1:
             tables = [t.float() for t in tables]
         offsets = torch.cumsum(lengths_t, 0) - lengths_t
@@ -639,9 +713,11 @@ class PTuningModel(torch.nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
         no_prompts = torch.zeros(batch, dtype=torch.long, device=device)
+        embedding = self.base_model.get_input_embeddings()
         if self._kind(rows) != PeftType.P_TUNING:
             layout = build_prompt_layout(attention_mask, no_prompts, pad_left=pad_left, position_ids=position_ids)
             if input_ids is not None:
+                check_index_range(input_ids, embedding.weight.shape[0], "input_ids")
                 return layout, {"input_ids": input_ids if layout.shift == 0 else layout.scatter(input_ids, 0)}
             return layout, {"inputs_embeds": inputs_embeds if layout.shift == 0 else layout.scatter(inputs_embeds, 0.0)}
 
@@ -658,7 +734,8 @@ class PTuningModel(torch.nn.Module):
                                      placeholders=placeholders, position_ids=position_ids)
         if inputs_embeds is None:
             safe_ids = input_ids if placeholders is None else input_ids.masked_fill(placeholders, 0)
-            inputs_embeds = self.base_model.get_input_embeddings()(safe_ids)
+            check_index_range(safe_ids, embedding.weight.shape[0], "input_ids")
+            inputs_embeds = embedding(safe_ids)
         embeds = layout.scatter(inputs_embeds, 0.0)
         is_prompt = layout.prompt_index >= 0
         prompts = F.embedding(layout.prompt_index.clamp(min=0) + offsets[:, None], table).to(embeds.dtype)
@@ -677,8 +754,19 @@ class PTuningModel(torch.nn.Module):
                              f"num_virtual_tokens={int(lengths[row])}")
 
     # ---------------------------------------------------------------------------------- forward
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, *, adapter_names=None, **kwargs):
-        """The base model's forward with the prompts of ``adapter_names`` (default: the active adapter)."""
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None,
+                position_ids=None, start_positions=None, end_positions=None, decoder_input_ids=None,
+                decoder_attention_mask=None, *, adapter_names=None, **kwargs):
+        """The base model's forward with the prompts of ``adapter_names`` (one adapter name per row;
+        default: the active adapter). Arguments as the base model's; ``position_ids`` are the text's
+        own positions (counted without the prompt). Per-token outputs are aligned with ``input_ids``."""
+        named = dict(labels=labels, token_type_ids=token_type_ids, position_ids=position_ids,
+                     start_positions=start_positions, end_positions=end_positions,
+                     decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)
+        kwargs.update({key: value for key, value in named.items() if value is not None})
+        if get_cache(kwargs) is not None:
+            raise ValueError("`past_key_values` / `cache`: pass the whole sequence (the prompt is added to it here); "
+                             "use generate() for incremental decoding")
         text = self._check_inputs(input_ids, attention_mask, inputs_embeds)
         rows = self._rows(adapter_names, text.shape[0], text.device)
         return_dict = kwargs.pop("return_dict", None)
@@ -712,48 +800,75 @@ class PTuningModel(torch.nn.Module):
         for key in _TOKEN_LABELS.get(task, ()):
             if kwargs.get(key) is not None:
                 kwargs[key] = layout.scatter(kwargs[key], -100)
-        for key in _INDEX_LABELS.get(task, ()):
-            if kwargs.get(key) is not None:
-                kwargs[key] = layout.move_indices(kwargs[key])
+        # QA: the loss is taken over the caller's columns (never over prompt columns), below.
+        spans = {key: kwargs.pop(key, None) for key in ("start_positions", "end_positions")}
         if self._kind(rows) == PeftType.P_TUNING:
             kwargs["attention_mask"] = layout.attention_mask
             if task != TaskType.SEQ_2_SEQ_LM and accepts(model, "position_ids"):
                 kwargs["position_ids"] = layout.position_ids
+            out = model(return_dict=True, **kwargs)
         else:
             self._add_prefix(rows, layout, kwargs)
-        out = model(return_dict=True, **kwargs)
+            out = self._run_with_prefix(kwargs)
         for key in _TOKEN_OUTPUTS[task]:
             value = out.get(key)
             if isinstance(value, torch.Tensor):
                 out[key] = layout.gather(value)
             elif isinstance(value, tuple):
                 out[key] = tuple(layout.gather(v) for v in value)
+        if spans["start_positions"] is not None and spans["end_positions"] is not None:
+            out["loss"] = span_loss(out["start_logits"], out["end_logits"], spans["start_positions"],
+                                    spans["end_positions"])
         return out
 
-    def _prefix_positions(self, rows, layout: PromptLayout) -> torch.Tensor:
-        """Text positions over a P-token prefix: counted over real tokens (left-padding aware),
-        plus P with ``positions='continue'``; padding gets 0."""
-        prefix = self.peft_config[rows.names[0]].num_virtual_tokens
+    def _run_with_prefix(self, kwargs):
+        """The base model over a prefix cache; under gradient checkpointing the checkpointed layers
+        are made to keep the cache (transformers drops caches there, and PEFT refuses)."""
+        model, cache = self.base_model, kwargs[CACHE_KWARG]
+        checkpointing = model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        if not checkpointing or not hasattr(cache, "updated_layers"):
+            return model(return_dict=True, **kwargs)
+        from .cache import keep_cache_under_checkpointing
+
+        dropped = RuntimeError(f"{type(model).__name__} drops the cache under gradient checkpointing, so its "
+                               "layers never see the deep prompt; disable gradient checkpointing for this model")
+        try:
+            with keep_cache_under_checkpointing(model):
+                out = model(return_dict=True, **kwargs)
+        except (RuntimeError, ValueError) as exc:  # the (B, P + S) mask met layers without the prefix
+            if not cache.updated_layers():
+                raise dropped from exc
+            raise
+        if len(cache.updated_layers()) != len(cache.layers):
+            raise dropped
+        return out
+
+    def _prefix_positions(self, rows, layout: PromptLayout, prefix) -> torch.Tensor:
+        """Text positions over a prefix of ``prefix`` tokens (an int, or (B,) per-row lengths):
+        counted over real tokens (left-padding aware), plus the row's prefix length with
+        ``positions='continue'``; padding gets 0."""
         if self._options(rows).positions == "restart":
             return layout.position_ids
-        return (layout.position_ids + prefix).masked_fill(layout.attention_mask == 0, 0)
+        offset = prefix[:, None] if isinstance(prefix, torch.Tensor) else prefix
+        return (layout.position_ids + offset).masked_fill(layout.attention_mask == 0, 0)
 
     def _add_prefix(self, rows, layout: PromptLayout, kwargs) -> None:
-        """Deep prompts: the prefix cache, the (B, P + S) or fused 4D mask, and the positions."""
-        name = rows.names[0]
-        config, model = self.peft_config[name], self.base_model
-        prefix = config.num_virtual_tokens
+        """Deep prompts: the prefix cache (each adapter encoded once, written into the rows that
+        use it), the (B, P + S) or fused 4D mask, and the positions (per-row prefix lengths)."""
+        model = self.base_model
         batch = layout.attention_mask.shape[0]
+        prefix = self._prefix_lengths(rows, batch, layout.attention_mask.device)
         dtype = model.get_input_embeddings().weight.dtype
-        kwargs["past_key_values"] = build_prefix_cache(self.prompt_encoder[name], config, model, batch, dtype,
-                                                       seq_len=layout.width)
+        encoders, configs, adapter_index = self._prefix_encoders(rows)
+        kwargs[CACHE_KWARG] = build_prefix_cache(encoders, configs, model, batch, dtype, seq_len=layout.width,
+                                                 adapter_index=adapter_index)
         if self._task == TaskType.SEQ_2_SEQ_LM:  # prefix in the decoder's self-attention, as PEFT
             kwargs["attention_mask"] = layout.attention_mask
             if kwargs.get("decoder_attention_mask") is not None:
                 kwargs["decoder_attention_mask"] = prefix_attention_mask(kwargs["decoder_attention_mask"], prefix)
             return
         if accepts(model, "position_ids"):
-            kwargs["position_ids"] = self._prefix_positions(rows, layout)
+            kwargs["position_ids"] = self._prefix_positions(rows, layout, prefix)
         mask = fused_prefix_mask(model, layout.attention_mask, prefix)
         kwargs["attention_mask"] = prefix_attention_mask(layout.attention_mask, prefix) if mask is None else mask
 
@@ -781,13 +896,14 @@ class PTuningModel(torch.nn.Module):
                 kwargs["position_ids"] = layout.position_ids
             return self._with_input_ids(model.generate(**kwargs), input_ids, decoder_only)
 
-        name = rows.names[0]
-        config = self.peft_config[name]
+        batch = layout.attention_mask.shape[0]
+        prefix = self._prefix_lengths(rows, batch, layout.attention_mask.device)
+        encoders, configs, adapter_index = self._prefix_encoders(rows)
         dtype = model.get_input_embeddings().weight.dtype
-        if decoder_only:  # prefix columns in front of the mask, positions counted from the mask
-            kwargs["attention_mask"] = prefix_attention_mask(layout.attention_mask, config.num_virtual_tokens)
+        if decoder_only:  # prefix columns in front of the mask (per-row lengths: shorter ones masked)
+            kwargs["attention_mask"] = prefix_attention_mask(layout.attention_mask, prefix)
             if accepts(model, "position_ids"):
-                kwargs["position_ids"] = self._prefix_positions(rows, layout)
+                kwargs["position_ids"] = self._prefix_positions(rows, layout, prefix)
         else:
             kwargs["attention_mask"] = layout.attention_mask
 
@@ -795,13 +911,15 @@ class PTuningModel(torch.nn.Module):
 
         def inject_prefix(original, *args, **kwargs):  # named `kwargs`: generate() inspects the signature
             model_inputs = original(*args, **kwargs)
-            cache = model_inputs.get("past_key_values")
+            cache = get_cache(model_inputs)
             if cache is None or cache.get_seq_length() == 0:  # the first step: put the prefix in
                 ids = _first_present(model_inputs.get("input_ids"), model_inputs.get("decoder_input_ids"),
                                      model_inputs.get("inputs_embeds"))
-                model_inputs["past_key_values"] = build_prefix_cache(
-                    self.prompt_encoder[name], config, model, ids.shape[0], dtype, seq_len=ids.shape[1],
-                    max_new_tokens=max_new_tokens)
+                # generate() repeats each row for beams / returned sequences: so do the row adapters
+                index = None if adapter_index is None else adapter_index.repeat_interleave(ids.shape[0] // batch)
+                model_inputs[CACHE_KWARG] = build_prefix_cache(
+                    encoders, configs, model, ids.shape[0], dtype, seq_len=ids.shape[1],
+                    max_new_tokens=max_new_tokens, adapter_index=index)
             return model_inputs
 
         with _patched_prepare_inputs(model, inject_prefix):

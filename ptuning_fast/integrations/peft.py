@@ -2,9 +2,9 @@
 
 For every ``P_TUNING`` and ``PREFIX_TUNING`` adapter of a ``PeftModel``, in place:
 
-- the encoder becomes this package's drop-in (``PromptEncoder``, and ``PrefixEncoder`` where the
-  deep-prompt encoder is installed) holding the very same ``Parameter`` objects, so trained
-  weights, optimizers already built on them, DDP and hooks keep working;
+- the encoder becomes this package's drop-in (``PromptEncoder`` / ``PrefixEncoder``) holding the
+  very same ``Parameter`` objects, so trained weights, optimizers already built on them, DDP and
+  hooks keep working;
 - ``get_prompt`` is routed here: v1 prompts are the encoder's cached encoded tokens broadcast over
   the batch (encoded once, not once per row; reused while the weights do not change), deep
   prompts go straight into the prefix cache (:func:`ptuning_fast.integrations.model.build_prefix_cache`);
@@ -30,28 +30,16 @@ from peft import PeftModel, PeftType
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING
 
+from ..prefix_encoder import PrefixEncoder
 from ..prompt_encoder import PromptEncoder
+from .compat import get_cache
 from .model import build_prefix_cache, encoded_prompt_table, fused_prefix_mask
 
 _ATTRIBUTE = "_ptuning_fast"  # per-model state of the acceleration (hook handle)
 _PREFIX_LENGTH = "_ptuning_fast_prefix_length"  # set on the caches built here
 
 
-def _fast_prefix_encoder_class():
-    """This package's ``PrefixEncoder`` when installed, else None (PEFT's stays)."""
-    try:
-        from ..prefix_encoder import PrefixEncoder
-    except ImportError:
-        return None
-    return PrefixEncoder
-
-
-def _fast_class(peft_type):
-    if peft_type == PeftType.P_TUNING:
-        return PromptEncoder
-    if peft_type == PeftType.PREFIX_TUNING:
-        return _fast_prefix_encoder_class()
-    return None
+_FAST_ENCODERS = {PeftType.P_TUNING: PromptEncoder, PeftType.PREFIX_TUNING: PrefixEncoder}
 
 
 def _rebuild_with_same_parameters(encoder, cls, config):
@@ -100,7 +88,8 @@ def _fast_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None):
         text_length = max((max_cache_len or 0) - config.num_virtual_tokens, 0)  # PEFT's forward passes S + P
         cache = build_prefix_cache(encoder, config, self.get_base_model(), batch_size, self.base_model_torch_dtype,
                                    seq_len=text_length)
-        setattr(cache, _PREFIX_LENGTH, config.num_virtual_tokens)
+        if config.num_transformer_submodules == 1:  # seq2seq: the decoder builds its own masks
+            setattr(cache, _PREFIX_LENGTH, config.num_virtual_tokens)
         return cache
     return type(self).get_prompt(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
 
@@ -108,7 +97,7 @@ def _fast_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None):
 def _prefix_mask_hook(module, args, kwargs):
     """Forward pre-hook of the base model: over a freshly prefilled prefix (our cache, holding only
     the prefix), replace PEFT's 2D ``cat(ones, mask)`` by the fused 4D mask."""
-    cache = kwargs.get("past_key_values")
+    cache = get_cache(kwargs)
     prefix = getattr(cache, _PREFIX_LENGTH, None)
     mask = kwargs.get("attention_mask")
     if prefix is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] <= prefix:
@@ -135,7 +124,7 @@ def accelerate(peft_model):
                          f"its PEFT type is {peft_model.active_peft_config.peft_type.value}")
     for name, encoder in list(peft_model.prompt_encoder.items()):
         config = peft_model.peft_config[name]
-        cls = _fast_class(config.peft_type)
+        cls = _FAST_ENCODERS.get(config.peft_type)
         if cls is not None and not isinstance(encoder, cls):
             peft_model.prompt_encoder[name] = _rebuild_with_same_parameters(encoder, cls, config)
     if "get_prompt" not in peft_model.__dict__:
@@ -172,10 +161,7 @@ def patch_peft() -> None:
         return
     _saved["tuners"] = {t: PEFT_TYPE_TO_TUNER_MAPPING[t] for t in (PeftType.P_TUNING, PeftType.PREFIX_TUNING)}
     _saved["setup"] = PeftModel.__dict__["_setup_prompt_encoder"]
-    for peft_type in _saved["tuners"]:
-        fast = _fast_class(peft_type)
-        if fast is not None:
-            PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = fast
+    PEFT_TYPE_TO_TUNER_MAPPING.update(_FAST_ENCODERS)
     original_setup = _saved["setup"]
 
     def _setup_prompt_encoder(self, adapter_name: str):

@@ -33,13 +33,14 @@ Seq2seq models (two transformer submodules) are not covered.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
 from .._validation import INDEX_DTYPES, check_positive_int, check_tensor
 from ..ops.prefix_kv import PrefixGeometry, PrefixKVBuffer, PrefixWeights
-from .cache import PrefixKVCache, enable_cache_under_checkpointing
+from .cache import PrefixKVCache, keep_cache_under_checkpointing
+from .compat import CACHE_KWARG
 
 POSITION_MODES = ("mask", "peft")
 
@@ -163,14 +164,17 @@ def prefix_attention_mask(attention_mask: Optional[torch.Tensor], cache: PrefixK
     mask); give ``seq_len`` to get an explicit all-ones text part instead.
     """
     lengths, P = _prefix_lengths(cache)
-    batch = lengths.shape[0]
     if attention_mask is None:
         if seq_len is None and bool((lengths == P).all()):
             return None
         if seq_len is None:
             raise ValueError("rows have prefixes of different lengths: give `attention_mask` or `seq_len`")
-        attention_mask = torch.ones((batch, seq_len), dtype=torch.long, device=lengths.device)
-    _check_text_mask(attention_mask, batch, lengths.device)
+        attention_mask = torch.ones((lengths.shape[0], seq_len), dtype=torch.long, device=lengths.device)
+    return _mask_with_prefix(attention_mask, lengths, P)
+
+
+def _mask_with_prefix(attention_mask: torch.Tensor, lengths: torch.Tensor, P: int) -> torch.Tensor:
+    _check_text_mask(attention_mask, lengths.shape[0], lengths.device)
     columns = torch.arange(P, device=lengths.device)
     live = (columns[None, :] >= (P - lengths)[:, None]).to(attention_mask.dtype)
     return torch.cat([live, attention_mask], dim=1)
@@ -246,15 +250,18 @@ def prefix_forward(
     batch, seq_len, device = _batch_and_length(input_ids, inputs_embeds)
     cache = build_prefix_cache(encoders, model, batch, adapter_index=adapter_index, seq_len=seq_len)
     mask = prefix_attention_mask(attention_mask, cache)
-    if position_ids is None and _accepts(model, "position_ids"):
-        position_ids = prefix_position_ids(attention_mask, cache, seq_len=seq_len, mode=positions)
-    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        enable_cache_under_checkpointing(model)
+    if position_ids is None:
+        if _accepts(model, "position_ids"):
+            position_ids = prefix_position_ids(attention_mask, cache, seq_len=seq_len, mode=positions)
+        elif not bool((cache.prefix_lengths() == cache.num_virtual_tokens).all()):
+            raise ValueError(f"{type(model).__name__} takes no `position_ids`, so rows with prefixes shorter than "
+                             f"{cache.num_virtual_tokens} tokens would get wrong positions: use adapters of one length")
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     try:
-        out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
-                    past_key_values=cache, **kwargs)
+        with keep_cache_under_checkpointing(model):
+            out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
+                        **{CACHE_KWARG: cache}, **kwargs)
     except (RuntimeError, ValueError) as exc:
         if not cache.updated_layers():  # the (B, P + S) mask met layers without the prefix
             raise _dropped_cache_error(model, cache) from exc
@@ -290,11 +297,20 @@ def prefix_generate(
     check_tensor(input_ids, "input_ids", ndim=2)
     batch, seq_len = input_ids.shape
     check_positive_int(max_new_tokens, "max_new_tokens")
-    cache = build_prefix_cache(encoders, model, batch, adapter_index=adapter_index, seq_len=seq_len,
+    # generate() repeats every row for beams / returned sequences but not a cache passed in:
+    # build the cache for the repeated rows (each row's prefix is written where it is needed).
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    expand = max(int(generate_kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1),
+                 int(generate_kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1))
+    if expand > 1 and adapter_index is not None:
+        adapter_index = adapter_index.repeat_interleave(expand)
+    cache = build_prefix_cache(encoders, model, batch * expand, adapter_index=adapter_index, seq_len=seq_len,
                                max_new_tokens=max_new_tokens)
-    mask = prefix_attention_mask(attention_mask, cache, seq_len=seq_len)
-    return model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
-                          max_new_tokens=max_new_tokens, **generate_kwargs)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = _mask_with_prefix(attention_mask, cache.prefix_lengths()[::expand], cache.num_virtual_tokens)
+    return model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          **{CACHE_KWARG: cache}, **generate_kwargs)
 
 
 __all__ = [

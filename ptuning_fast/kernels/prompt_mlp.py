@@ -36,6 +36,7 @@ fall back to fixed heuristics while a stream is being captured).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -330,6 +331,13 @@ def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch
     launch(_config("backward", key, launch, K, 1, grad.device, numerics.dtype != torch.float32))
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device for the call."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def mlp_forward(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
                 compute_dtype: torch.dtype) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Forward of the head on 2-D ``x`` (M, D_in): returns (output, post-ReLU hidden activations).
@@ -340,12 +348,13 @@ def mlp_forward(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequen
     hidden: List[torch.Tensor] = []
     h = x
     last = len(weights) - 1
-    for i, (weight, bias) in enumerate(zip(weights, biases)):
-        out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=compute_dtype)
-        _launch_linear(h, weight.t(), out, numerics, bias=bias, relu=i < last)
-        if i < last:
-            hidden.append(out)
-        h = out
+    with _on_device(x.device):
+        for i, (weight, bias) in enumerate(zip(weights, biases)):
+            out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=compute_dtype)
+            _launch_linear(h, weight.t(), out, numerics, bias=bias, relu=i < last)
+            if i < last:
+                hidden.append(out)
+            h = out
     return h, hidden
 
 
@@ -359,6 +368,14 @@ def mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[torc
     accumulated in fp32 and come back in their parameter's dtype; dx in x's dtype.
     One launch per layer for up to 128 rows, two beyond.
     """
+    with _on_device(x.device):
+        return _backward_layers(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights,
+                                need_grad_biases)
+
+
+def _backward_layers(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights,
+                     need_grad_biases):
+    """The body of :func:`mlp_backward`: the layers from the last to the first one needed."""
     numerics = _numerics(compute_dtype)
     n_layers = len(weights)
     has_bias = [b is not None for b in biases]
@@ -413,7 +430,9 @@ def _forward_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optio
 
 @_forward_op.register_fake
 def _(x, weights, biases, compute_dtype):
-    out, *hidden = [x.new_empty((x.shape[0], w.shape[0]), dtype=compute_dtype) for w in weights[-1:] + weights[:-1]]
+    rows = x.shape[0]
+    out = x.new_empty((rows, weights[-1].shape[0]), dtype=compute_dtype)
+    hidden = [x.new_empty((rows, w.shape[0]), dtype=compute_dtype) for w in weights[:-1]]
     return [out, *hidden]
 
 

@@ -189,6 +189,9 @@ class _PrefixPlan:
             if self.dtype not in KERNEL_DTYPES or any(t.dtype not in KERNEL_DTYPES for t in tensors):
                 backend = "reference"  # float64 runs on the reference path
         self.backend = backend
+        # The reduced gradient accumulates in fp32 (fp64 when anything is fp64).
+        self.grad_dtype = torch.float64 if torch.float64 in (self.dtype, *(t.dtype for w in weights for t in w
+                                                                           if t is not None)) else torch.float32
         self._rows = None
 
     # -- rows of each adapter, grouped (kernels) --------------------------------------------
@@ -243,7 +246,7 @@ class _PrefixPlan:
                 encoded.append(w.embedding)
                 hidden.append(None)
         g = self.geometry
-        if self.adapter_index is None:  # one adapter: broadcast over the rows, no (B, T, J) temporary
+        if len(self.weights) == 1:  # one adapter: broadcast over the rows, no (B, T, J) temporary
             x = encoded[0].to(out.dtype).view(self.P, g.num_layers, 2, g.num_kv_heads, g.head_dim)
             out[..., : self.P, :] = x.permute(1, 2, 3, 0, 4).unsqueeze(2)
         else:
@@ -253,8 +256,8 @@ class _PrefixPlan:
 
     # -- backward: reduce the cache gradient over each adapter's rows ----------------------
     def new_grad(self) -> torch.Tensor:
-        """The accumulator of the reduced prefix gradient, (N, P, J) fp32."""
-        return torch.zeros((len(self.weights), self.P, self.geometry.width), dtype=torch.float32,
+        """The accumulator of the reduced prefix gradient, (N, P, J) in ``grad_dtype``."""
+        return torch.zeros((len(self.weights), self.P, self.geometry.width), dtype=self.grad_dtype,
                            device=self.device)
 
     def reduce(self, grad: torch.Tensor, g: torch.Tensor, col0: int = 0) -> None:
@@ -267,7 +270,7 @@ class _PrefixPlan:
             prefix_grad_triton(grad, g, order, row_ptr, starts, col0)
             return
         P = self.P
-        part = grad[..., :P, :].float()
+        part = grad[..., :P, :].to(g.dtype)
         if part.dim() == 6:  # (L, 2, B, Hkv, P, Dh) -> (B, P, J)
             rows = part.permute(2, 4, 0, 1, 3, 5).reshape(part.shape[2], P, -1)
         else:  # (B, Hkv, P, Dh) -> (B, P, Hkv * Dh)
@@ -275,7 +278,7 @@ class _PrefixPlan:
         if self.adapter_index is None:
             sums = rows.sum(0, keepdim=True)
         else:
-            sums = torch.zeros((len(self.weights),) + rows.shape[1:], dtype=torch.float32, device=rows.device)
+            sums = torch.zeros((len(self.weights),) + rows.shape[1:], dtype=g.dtype, device=rows.device)
             sums.index_add_(0, self.adapter_index, rows)
         for n, start in enumerate(self.starts):
             sums[n, :start] = 0
@@ -286,32 +289,32 @@ class _PrefixPlan:
         """Flat list of gradients, 5 per adapter (None where not needed or not a parameter)."""
         grads = []
         for n, w in enumerate(self.weights):
-            gn = g[n, self.starts[n]:]  # (T_n, J) fp32
+            gn = g[n, self.starts[n]:]  # (T_n, J)
             grads += _param_grads(w, hidden[n], gn, needs[5 * n: 5 * n + 5])
         return grads
 
 
 def _param_grads(w: PrefixWeights, hidden, g: torch.Tensor, needs) -> list:
-    """Gradients of one adapter's parameters given g = dL/d(encoded prefix) (T, J) in fp32."""
+    """Gradients of one adapter's parameters given g = dL/d(encoded prefix) (T, J), fp32 or fp64."""
     if not w.projected:
         return [g.to(w.embedding.dtype) if needs[0] else None, None, None, None, None]
     # The two large products (J x T x Hh) run in W2's dtype (fp32 accumulation for half types);
-    # the first layer is tiny and runs in fp32.
-    big = w.w2.dtype
-    h32 = hidden.float()
+    # the first layer is tiny and runs in g's dtype (fp32, or fp64).
+    big, small = w.w2.dtype, g.dtype
+    h_small = hidden.to(small)
     g_big = g.to(big)
     d_w2 = (g_big.t() @ hidden.to(big)) if needs[3] else None
     d_b2 = g.sum(0).to(w.b2.dtype) if needs[4] else None
     d_emb = d_w1 = d_b1 = None
     if needs[0] or needs[1] or needs[2]:
-        d_hidden = (g_big @ w.w2).float()  # sums over every layer's key and value columns
-        d_pre = d_hidden * (1.0 - h32 * h32)  # tanh'
+        d_hidden = (g_big @ w.w2).to(small)  # sums over every layer's key and value columns
+        d_pre = d_hidden * (1.0 - h_small * h_small)  # tanh'
         if needs[1]:
-            d_w1 = (d_pre.t() @ w.embedding.float()).to(w.w1.dtype)
+            d_w1 = (d_pre.t() @ w.embedding.to(small)).to(w.w1.dtype)
         if needs[2]:
             d_b1 = d_pre.sum(0).to(w.b1.dtype)
         if needs[0]:
-            d_emb = (d_pre @ w.w1.float()).to(w.embedding.dtype)
+            d_emb = (d_pre @ w.w1.to(small)).to(w.embedding.dtype)
     return [d_emb, d_w1, d_b1, d_w2.to(w.w2.dtype) if d_w2 is not None else None, d_b2]
 
 

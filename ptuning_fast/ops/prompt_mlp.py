@@ -48,6 +48,30 @@ def _check_layers(x: torch.Tensor, layers: Sequence[Layer]) -> None:
                                     "torch.autocast, x, weights and biases must share one dtype")
 
 
+def _plainly_valid(x, layers) -> bool:
+    """True when the arguments are certainly valid: a fast pass without messages, run every call.
+    Anything else goes through ``_check_layers``, which names the problem."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 1:
+        return False
+    if not isinstance(layers, (list, tuple)) or not layers:
+        return False
+    device, dtype, width = x.device, x.dtype, x.shape[-1]
+    one_dtype = not _autocast_enabled(device.type)
+    for layer in layers:
+        if not isinstance(layer, (list, tuple)) or len(layer) != 2:
+            return False
+        weight, bias = layer
+        if (not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != width
+                or weight.device != device or weight.dtype not in FLOAT_DTYPES or (one_dtype and weight.dtype != dtype)):
+            return False
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != weight.shape[0]
+                                 or bias.device != device or bias.dtype not in FLOAT_DTYPES
+                                 or (one_dtype and bias.dtype != dtype)):
+            return False
+        width = weight.shape[0]
+    return True
+
+
 def _kernels_apply(x: torch.Tensor, layers: Sequence[Layer]) -> bool:
     """The kernels cover fp32/bf16/fp16, 1..8192 features; fp64 (the oracle dtype) and empty
     inputs take the reference, which is exact for them."""
@@ -69,7 +93,8 @@ def prompt_mlp_head(x: torch.Tensor, layers: Sequence[Layer]) -> torch.Tensor:
 
     Raises TypeError / ValueError naming the argument for a wrong type, shape, dtype or device.
     """
-    _check_layers(x, layers)
+    if not _plainly_valid(x, layers):
+        _check_layers(x, layers)
     if resolve_backend(x.device) == "triton" and _kernels_apply(x, layers):
         from ..kernels.prompt_mlp import prompt_mlp_triton
 
