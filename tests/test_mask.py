@@ -12,6 +12,7 @@ import itertools
 import shutil
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_extension_is_built_and_used():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_matches_transformers(side, causal, dtype):
-    gen = torch.Generator().manual_seed(hash((side, causal, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{side}-{causal}-{dtype}".encode()))  # stable across runs
     batch, text_length = 4, 7
     # (P, per-row lengths?, past_length, sliding window): P = 0, S = 1 decode steps, windows.
     cases = [(0, False, 0, None), (3, False, 0, None), (4, True, 0, None), (3, False, 2, None),

@@ -232,15 +232,21 @@ def test_token_classification_trains(kind):
     assert out.logits.shape == (2, 6, 4)  # aligned with input_ids (no prompt columns)
     manual = F.cross_entropy(out.logits.reshape(-1, 4), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, manual, rtol=1e-6, atol=1e-6)
-    optimizer = torch.optim.Adam(model.prompt_encoder.parameters(), lr=0.05)
+    losses = train_prompts(model, input_ids=ids, attention_mask=mask, labels=labels)
+    assert losses[-1] < losses[0]
+
+
+def train_prompts(model, steps=8, lr=0.05, **batch):
+    """Adam on the prompt parameters alone, ``steps`` times on one batch: the losses."""
+    optimizer = torch.optim.Adam(model.prompt_encoder.parameters(), lr=lr)
     losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    for _ in range(steps):
+        loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    return losses
 
 
 @pytest.mark.parametrize("kind", ["v1", "v2"])
@@ -259,6 +265,9 @@ def test_question_answering_keeps_token_types_and_trains(kind):
     assert not torch.allclose(shifted.start_logits, out.start_logits)  # ...and position_ids
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prompt_encoder.parameters())
+    losses = train_prompts(model.train(), input_ids=ids, token_type_ids=types, start_positions=start,
+                           end_positions=end)
+    assert losses[-1] < losses[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,6 +412,14 @@ def test_errors():
         model(input_ids=ids, attention_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="exactly one of `input_ids` and `inputs_embeds`"):
         model(input_ids=ids, inputs_embeds=torch.zeros(2, 4, 32))
+    with pytest.raises(ValueError, match=r"`position_ids` has shape \(1, 4\) but the input is \(2, 4\)"):
+        model(input_ids=ids, position_ids=torch.arange(4)[None])
+    with pytest.raises(TypeError, match="`position_ids` must have dtype in"):
+        model(input_ids=ids, position_ids=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"`labels` has shape \(2, 3\) but the input is \(2, 4\)"):
+        model(input_ids=ids, labels=ids[:, :3])
+    with pytest.raises(ValueError, match="`token_type_ids` must have 2 dimensions"):
+        native("bert_qa", "v1")[0](input_ids=ids, token_type_ids=ids[0])
     with pytest.raises(ValueError, match="past_key_values.*generate\\(\\)"):
         model(input_ids=ids, past_key_values=object())
     with pytest.raises(ValueError, match="generate\\(\\) computes `position_ids`"):

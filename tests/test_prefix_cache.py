@@ -243,32 +243,38 @@ class AllocatedBytes(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_prefix_is_written_once_not_per_row(backend):
-    """Building the cache allocates the storage (one prefix copy per row, in the attention layout,
+def test_prefix_is_written_once_not_per_row(backend, dtype):
+    """Building the cache allocates the storage (the attention layout: one prefix copy per row,
     plus the room for the text) and nothing else that grows with the batch; appends allocate
-    nothing. PEFT's get_prompt + cache allocates at least three B x T x J copies of the prefix."""
+    nothing. A bf16 cache from fp32 weights is written directly in bf16 (no fp32 B x T x J round
+    trip). PEFT's get_prompt + cache allocates at least three B x T x J copies of the prefix."""
     T, S = 4, 3
     weights = [make_weights(T, True, seed=12)]
     extra = {}
     for batch in (1, 8):
         with use_backend(backend), AllocatedBytes() as counter:
-            cache = make_cache(weights, batch=batch, capacity=S)
-        storage = L * 2 * batch * HKV * (T + S) * DH * 4
+            cache = make_cache(weights, batch=batch, capacity=S, dtype=dtype)
+        storage = L * 2 * batch * HKV * (T + S) * DH * dtype.itemsize
         assert cache.storage_bytes() == storage
         extra[batch] = counter.bytes - storage
-        text = text_states(batch, S, seed=13)
+        text = [(k.to(dtype), v.to(dtype)) for k, v in text_states(batch, S, seed=13)]
         with AllocatedBytes() as counter, torch.no_grad():
             for layer, (k, v) in enumerate(text):
                 cache.update(k, v, layer)
         assert counter.bytes == 0  # in place
-    # Besides the storage: a few (T, J)-sized temporaries at most, and row indices (bytes per row),
-    # where one more copy of the prefix would cost T * J * 4 = 960 bytes per row.
+    # Besides the storage: a few (T, J)-sized fp32 temporaries at most, and row indices (bytes per
+    # row), where one more fp32 copy of the prefix would cost T * J * 4 = 960 bytes per row.
     assert extra[8] < 4 * T * J * 4
     assert extra[8] - extra[1] <= 16 * (8 - 1)
 
-    # PEFT's path on the same prefix: the encoder on B x T rows, the view/permute/split, the cache.
-    batch = 8
+
+def test_peft_path_copies_the_prefix_three_times():
+    """The yardstick of the test above: PEFT's path on the same prefix (the encoder on B x T rows,
+    the view/permute/split, the cache) allocates at least three B x T x J copies."""
+    T, S, batch = 4, 3, 8
+    weights = [make_weights(T, True, seed=12)]
     text = text_states(batch, S, seed=13)
     with AllocatedBytes() as counter:
         w = weights[0]

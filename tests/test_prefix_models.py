@@ -312,6 +312,24 @@ def test_geometry_masks_positions_and_errors():
         prefix_forward(base, encoder)
     with pytest.raises(ValueError, match="`positions` must be one of"):
         prefix_forward(base, encoder, input_ids=mask, positions="left")
+    with pytest.raises(TypeError, match="`input_ids` must be a torch.Tensor, got list"):
+        prefix_forward(base, encoder, input_ids=mask.tolist())
+    with pytest.raises(TypeError, match="`input_ids` must have dtype in"):
+        prefix_forward(base, encoder, input_ids=mask.float())
+    with pytest.raises(ValueError, match="`inputs_embeds` must have 3 dimensions"):
+        prefix_forward(base, encoder, inputs_embeds=torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape \(2, 5\) but the text is \(2, 3\)"):
+        prefix_forward(base, encoder, input_ids=mask, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"`position_ids` has shape \(1, 3\) but the text is \(2, 3\)"):
+        prefix_forward(base, encoder, input_ids=mask, position_ids=torch.arange(3)[None])
+    with pytest.raises(TypeError, match="`position_ids` must have dtype in"):
+        prefix_forward(base, encoder, input_ids=mask, position_ids=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape \(2, 4\) but the text is \(2, 3\)"):
+        prefix_generate(base, encoder, mask, torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="`adapter_index` has 3 entries but batch_size is 2"):
+        prefix_generate(base, [encoder, encoder], mask, adapter_index=torch.tensor([0, 1, 1]), num_beams=2)
+    with pytest.raises(ValueError, match=r"`adapter_index` holds indices outside \[0, 2\)"):
+        prefix_generate(base, [encoder, encoder], mask, adapter_index=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="the model's key_states are torch.float32 but the cache holds torch.bfloat16"):
         base(input_ids=mask, past_key_values=build_prefix_cache(encoder, base, 2, dtype=torch.bfloat16))
 

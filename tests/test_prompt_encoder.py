@@ -10,6 +10,7 @@ from ptuning_fast import PromptEncoder, PromptEncoderConfig, PromptEncoderRepara
 from ptuning_fast.reference import prompt_mlp_reference
 
 T, D, H = 7, 24, 20  # odd sizes on purpose
+BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2**-7: one bf16 ulp of a value of magnitude 1
 
 
 def make_config(kind="MLP", submodules=1, **kw):
@@ -54,8 +55,9 @@ def test_same_init_and_state_dict_keys(kind, submodules):
 
 
 @pytest.mark.parametrize("kind", ["MLP", "LSTM"])
-def test_state_dict_loads_both_ways_strict(kind):
-    peft_enc, ours = make_pair(make_config(kind), seed=1)
+@pytest.mark.parametrize("submodules", [1, 2])
+def test_state_dict_loads_both_ways_strict(kind, submodules):
+    peft_enc, ours = make_pair(make_config(kind, submodules), seed=1)
     randomize_(peft_enc, 11)
     ours.load_state_dict(peft_enc.state_dict(), strict=True)
     randomize_(ours, 12)
@@ -99,21 +101,42 @@ def test_forward_and_gradients_match_peft_fp32(kind, submodules, rows):
 
 
 @pytest.mark.parametrize("kind", ["MLP", "LSTM"])
-def test_bf16_parameters_within_pytorch_error(kind):
-    """bf16 weights: our error vs an fp64 oracle is at most 2x PEFT's own bf16 error."""
-    peft_enc, ours = make_pair(make_config(kind))
+@pytest.mark.parametrize("submodules", [1, 2])
+def test_bf16_parameters_within_pytorch_error(kind, submodules):
+    """bf16 weights: our error vs an fp64 oracle is at most 2x PEFT's own bf16 error, in the output
+    and in every parameter gradient, where the gradients may also carry one more bf16 rounding
+    (one ulp at the gradient's scale, eps * max|grad|): we encode the T tokens once and broadcast
+    them, so the batch's gradient is summed (and rounded to bf16) before the head, where PEFT
+    sums it inside each product."""
+    config = make_config(kind, submodules)
+    peft_enc, ours = make_pair(config)
     randomize_(peft_enc, 4)
-    oracle = PeftPromptEncoder(make_config(kind)).double()
+    oracle = PeftPromptEncoder(config).double()
     oracle.load_state_dict(peft_enc.state_dict())
     peft_enc.to(torch.bfloat16)
     ours.load_state_dict(peft_enc.state_dict())
     ours.to(torch.bfloat16)
-    idx = _indices("expanded", T, 2)
-    exact = oracle(idx)
-    peft_err = (peft_enc(idx).double() - exact).abs().max().item()
-    our_err = (ours(idx).double() - exact).abs().max().item()
-    assert ours(idx).dtype == torch.bfloat16
-    assert our_err <= 2 * peft_err + 1e-6
+    idx = _indices("expanded", T * submodules, 2)
+    probe = torch.randn(2, T * submodules, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def run(encoder):
+        out = encoder(idx)
+        encoder.zero_grad(set_to_none=True)
+        (out.double() * probe).sum().backward()
+        return out, {n: p.grad.double() for n, p in encoder.named_parameters()}
+
+    exact, exact_grads = run(oracle)
+    peft_out, peft_grads = run(peft_enc)
+    our_out, our_grads = run(ours)
+    assert our_out.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.bfloat16 for p in ours.parameters())
+    peft_err = (peft_out.double() - exact).abs().max().item()
+    assert (our_out.double() - exact).abs().max().item() <= 2 * peft_err + 1e-6
+    assert set(our_grads) == set(exact_grads)
+    for name, exact_grad in exact_grads.items():
+        peft_err = (peft_grads[name] - exact_grad).abs().max().item()
+        our_err = (our_grads[name] - exact_grad).abs().max().item()
+        assert our_err <= 2 * peft_err + BF16_EPS * exact_grad.abs().max().item(), name
 
 
 def test_autocast_bf16_matches_peft():

@@ -768,6 +768,10 @@ class PTuningModel(torch.nn.Module):
             raise ValueError("`past_key_values` / `cache`: pass the whole sequence (the prompt is added to it here); "
                              "use generate() for incremental decoding")
         text = self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        per_token = {"position_ids": position_ids, "token_type_ids": token_type_ids}
+        if self._task in _TOKEN_LABELS:
+            per_token["labels"] = labels
+        self._check_per_token(per_token, text)
         rows = self._rows(adapter_names, text.shape[0], text.device)
         return_dict = kwargs.pop("return_dict", None)
         out = self._forward(rows, input_ids, attention_mask, inputs_embeds, kwargs)
@@ -789,6 +793,18 @@ class PTuningModel(torch.nn.Module):
                 raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input is "
                                  f"{tuple(text.shape[:2])}")
         return text
+
+    @staticmethod
+    def _check_per_token(tensors: dict, text: torch.Tensor) -> None:
+        """Integer tensors with one entry per input token, (B, S) like ``input_ids``; they are moved
+        to the prompt layout's columns, so a wrong shape must be named here."""
+        for name, value in tensors.items():
+            if value is None:
+                continue
+            check_tensor(value, name, ndim=2, dtypes=INDEX_DTYPES, device=text.device)
+            if tuple(value.shape) != tuple(text.shape[:2]):
+                raise ValueError(f"`{name}` has shape {tuple(value.shape)} but the input is {tuple(text.shape[:2])}: "
+                                 "one entry per input token")
 
     def _forward(self, rows, input_ids, attention_mask, inputs_embeds, kwargs):
         task, model = self._task, self.base_model

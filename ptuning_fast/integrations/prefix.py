@@ -37,8 +37,8 @@ from typing import Optional
 
 import torch
 
-from .._validation import INDEX_DTYPES, check_positive_int, check_tensor
-from ..ops.prefix_kv import PrefixGeometry, PrefixKVBuffer, PrefixWeights
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_tensor
+from ..ops.prefix_kv import PrefixGeometry, PrefixKVBuffer, PrefixWeights, check_adapter_index
 from .cache import PrefixKVCache, keep_cache_under_checkpointing
 from .compat import CACHE_KWARG
 
@@ -211,11 +211,23 @@ def prefix_position_ids(attention_mask: Optional[torch.Tensor], cache: PrefixKVC
 def _batch_and_length(input_ids, inputs_embeds) -> tuple:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of `input_ids` and `inputs_embeds`")
-    x = input_ids if input_ids is not None else inputs_embeds
-    if x.dim() < 2:
-        raise ValueError(f"`{'input_ids' if input_ids is not None else 'inputs_embeds'}` must be (batch, seq, ...), "
-                         f"got shape {tuple(x.shape)}")
+    if input_ids is not None:
+        x = check_tensor(input_ids, "input_ids", ndim=2, dtypes=INDEX_DTYPES)
+    else:
+        x = check_tensor(inputs_embeds, "inputs_embeds", ndim=3, dtypes=FLOAT_DTYPES)
     return x.shape[0], x.shape[1], x.device
+
+
+def _check_text_inputs(batch: int, seq_len: int, device, attention_mask, position_ids) -> None:
+    """The (B, S) mask and positions of the text must match its ids (or embeddings)."""
+    for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if value is None:
+            continue
+        check_tensor(value, name, ndim=2, device=device,
+                     dtypes=INDEX_DTYPES if name == "position_ids" else None)
+        if tuple(value.shape) != (batch, seq_len):
+            raise ValueError(f"`{name}` has shape {tuple(value.shape)} but the text is ({batch}, {seq_len}): "
+                             "give the text's own (B, S), the prefix columns are added here")
 
 
 def _accepts(model, name: str) -> bool:
@@ -248,6 +260,7 @@ def prefix_forward(
     if positions not in POSITION_MODES:
         raise ValueError(f"`positions` must be one of {POSITION_MODES}, got {positions!r}")
     batch, seq_len, device = _batch_and_length(input_ids, inputs_embeds)
+    _check_text_inputs(batch, seq_len, device, attention_mask, position_ids)
     cache = build_prefix_cache(encoders, model, batch, adapter_index=adapter_index, seq_len=seq_len)
     mask = prefix_attention_mask(attention_mask, cache)
     if position_ids is None:
@@ -294,9 +307,11 @@ def prefix_generate(
     into a cache with room for the prompt and ``max_new_tokens``, and the ``(B, P + S)`` mask
     tells ``generate()`` the cache holds P tokens the input does not. Returns what generate
     returns (the input followed by the new tokens)."""
-    check_tensor(input_ids, "input_ids", ndim=2)
-    batch, seq_len = input_ids.shape
+    batch, seq_len, device = _batch_and_length(input_ids, None)
+    _check_text_inputs(batch, seq_len, device, attention_mask, None)
     check_positive_int(max_new_tokens, "max_new_tokens")
+    if adapter_index is not None:  # checked here in full (before it is repeated for beams)
+        check_adapter_index(adapter_index, len(encoders) if isinstance(encoders, (list, tuple)) else 1, batch, device)
     # generate() repeats every row for beams / returned sequences but not a cache passed in:
     # build the cache for the repeated rows (each row's prefix is written where it is needed).
     config = generate_kwargs.get("generation_config") or model.generation_config
