@@ -88,7 +88,7 @@ def _fast_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None):
         text_length = max((max_cache_len or 0) - config.num_virtual_tokens, 0)  # PEFT's forward passes S + P
         cache = build_prefix_cache(encoder, config, self.get_base_model(), batch_size, self.base_model_torch_dtype,
                                    seq_len=text_length)
-        if config.num_transformer_submodules == 1:  # seq2seq: the decoder builds its own masks
+        if config.num_transformer_submodules == 1:  # the fused mask; not seq2seq (its decoder builds its own)
             setattr(cache, _PREFIX_LENGTH, config.num_virtual_tokens)
         return cache
     return type(self).get_prompt(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
