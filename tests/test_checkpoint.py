@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import build, labels_for, prompt_configs, random_ids, randomize_
+from tiny_models import build, labels_for, prompt_configs, random_ids, randomize_, train_steps
 
 import ptuning_fast
 from ptuning_fast import PTuningModel, get_ptuning_model, load_adapter, save_adapter
@@ -60,17 +60,6 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, kind):
     inputs = {"input_ids": random_ids(2, 6, 6)}
     torch.testing.assert_close(logits_of(peft, inputs, kind, True), logits_of(ours, inputs, kind, False),
                                rtol=1e-5, atol=1e-6)
-
-
-def train_steps(model, optimizer, inputs, steps):
-    losses = []
-    for _ in range(steps):
-        loss = model(**inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-    return torch.stack(losses)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lstm", "prefix_proj"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, get_peft_model
-from tiny_models import PAD, VOCAB, build, gpt2, labels_for, llama, padded_batch, random_ids, randomize_
+from tiny_models import (PAD, VOCAB, build, gpt2, labels_for, llama, padded_batch, random_ids, randomize_,
+                         train_steps)
 from transformers import BertConfig, BertForMaskedLM
 
 import ptuning_fast
@@ -236,17 +237,9 @@ def test_token_classification_trains(kind):
     assert losses[-1] < losses[0]
 
 
-def train_prompts(model, steps=8, lr=0.05, **batch):
-    """Adam on the prompt parameters alone, ``steps`` times on one batch: the losses."""
-    optimizer = torch.optim.Adam(model.prompt_encoder.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+def train_prompts(model, **batch):
+    """Eight Adam steps on the prompt parameters alone, on one batch: the losses."""
+    return train_steps(model, torch.optim.Adam(model.prompt_encoder.parameters(), lr=0.05), batch, 8)
 
 
 @pytest.mark.parametrize("kind", ["v1", "v2"])

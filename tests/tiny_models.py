@@ -124,3 +124,15 @@ def padded_batch(lengths, width, seed, side):
         else:
             mask[row, :n] = 1
     return ids * mask + PAD * (1 - mask), mask
+
+
+def train_steps(model, optimizer, inputs, steps):
+    """``steps`` optimizer steps of ``model(**inputs).loss`` on one batch: the losses, (steps,)."""
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
