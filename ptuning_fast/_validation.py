@@ -17,6 +17,13 @@ def check_tensor(x, name: str, *, ndim=None, dtypes=None, device=None) -> torch.
     return x
 
 
+def check_token_tensor(x, name: str, shape: tuple, *, of: str, hint: str = "", dtypes=None, device=None) -> None:
+    """``x`` is a (B, S) tensor with one entry per token of the ``of`` (e.g. "input") of shape ``shape``."""
+    check_tensor(x, name, ndim=2, dtypes=dtypes, device=device)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"`{name}` has shape {tuple(x.shape)} but {of} is {tuple(shape)}{hint}")
+
+
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -60,11 +60,14 @@ import torch.nn.functional as F
 from peft import PeftType, TaskType
 from peft.utils.other import _prepare_prompt_learning_config
 
-from .._validation import INDEX_DTYPES, check_index_range, check_tensor
+from .._validation import INDEX_DTYPES, check_index_range, check_tensor, check_token_tensor
 from ..config import PrefixTuningConfig, PromptEncoderConfig
 from ..prefix_encoder import PrefixEncoder
 from ..prompt_encoder import PromptEncoder
+from .cache import PrefixKVCache
 from .compat import CACHE_KWARG, get_cache
+from .prefix import build_prefix_cache as build_fused_prefix_cache
+from .prefix import mask_with_prefix, run_over_prefix_cache
 
 PLACEMENTS = ("prefix", "template")
 POSITIONS = ("continue", "restart")
@@ -439,10 +442,8 @@ def build_prefix_cache(encoder, config, model, batch_size: int, dtype=None, *, s
     if len(encoders) != len(configs):
         raise ValueError(f"{len(encoders)} prefix encoders but {len(configs)} configs: give one config per encoder")
     if configs[0].num_transformer_submodules == 1:
-        from .prefix import build_prefix_cache as build_fused
-
-        return build_fused(encoders, model, batch_size, adapter_index=adapter_index, seq_len=seq_len,
-                           max_new_tokens=max_new_tokens, dtype=dtype)
+        return build_fused_prefix_cache(encoders, model, batch_size, adapter_index=adapter_index, seq_len=seq_len,
+                                        max_new_tokens=max_new_tokens, dtype=dtype)
     from transformers import DynamicCache, EncoderDecoderCache
 
     if len({c.num_virtual_tokens for c in configs}) > 1:
@@ -470,14 +471,11 @@ def prefix_attention_mask(attention_mask: torch.Tensor, prefix_length) -> torch.
     """The (B, P + S) mask of a model whose cache holds a P-token prefix. ``prefix_length``: an int
     (every row's prefix fills the P columns) or a (B,) tensor of per-row lengths ``n_b`` (row b's
     prefix fills the last ``n_b`` of ``P = max n_b`` columns; the columns before are masked)."""
-    batch, device, dtype = attention_mask.shape[0], attention_mask.device, attention_mask.dtype
     if not isinstance(prefix_length, torch.Tensor):
-        ones = torch.ones(batch, prefix_length, dtype=dtype, device=device)
+        ones = torch.ones(attention_mask.shape[0], prefix_length, dtype=attention_mask.dtype,
+                          device=attention_mask.device)
         return torch.cat([ones, attention_mask], dim=1)
-    longest = int(prefix_length.max())
-    columns = torch.arange(longest, device=device)
-    live = (columns[None, :] >= (longest - prefix_length)[:, None]).to(dtype)
-    return torch.cat([live, attention_mask], dim=1)
+    return mask_with_prefix(attention_mask, prefix_length, int(prefix_length.max()))
 
 
 def fused_prefix_mask(model, attention_mask: torch.Tensor, prefix_length) -> Optional[torch.Tensor]:
@@ -788,10 +786,7 @@ class PTuningModel(torch.nn.Module):
             check_tensor(inputs_embeds, "inputs_embeds", ndim=3, device=device)
             text = inputs_embeds
         if attention_mask is not None:
-            check_tensor(attention_mask, "attention_mask", ndim=2, device=device)
-            if tuple(attention_mask.shape) != tuple(text.shape[:2]):
-                raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input is "
-                                 f"{tuple(text.shape[:2])}")
+            check_token_tensor(attention_mask, "attention_mask", text.shape[:2], of="the input", device=device)
         return text
 
     @staticmethod
@@ -799,12 +794,9 @@ class PTuningModel(torch.nn.Module):
         """Integer tensors with one entry per input token, (B, S) like ``input_ids``; they are moved
         to the prompt layout's columns, so a wrong shape must be named here."""
         for name, value in tensors.items():
-            if value is None:
-                continue
-            check_tensor(value, name, ndim=2, dtypes=INDEX_DTYPES, device=text.device)
-            if tuple(value.shape) != tuple(text.shape[:2]):
-                raise ValueError(f"`{name}` has shape {tuple(value.shape)} but the input is {tuple(text.shape[:2])}: "
-                                 "one entry per input token")
+            if value is not None:
+                check_token_tensor(value, name, text.shape[:2], of="the input", hint=": one entry per input token",
+                                   dtypes=INDEX_DTYPES, device=text.device)
 
     def _forward(self, rows, input_ids, attention_mask, inputs_embeds, kwargs):
         task, model = self._task, self.base_model
@@ -840,24 +832,11 @@ class PTuningModel(torch.nn.Module):
     def _run_with_prefix(self, kwargs):
         """The base model over a prefix cache; under gradient checkpointing the checkpointed layers
         are made to keep the cache (transformers drops caches there, and PEFT refuses)."""
-        model, cache = self.base_model, kwargs[CACHE_KWARG]
+        model = self.base_model
         checkpointing = model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-        if not checkpointing or not hasattr(cache, "updated_layers"):
+        if not checkpointing or not isinstance(kwargs[CACHE_KWARG], PrefixKVCache):
             return model(return_dict=True, **kwargs)
-        from .cache import keep_cache_under_checkpointing
-
-        dropped = RuntimeError(f"{type(model).__name__} drops the cache under gradient checkpointing, so its "
-                               "layers never see the deep prompt; disable gradient checkpointing for this model")
-        try:
-            with keep_cache_under_checkpointing(model):
-                out = model(return_dict=True, **kwargs)
-        except (RuntimeError, ValueError) as exc:  # the (B, P + S) mask met layers without the prefix
-            if not cache.updated_layers():
-                raise dropped from exc
-            raise
-        if len(cache.updated_layers()) != len(cache.layers):
-            raise dropped
-        return out
+        return run_over_prefix_cache(model, kwargs.pop(CACHE_KWARG), return_dict=True, **kwargs)
 
     def _prefix_positions(self, rows, layout: PromptLayout, prefix) -> torch.Tensor:
         """Text positions over a prefix of ``prefix`` tokens (an int, or (B,) per-row lengths):

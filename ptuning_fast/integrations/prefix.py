@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_tensor
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_tensor, check_token_tensor
 from ..ops.prefix_kv import PrefixGeometry, PrefixKVBuffer, PrefixWeights, check_adapter_index
 from .cache import PrefixKVCache, keep_cache_under_checkpointing
 from .compat import CACHE_KWARG
@@ -170,10 +170,11 @@ def prefix_attention_mask(attention_mask: Optional[torch.Tensor], cache: PrefixK
         if seq_len is None:
             raise ValueError("rows have prefixes of different lengths: give `attention_mask` or `seq_len`")
         attention_mask = torch.ones((lengths.shape[0], seq_len), dtype=torch.long, device=lengths.device)
-    return _mask_with_prefix(attention_mask, lengths, P)
+    return mask_with_prefix(attention_mask, lengths, P)
 
 
-def _mask_with_prefix(attention_mask: torch.Tensor, lengths: torch.Tensor, P: int) -> torch.Tensor:
+def mask_with_prefix(attention_mask: torch.Tensor, lengths: torch.Tensor, P: int) -> torch.Tensor:
+    """``(B, P + S)``: row b's prefix live in the last ``lengths[b]`` of P columns, then its mask."""
     _check_text_mask(attention_mask, lengths.shape[0], lengths.device)
     columns = torch.arange(P, device=lengths.device)
     live = (columns[None, :] >= (P - lengths)[:, None]).to(attention_mask.dtype)
@@ -221,13 +222,10 @@ def _batch_and_length(input_ids, inputs_embeds) -> tuple:
 def _check_text_inputs(batch: int, seq_len: int, device, attention_mask, position_ids) -> None:
     """The (B, S) mask and positions of the text must match its ids (or embeddings)."""
     for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
-        if value is None:
-            continue
-        check_tensor(value, name, ndim=2, device=device,
-                     dtypes=INDEX_DTYPES if name == "position_ids" else None)
-        if tuple(value.shape) != (batch, seq_len):
-            raise ValueError(f"`{name}` has shape {tuple(value.shape)} but the text is ({batch}, {seq_len}): "
-                             "give the text's own (B, S), the prefix columns are added here")
+        if value is not None:
+            check_token_tensor(value, name, (batch, seq_len), of="the text", device=device,
+                               dtypes=INDEX_DTYPES if name == "position_ids" else None,
+                               hint=": give the text's own (B, S), the prefix columns are added here")
 
 
 def _accepts(model, name: str) -> bool:
@@ -271,10 +269,16 @@ def prefix_forward(
                              f"{cache.num_virtual_tokens} tokens would get wrong positions: use adapters of one length")
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
+    return run_over_prefix_cache(model, cache, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                 attention_mask=mask, **kwargs)
+
+
+def run_over_prefix_cache(model, cache: PrefixKVCache, **kwargs):
+    """``model(**kwargs)`` with ``cache`` as its KV cache, the checkpointed layers keeping it under
+    gradient checkpointing; raises if some layer never saw the prefix."""
     try:
         with keep_cache_under_checkpointing(model):
-            out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
-                        **{CACHE_KWARG: cache}, **kwargs)
+            out = model(**{CACHE_KWARG: cache}, **kwargs)
     except (RuntimeError, ValueError) as exc:
         if not cache.updated_layers():  # the (B, P + S) mask met layers without the prefix
             raise _dropped_cache_error(model, cache) from exc
@@ -288,8 +292,8 @@ def _dropped_cache_error(model, cache) -> RuntimeError:
     missing = sorted(set(range(len(cache.layers))) - set(cache.updated_layers()))
     return RuntimeError(
         f"{type(model).__name__} did not pass the prefix cache to layers {missing}, so they never saw the "
-        "prefix: the model drops caches under gradient checkpointing (GPT-2 does) or does not accept "
-        "`past_key_values`. Disable gradient checkpointing for this model.")
+        "prefix: the model drops the cache under gradient checkpointing (GPT-2 does) or does not accept "
+        "a cache. Disable gradient checkpointing for this model.")
 
 
 @torch.no_grad()
@@ -323,7 +327,7 @@ def prefix_generate(
                                max_new_tokens=max_new_tokens)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    mask = _mask_with_prefix(attention_mask, cache.prefix_lengths()[::expand], cache.num_virtual_tokens)
+    mask = mask_with_prefix(attention_mask, cache.prefix_lengths()[::expand], cache.num_virtual_tokens)
     return model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                           **{CACHE_KWARG: cache}, **generate_kwargs)
 
