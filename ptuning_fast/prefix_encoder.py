@@ -9,8 +9,8 @@ same ``forward(prefix) -> (B, T, num_layers * 2 * token_dim)``. What differs is 
   :class:`ptuning_fast.ops.prefix_kv.PrefixKVBuffer`, which encode the T distinct virtual tokens
   once and write every layer's K/V prefix straight into the KV cache (see
   :func:`ptuning_fast.integrations.prefix.build_prefix_cache`). PEFT encodes B x T rows.
-- When no gradient is needed (``eval()``/``no_grad``), the projected prefix is cached and reused
-  until a parameter changes, so generation pays for the projection once.
+- Nothing derived from the parameters is kept between calls (a cache built for one
+  ``generate()`` call holds the prefix for that call only).
 - ``forward`` encodes each distinct token once and gathers (an expanded view when every row is
   the same); PEFT encodes every row it is given.
 
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from peft.tuners.prefix_tuning.model import PrefixEncoder as _PeftPrefixEncoder
 
 from ._validation import INDEX_DTYPES, check_config_int, check_index_range, check_positive_int, check_tensor
-from .backend import get_backend
 from .config import PrefixTuningConfig
 from .ops.prefix_kv import PrefixWeights
 from .reference.prefix_kv import encode_prefix_reference
@@ -69,7 +68,6 @@ class PrefixEncoder(_PeftPrefixEncoder):
         self.num_kv_heads: Optional[int] = config.num_attention_heads
         self.head_dim: Optional[int] = (config.token_dim // config.num_attention_heads
                                         if config.num_attention_heads else None)
-        self._cache = None  # (key, encoded prefix) reused while no parameter changes
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -82,49 +80,20 @@ class PrefixEncoder(_PeftPrefixEncoder):
         """Values per virtual token: ``num_layers * 2 * token_dim``."""
         return self.num_layers * 2 * self.token_dim
 
-    def _parameter_weights(self) -> PrefixWeights:
+    def encoded_prefix(self) -> torch.Tensor:
+        """The T virtual tokens encoded, ``(T, num_layers * 2 * token_dim)``, in the parameters' dtype,
+        computed from the current parameters."""
+        if not self.projected:
+            return self.embedding.weight
+        return encode_prefix_reference(*self.prefix_weights())
+
+    def prefix_weights(self) -> PrefixWeights:
+        """The parameters, as :func:`ptuning_fast.ops.prefix_kv` takes them (the kernels compute
+        the projection, fused with writing the cache)."""
         if not self.projected:
             return PrefixWeights(self.embedding.weight)
         first, last = self.transform[0], self.transform[2]
         return PrefixWeights(self.embedding.weight, first.weight, first.bias, last.weight, last.bias)
-
-    def _cache_key(self) -> tuple:
-        device = self.embedding.weight.device
-        autocast = torch.is_autocast_enabled(device.type)
-        return (
-            tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in self.parameters()),
-            get_backend(),
-            autocast,
-            torch.get_autocast_dtype(device.type) if autocast else None,
-            torch.is_inference_mode_enabled(),
-        )
-
-    def _needs_graph(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-
-    def encoded_prefix(self) -> torch.Tensor:
-        """The T virtual tokens encoded, ``(T, num_layers * 2 * token_dim)``, in the parameters' dtype.
-
-        Cached (and reused) while no gradient is needed and no parameter has changed.
-        """
-        if not self.projected:
-            return self.embedding.weight
-        if self._needs_graph() or torch.compiler.is_compiling():
-            return encode_prefix_reference(*self._parameter_weights())
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, encode_prefix_reference(*self._parameter_weights()))
-        return self._cache[1]
-
-    def prefix_weights(self) -> PrefixWeights:
-        """What :func:`ptuning_fast.ops.prefix_kv` needs: the parameters when a gradient is needed
-        (the kernels then compute the projection), else the cached encoded prefix (T, J)."""
-        if not self.projected or self._needs_graph():
-            return self._parameter_weights()
-        return PrefixWeights(self.encoded_prefix())
-
-    def clear_cache(self) -> None:
-        self._cache = None
 
     # ----------------------------------------------------------------------------------------
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:

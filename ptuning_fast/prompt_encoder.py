@@ -6,16 +6,16 @@ same weights as PEFT), warnings and errors. What differs is how it computes:
 - The T distinct virtual tokens are encoded once (``encoded_prompts()``, shape (T, D)) and the
   result is broadcast over the batch: an index tensor whose rows are all the same (stride 0 over
   the batch, or B == 1) gets an expanded view, never B copies. PEFT encodes every row it is given.
-- When no gradient is needed (``eval()``/``no_grad``), the encoded prompts are cached and reused
-  until a parameter changes (tracked by each parameter's version counter and storage), so
-  generation and evaluation pay nothing per step.
+- Nothing derived from the parameters is kept between calls: every call encodes the T tokens
+  again (a few small matrix products), so no optimizer step, ``.data`` write or
+  ``load_state_dict`` can leave a stale prompt behind.
 - The MLP head runs through :func:`ptuning_fast.ops.prompt_mlp_head` (Triton on CUDA, the
   reference elsewhere; see :mod:`ptuning_fast.backend`).
 - The indices PeftModel passes (0..T-1 in order, one row expanded over the batch) need no lookup:
   the head reads the embedding table directly and its output is viewed over the batch, so a
   training step of the MLP encoder is three kernel launches forward and three backward. Index
-  values are checked once per index tensor (one host sync, skipped while the same tensor,
-  unmodified, comes back, and while compiling or capturing a CUDA graph).
+  values are checked on every call (one host sync; skipped while compiling or capturing a CUDA
+  graph, where the general lookup path runs).
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from peft.tuners.p_tuning.model import PromptEncoder as _PeftPromptEncoder
 
 from ._validation import INDEX_DTYPES, check_config_int, check_positive_int, check_tensor
-from .backend import get_backend
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType, normalize_encoder_type
 from .ops.prompt_mlp import prompt_mlp_head
 
@@ -60,8 +59,6 @@ class PromptEncoder(_PeftPromptEncoder):
         self.hidden_size = config.encoder_hidden_size
         self.total_virtual_tokens = config.num_virtual_tokens * config.num_transformer_submodules
         self.encoder_type = normalize_encoder_type(config.encoder_reparameterization_type)
-        self._cache = None  # (key, encoded prompts) reused while no parameter changes
-        self._checked_indices = None  # (key, indices, first row is 0..T-1) of the last index tensor checked
 
         self.embedding = torch.nn.Embedding(self.total_virtual_tokens, self.token_dim)
         if config.inference_mode:
@@ -112,62 +109,24 @@ class PromptEncoder(_PeftPromptEncoder):
             embeds = self.lstm_head(embeds)[0]
         return prompt_mlp_head(embeds, self._mlp_layers())
 
-    def _cache_allowed(self) -> bool:
-        if torch.compiler.is_compiling():
-            return False
-        if torch.is_grad_enabled() and (self.embedding.weight.requires_grad  # the common case, checked cheaply
-                                        or any(p.requires_grad for p in self.parameters())):
-            return False  # the result must carry a fresh autograd graph
-        stochastic = (self.encoder_type == PromptEncoderReparameterizationType.LSTM and not self.inference_mode
-                      and self.lstm_head.dropout > 0 and self.lstm_head.num_layers > 1)
-        return not (self.training and stochastic)
-
-    def _cache_key(self, device: torch.device) -> tuple:
-        autocast = torch.is_autocast_enabled(device.type)
-        return (
-            tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in self.parameters()),
-            get_backend(),
-            autocast,
-            torch.get_autocast_dtype(device.type) if autocast else None,
-            torch.is_inference_mode_enabled(),
-        )
-
     def encoded_prompts(self) -> torch.Tensor:
         """The encoded virtual tokens 0..total_virtual_tokens-1 in order, shape (T, token_dim).
 
         For the LSTM encoder this is the bi-LSTM over that sequence, as PEFT feeds it.
-        Cached (and reused) while no gradient is needed and no parameter has changed.
+        Computed on every call from the current parameters.
         """
-        weight = self.embedding.weight
-        if not self._cache_allowed():
-            return self._encode_sequences(weight.unsqueeze(0))[0]
-        key = self._cache_key(weight.device)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._encode_sequences(weight.unsqueeze(0))[0])
-        return self._cache[1]
-
-    def clear_cache(self) -> None:
-        self._cache = None
+        return self._encode_sequences(self.embedding.weight.unsqueeze(0))[0]
 
     # ----------------------------------------------------------------------------------------
     def _check_indices(self, indices: torch.Tensor) -> bool:
         """Raise ValueError for index values outside [0, total_virtual_tokens); return whether the
         first row is exactly 0..total-1 (then the encoded table is the answer, no lookup needed).
 
-        One host sync per new index tensor; a tensor checked last time and not modified since
-        (same storage, version and layout, held here so its memory cannot be reused) is not read
-        again. Values cannot be read while compiling or capturing a CUDA graph: then the general
-        lookup path runs, exact for any row.
+        One host sync per call. Values cannot be read while compiling or capturing a CUDA graph:
+        then the general lookup path runs, exact for any row.
         """
         if torch.compiler.is_compiling() or indices.numel() == 0:
             return False
-        trackable = not torch.is_inference(indices)  # inference tensors carry no version counter
-        if trackable:
-            key = (indices.data_ptr(), indices._version, tuple(indices.shape), indices.stride(), indices.dtype,
-                   indices.device)
-            checked = getattr(self, "_checked_indices", None)
-            if checked is not None and checked[0] == key:
-                return checked[2]
         if indices.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
         total = self.total_virtual_tokens
@@ -180,8 +139,6 @@ class PromptEncoder(_PeftPromptEncoder):
         lo, hi, in_order = torch.stack([lo.long(), hi.long(), in_order.long()]).tolist()  # the one sync
         if lo < 0 or hi >= total:
             raise ValueError(f"`indices` holds indices outside [0, {total}): min {lo}, max {hi}")
-        if trackable:
-            self._checked_indices = (key, indices, bool(in_order))
         return bool(in_order)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:

@@ -98,21 +98,20 @@ def test_optimizer_built_before_accelerate_still_trains():
     assert len(changed) == len(before)
 
 
-def test_prompts_are_cached_and_broadcast():
+def test_prompts_are_broadcast_and_never_stale():
     model, _ = peft_model("llama", "mlp")
     ptuning_fast.accelerate(model)
     model.eval()
     with torch.no_grad():
-        first, second = model.get_prompt(4), model.get_prompt(4)
+        first = model.get_prompt(4)
         expected = model.prompt_encoder["default"](torch.arange(T)[None])[0]
     assert first.shape == (4, T, 32) and first.stride(0) == 0  # one encoded prompt, broadcast
     torch.testing.assert_close(first[3], expected, rtol=0, atol=0)
-    assert first.data_ptr() == second.data_ptr()  # encoded once, reused while the weights do not change
     kept = first[0].clone()
+    model.prompt_encoder["default"].embedding.weight.data.add_(1.0)  # no version bump: still seen
     with torch.no_grad():
-        model.prompt_encoder["default"].embedding.weight.add_(1.0)  # a weight change invalidates the cache
-        third = model.get_prompt(4)
-    assert not torch.equal(third[0], kept)
+        second = model.get_prompt(4)
+    assert not torch.equal(second[0], kept)
 
 
 @pytest.mark.parametrize("name", ["llama", "bert_cls"])

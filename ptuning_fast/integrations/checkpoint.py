@@ -265,8 +265,6 @@ def load_adapter(model, model_id: str, adapter_name: str = "default", *, is_trai
     else:
         encoder.requires_grad_(False)
         encoder.eval()
-    if hasattr(encoder, "clear_cache"):
-        encoder.clear_cache()
     return holder
 
 

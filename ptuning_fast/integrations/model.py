@@ -394,7 +394,7 @@ def make_encoder(config):
 
 def encoded_prompt_table(encoder, config) -> torch.Tensor:
     """The encoded virtual tokens of a v1 adapter, (T_total, D), as PEFT computes them: the
-    embedding itself in inference mode, else the encoder over tokens 0..T_total-1 (cached by ours)."""
+    embedding itself in inference mode, else the encoder over tokens 0..T_total-1."""
     if config.inference_mode:
         return encoder.embedding.weight
     if hasattr(encoder, "encoded_prompts"):
@@ -870,8 +870,7 @@ class PTuningModel(torch.nn.Module):
     # --------------------------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, *, adapter_names=None, **kwargs):
-        """``base_model.generate`` with the prompts (encoded once and cached while the weights do not
-        change). Decoder-only models return ``input_ids`` followed by the new tokens, as
+        """``base_model.generate`` with the prompts (encoded once per call, from the current weights). Decoder-only models return ``input_ids`` followed by the new tokens, as
         transformers does; seq2seq models return the decoder tokens."""
         text = self._check_inputs(input_ids, attention_mask, inputs_embeds)
         rows = self._rows(adapter_names, text.shape[0], text.device)

@@ -5,8 +5,8 @@ For every ``P_TUNING`` and ``PREFIX_TUNING`` adapter of a ``PeftModel``, in plac
 - the encoder becomes this package's drop-in (``PromptEncoder`` / ``PrefixEncoder``) holding the
   very same ``Parameter`` objects, so trained weights, optimizers already built on them, DDP and
   hooks keep working;
-- ``get_prompt`` is routed here: v1 prompts are the encoder's cached encoded tokens broadcast over
-  the batch (encoded once, not once per row; reused while the weights do not change), deep
+- ``get_prompt`` is routed here: v1 prompts are the encoder's encoded tokens broadcast over
+  the batch (encoded once per call, not once per row), deep
   prompts go straight into the prefix cache (:func:`ptuning_fast.integrations.model.build_prefix_cache`);
 - the first forward over a prefilled prefix gets its 4D attention mask from the fused builder
   (:func:`ptuning_fast.build_prompt_attention_mask`) instead of transformers' mask functions.
