@@ -36,7 +36,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.common import Row, floor_ms, make_row
 from ptuning_fast import PrefixKVCache, prefix_forward
-from ptuning_fast.ops.prefix_kv import PrefixGeometry, PrefixKVBuffer, PrefixWeights
+from ptuning_fast.ops import PrefixGeometry, PrefixKVBuffer
+from ptuning_fast.prefix_tuning.encoder import prefix_weights_of
 
 COMPONENT = "prefix_kv"
 TRAIN_COMPONENT = "prefix_train_step"
@@ -78,13 +79,6 @@ def make_encoder(case: Case, device, *, seed=0, dtype=torch.float32):
         for p in encoder.parameters():
             p.normal_(0.0, 1.0 / max(p.shape[-1], 1) ** 0.5)
     return encoder, config
-
-
-def weights_of(encoder) -> PrefixWeights:
-    if not encoder.prefix_projection:
-        return PrefixWeights(encoder.embedding.weight)
-    t = encoder.transform
-    return PrefixWeights(encoder.embedding.weight, t[0].weight, t[0].bias, t[2].weight, t[2].bias)
 
 
 def peft_prefix(encoder, config, batch: int, dtype, tokens):
@@ -135,7 +129,7 @@ def make_steps(case: Case, encoder, config, device, dtype, *, compiled_prefix=No
     def ours(return_results=False):
         for t in leaves:
             t.grad = None
-        buffer = PrefixKVBuffer(weights_of(encoder), geometry, case.batch, capacity=case.text, dtype=dtype)
+        buffer = PrefixKVBuffer(prefix_weights_of(encoder), geometry, case.batch, capacity=case.text, dtype=dtype)
         cache = PrefixKVCache(buffer)
         outputs = [o for layer, (k, v) in enumerate(text) for o in cache.update(k, v, layer)]
         return finish(outputs, return_results)

@@ -1,45 +1,62 @@
 """ptuning_fast: fast, exact P-tuning for Hugging Face models.
 
-Public names only; each lives in the module named beside it.
+Public names only. The compute layer (backend switch, ops) is imported here; everything that
+needs transformers or PEFT is imported on first use, so ``import ptuning_fast`` (and
+``ptuning_fast.ops``) works without them.
+
+Layers, each importing only the ones before it:
+    reference/ -> kernels/ -> ops/              the compute layer (PyTorch oracle, Triton, autograd)
+    config.py, p_tuning/, prefix_tuning/        the two prompt methods (PEFT-compatible)
+    hf/                                         what is read off transformers models; version drift
+    native/                                     the native model: layout, forward, generate, checkpoints
+    peft_route.py                               a PeftModel run through the native path
+    train/, demo.py, cli.py                     the jobs
 """
+from __future__ import annotations
+
+import importlib
+
 from .backend import get_backend, set_backend, use_backend  # the one backend switch
-from .config import PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType
-from .prompt_encoder import PromptEncoder
-from .prefix_encoder import PrefixEncoder
 from .ops import build_prompt_attention_mask, build_prompt_position_ids, prefix_kv, prompt_mlp_head
-from .integrations.cache import PrefixKVCache  # deep prompt written into the KV cache
-from .integrations.prefix import build_prefix_cache, prefix_forward, prefix_generate
-from .integrations.model import PromptOptions, PromptTemplate, PTuningModel, get_ptuning_model  # native API
-from .integrations.peft import accelerate, patch_peft, peft_patched, unpatch_peft  # PEFT in one line
-from .integrations.checkpoint import load_adapter, save_adapter  # PEFT's adapter format, resumable
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PrefixEncoder",
-    "PrefixKVCache",
-    "PrefixTuningConfig",
-    "PromptEncoder",
-    "PromptEncoderConfig",
-    "PromptEncoderReparameterizationType",
-    "PromptOptions",
-    "PromptTemplate",
-    "PTuningModel",
-    "accelerate",
-    "build_prefix_cache",
-    "build_prompt_attention_mask",
-    "build_prompt_position_ids",
-    "get_backend",
-    "get_ptuning_model",
-    "load_adapter",
-    "patch_peft",
-    "peft_patched",
-    "prefix_forward",
-    "prefix_generate",
-    "prefix_kv",
-    "prompt_mlp_head",
-    "save_adapter",
-    "set_backend",
-    "unpatch_peft",
-    "use_backend",
-]
+# name -> module that defines it (imported on first access: these need transformers or PEFT)
+_LAZY = {
+    "PrefixTuningConfig": "config",
+    "PromptEncoderConfig": "config",
+    "PromptEncoderReparameterizationType": "config",
+    "PromptEncoder": "p_tuning.encoder",
+    "PrefixEncoder": "prefix_tuning.encoder",
+    "PrefixKVCache": "prefix_tuning.cache",
+    "build_prefix_cache": "prefix_tuning.functional",
+    "prefix_forward": "prefix_tuning.functional",
+    "prefix_generate": "prefix_tuning.functional",
+    "PromptOptions": "native.options",
+    "PromptTemplate": "native.template",
+    "PTuningModel": "native.model",
+    "get_ptuning_model": "native.model",
+    "load_adapter": "native.model",
+    "save_adapter": "native.checkpoint",
+    "accelerate": "peft_route",
+    "patch_peft": "peft_route",
+    "peft_patched": "peft_route",
+    "unpatch_peft": "peft_route",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted(["build_prompt_attention_mask", "build_prompt_position_ids", "get_backend", "prefix_kv",
+                  "prompt_mlp_head", "set_backend", "use_backend", *_LAZY])

@@ -14,6 +14,8 @@ from peft import PrefixTuningConfig as _PeftPrefixTuningConfig
 from peft import PromptEncoderConfig as _PeftPromptEncoderConfig
 from peft.tuners.p_tuning.config import PromptEncoderReparameterizationType
 
+from ._validation import check_positive_int
+
 ENCODER_TYPE_ERROR = "Prompt encoder type not recognized. Please use one of MLP (recommended) or LSTM."
 
 
@@ -31,6 +33,21 @@ def config_from_peft(cls, config):
     source = config if isinstance(config, dict) else vars(config)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     return cls(**{k: v for k, v in source.items() if k in names})
+
+
+def read_encoder_config(cls, config, encoder: str):
+    """``config`` (ours, PEFT's, or any object with the fields) as ``cls``, for the encoder named
+    ``encoder``; a config of the other prompt method is refused by name."""
+    if not hasattr(config, "num_virtual_tokens"):
+        raise TypeError(f"`config` must be a {cls.__name__} (ours or PEFT's), got {type(config).__name__}")
+    peft_type = getattr(config, "peft_type", None)
+    wanted = _PEFT_TYPES[cls]
+    if peft_type is not None and str(getattr(peft_type, "value", peft_type)) != wanted:
+        raise TypeError(f"`config` is a {type(config).__name__} ({getattr(peft_type, 'value', peft_type)}), but "
+                        f"{encoder} needs a {cls.__name__} ({wanted}): the config is for the other prompt method")
+    config = cls.from_peft(config)
+    check_positive_int(config.num_virtual_tokens, "num_virtual_tokens")
+    return config
 
 
 @dataclass
@@ -67,5 +84,7 @@ class PrefixTuningConfig(_PeftPrefixTuningConfig):
         return config_from_peft(cls, config)
 
 
+_PEFT_TYPES = {PromptEncoderConfig: "P_TUNING", PrefixTuningConfig: "PREFIX_TUNING"}
+
 __all__ = ["PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
-           "normalize_encoder_type"]
+           "normalize_encoder_type", "read_encoder_config"]

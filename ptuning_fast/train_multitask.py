@@ -110,7 +110,7 @@ def _pool(parts: dict[str, Encoded]) -> TaskSet:
 def build_multitask_model(config: TrainConfig, tokenizer, num_labels: Optional[int], task_names: list[str]):
     """The frozen base model with one prompt adapter per task (a :class:`PTuningModel`); for
     classification the new classifier head stays trainable. Seed the RNG first."""
-    from .integrations.model import get_ptuning_model
+    from .native.model import get_ptuning_model
 
     base = load_base_model(config, tokenizer, num_labels)
     model = get_ptuning_model(base, peft_config_for(config), adapter_name=task_names[0])

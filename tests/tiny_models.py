@@ -13,6 +13,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    MistralConfig,
+    MistralForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -27,6 +29,24 @@ def llama(cls=LlamaForCausalLM, **kw):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **kw)
     return cls(config)
+
+
+class LlamaWithoutPositionIds(LlamaForCausalLM):
+    """A causal LM whose forward names no ``position_ids`` (as some architectures): it computes
+    positions itself, from the cache length."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        kwargs.pop("position_ids", None)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, **kwargs)
+
+
+def mistral(**kw):
+    """Mistral with a sliding window: its layers build their own masks (no fused 4D mask)."""
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           sliding_window=48, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **kw)
+    return MistralForCausalLM(config)
 
 
 def gpt2(**kw):
@@ -52,6 +72,8 @@ def t5(**kw):
 # name -> (builder, PEFT task type)
 MODELS = {
     "llama": (llama, "CAUSAL_LM"),
+    "llama_without_position_ids": (lambda: llama(LlamaWithoutPositionIds), "CAUSAL_LM"),
+    "mistral": (mistral, "CAUSAL_LM"),
     "gpt2": (gpt2, "CAUSAL_LM"),
     "llama_cls": (lambda: llama(LlamaForSequenceClassification, num_labels=3), "SEQ_CLS"),
     "bert_cls": (lambda: bert(BertForSequenceClassification, num_labels=3), "SEQ_CLS"),

@@ -28,27 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreter_enabled
-
-_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-KERNEL_DTYPES = tuple(_TORCH_TO_TL)
+from ._common import INTERPRETING, KERNEL_DTYPES, cast_rtne, cdiv, dot_numerics, pow2_block
 
 
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr, EMULATE_RTNE: tl.constexpr):
-    """``x.to(DTYPE)`` with round-to-nearest-even. The GPU does that for fp32 -> bf16; Triton's
-    CPU interpreter truncates, so there (EMULATE_RTNE) the rounding is done on the bits first."""
-    if EMULATE_RTNE:
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
-
-
 @triton.jit
 def _tanh(x):
     """tanh in fp32. No tanh exists in every Triton version (nor in the interpreter): the closed
@@ -86,8 +71,8 @@ def _prefix_hidden_kernel(
         # W1 is (HH, D): load its transpose tile (BLOCK_D, BLOCK_H) for the product.
         w = tl.load(w1_ptr + offs_d[:, None] * stride_wd + offs_h[None, :] * stride_wh,
                     mask=mask_d[:, None] & mask_h[None, :], other=0.0)
-        e = _round_to(e, COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
-        w = _round_to(w, COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
+        e = cast_rtne(e, COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
+        w = cast_rtne(w, COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
         acc = tl.dot(e, w, acc, input_precision=INPUT_PRECISION)
     acc += tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
     tl.store(hidden_ptr + offs_t[:, None] * HH + offs_h[None, :], _tanh(acc),
@@ -128,14 +113,14 @@ def _prefix_write_kernel(
             w = tl.load(w2_ptr + offs_k[:, None] * stride_wk + offs_j[None, :] * stride_wj,
                         mask=mask_k[:, None] & mask_j[None, :], other=0.0)
             # The fp32 hidden is rounded to W2's dtype, as F.linear in that dtype would.
-            h = _round_to(h, COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
-            w = _round_to(w, COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
+            h = cast_rtne(h, COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
+            w = cast_rtne(w, COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
             acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
         acc += tl.load(b2_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
     else:
         acc = tl.load(src_ptr + offs_t[:, None] * stride_st + offs_j[None, :] * stride_sj,
                       mask=tile_mask, other=0.0)
-    value = _round_to(acc, out_ptr.dtype.element_ty, EMULATE_RTNE)
+    value = cast_rtne(acc, out_ptr.dtype.element_ty, EMULATE_RTNE)
 
     # Column j -> (layer*2 + k/v, kv head, channel); token t -> cache position p_start + t.
     # int64 offsets: a cache of a large model holds more than 2^31 elements.
@@ -190,22 +175,6 @@ def _prefix_grad_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-def _dot_config(dtype: torch.dtype):
-    """(compute dtype, tl.dot operand dtype, input precision) for weights of ``dtype``.
-
-    fp16/bf16 run on tensor cores with fp32 accumulation. Triton's CPU interpreter multiplies bf16
-    operands as their raw bits, so there they are rounded to bf16 and widened to fp32 first (exact:
-    a product of two bf16 values fits in fp32)."""
-    if dtype == torch.float32:
-        return tl.float32, tl.float32, ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
-    dot = tl.float32 if (dtype == torch.bfloat16 and triton_interpreter_enabled()) else _TORCH_TO_TL[dtype]
-    return _TORCH_TO_TL[dtype], dot, "ieee"
-
-
 def _num_warps(block_elems: int) -> int:
     return 8 if block_elems >= 128 * 64 else 4
 
@@ -215,17 +184,17 @@ def prefix_hidden_triton(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Te
     T, D = embedding.shape
     HH = w1.shape[0]
     hidden = torch.empty((T, HH), dtype=torch.float32, device=embedding.device)
-    compute, dot_dtype, precision = _dot_config(torch.promote_types(embedding.dtype, w1.dtype))
-    interp = triton_interpreter_enabled()
-    BLOCK_T = _pow2(T, 16, 64)
+    numerics = dot_numerics(torch.promote_types(embedding.dtype, w1.dtype))
+    interp = INTERPRETING
+    BLOCK_T = pow2_block(T, 16, 64)
     # Narrow column blocks on the GPU: Hh is small (~512), so wide blocks would leave most SMs idle.
-    BLOCK_H = _pow2(HH, 16, 128 if interp else 32)
-    BLOCK_D = _pow2(D, 16, 64 if interp else 32)
-    grid = (triton.cdiv(HH, BLOCK_H), triton.cdiv(T, BLOCK_T))
+    BLOCK_H = pow2_block(HH, 16, 128 if interp else 32)
+    BLOCK_D = pow2_block(D, 16, 64 if interp else 32)
+    grid = (cdiv(HH, BLOCK_H), cdiv(T, BLOCK_T))
     _prefix_hidden_kernel[grid](
         embedding, w1, b1, hidden, T, D, HH,
         embedding.stride(0), embedding.stride(1), w1.stride(0), w1.stride(1),
-        COMPUTE_DTYPE=compute, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+        COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
         EMULATE_RTNE=interp,
         BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         num_warps=_num_warps(BLOCK_T * BLOCK_H),
@@ -264,24 +233,25 @@ def prefix_write_triton(
     project = w2 is not None
     HH = source.shape[1] if project else 0
     if project:
-        compute, dot_dtype, precision = _dot_config(w2.dtype)
+        numerics = dot_numerics(w2.dtype)
         stride_wj, stride_wk = w2.stride(0), w2.stride(1)
     else:
-        compute, dot_dtype, precision = tl.float32, tl.float32, "ieee"
+        numerics = dot_numerics(torch.float32)  # no product: a copy, rounded once to the cache dtype
         w2 = b2 = source  # unused by the kernel
         stride_wj = stride_wk = 0
-    interp = triton_interpreter_enabled()
-    BLOCK_T = _pow2(T, 16, 64)
-    BLOCK_J = _pow2(J, 16, 256 if interp else 128)
-    BLOCK_K = _pow2(HH, 16, 64 if (interp or compute != tl.float32) else 32)
-    grid = (triton.cdiv(J, BLOCK_J), triton.cdiv(T, BLOCK_T))
+    interp = INTERPRETING
+    BLOCK_T = pow2_block(T, 16, 64)
+    BLOCK_J = pow2_block(J, 16, 256 if interp else 128)
+    BLOCK_K = pow2_block(HH, 16, 64 if (interp or numerics.dtype != torch.float32) else 32)
+    grid = (cdiv(J, BLOCK_J), cdiv(T, BLOCK_T))
     _prefix_write_kernel[grid](
         source, w2, b2, out, order, row_ptr,
         adapter, T, J, HH, p_start,
         source.stride(0), source.stride(1), stride_wj, stride_wk,
         out.stride(2), _merged_layer_kv_stride(out, "out"), out.stride(3), out.stride(4), out.stride(5),
         HKV=HKV, DH=DH,
-        PROJECT=project, COMPUTE_DTYPE=compute, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+        PROJECT=project, COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype,
+        INPUT_PRECISION=numerics.precision,
         EMULATE_RTNE=interp,
         BLOCK_T=BLOCK_T, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
         num_warps=_num_warps(BLOCK_T * BLOCK_J),
@@ -310,11 +280,11 @@ def prefix_grad_triton(
         stride_ls = 0
         stride_b, stride_h, stride_p, stride_d = grad.stride()
         JL = HKV * DH
-    interp = triton_interpreter_enabled()
+    interp = INTERPRETING
     # One layer's slice is only Hkv * Dh columns wide: small position blocks keep enough programs.
-    BLOCK_P = _pow2(P, 16 if interp else 8, 64 if interp else 8)
-    BLOCK_J = _pow2(JL, 16, 256 if interp else 128)
-    grid = (triton.cdiv(JL, BLOCK_J), triton.cdiv(P, BLOCK_P), N)
+    BLOCK_P = pow2_block(P, 16 if interp else 8, 64 if interp else 8)
+    BLOCK_J = pow2_block(JL, 16, 256 if interp else 128)
+    grid = (cdiv(JL, BLOCK_J), cdiv(P, BLOCK_P), N)
     _prefix_grad_kernel[grid](
         grad, g, order, row_ptr, starts,
         P, JL, J, col0,

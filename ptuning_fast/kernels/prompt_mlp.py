@@ -26,46 +26,32 @@ rounded to the compute dtype between layers, as the reference does; weight and b
 accumulated in fp32 and rounded once to the parameter dtype. fp32 matmuls follow
 ``torch.backends.cuda.matmul.allow_tf32`` (off by default: exact fp32, as PyTorch).
 
-Entry points: :func:`prompt_mlp_triton` (differentiable), and the launchers
-:func:`mlp_forward` / :func:`mlp_backward`. In eager mode an ``autograd.Function`` calls the
-launchers directly (lowest per-call overhead); under ``torch.compile`` it calls them through two
-opaque custom ops (``ptuning_fast::prompt_mlp_forward`` / ``_backward``) so Dynamo traces the
-whole head without a graph break. Nothing in the path synchronises with the host, so it can be
-captured in a CUDA graph (launch configurations are tuned on the first eager call per shape and
-fall back to fixed heuristics while a stream is being captured).
+Entry points: the launchers :func:`mlp_forward` / :func:`mlp_backward`; the autograd Function and
+the ``torch.compile`` custom ops around them are in :mod:`ptuning_fast.ops.prompt_mlp`. Nothing
+here synchronises with the host, so a step can be captured in a CUDA graph (launch
+configurations are tuned on the first eager call per shape and fall back to fixed heuristics
+while a stream is being captured).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRETING, DotNumerics, cast_rtne, cdiv, dot_numerics, pow2_block
+
 # Rows handled by one program of the fused backward; beyond it the backward takes the tiled path.
 FUSED_BACKWARD_MAX_ROWS = 128
-_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr, EMULATE_RTNE: tl.constexpr):
-    """``x.to(DTYPE)``. The GPU rounds fp32 -> bf16 to nearest even; Triton's CPU interpreter
-    truncates, so there (EMULATE_RTNE) the rounding is done on the bits first."""
-    if EMULATE_RTNE:
-        if DTYPE == tl.bfloat16:
-            if x.dtype == tl.float32:
-                bits = x.to(tl.uint32, bitcast=True)
-                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-                x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
-
-
 @triton.jit
 def _linear_kernel(
     a_ptr, b_ptr, bias_ptr, gate_ptr, c_ptr, row_sum_ptr,
@@ -94,16 +80,16 @@ def _linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = _cast(tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+        a = cast_rtne(tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
-        b = _cast(tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+        b = cast_rtne(tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if ROW_SUM:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
 
     if HAS_BIAS:
-        bias = _cast(tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE)
+        bias = cast_rtne(tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE)
         acc += bias.to(tl.float32)[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
@@ -113,10 +99,10 @@ def _linear_kernel(
                        mask=tile_mask, other=0.0)
         acc = tl.where(gate > 0, acc, 0.0)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-             _cast(acc, c_ptr.dtype.element_ty, EMULATE_RTNE), mask=tile_mask)
+             cast_rtne(acc, c_ptr.dtype.element_ty, EMULATE_RTNE), mask=tile_mask)
     if ROW_SUM:
         row_limit = tl.where(pid_n == 0, M, 0)  # the first column block writes the row sums
-        tl.store(row_sum_ptr + offs_m, _cast(row_sum, row_sum_ptr.dtype.element_ty, EMULATE_RTNE),
+        tl.store(row_sum_ptr + offs_m, cast_rtne(row_sum, row_sum_ptr.dtype.element_ty, EMULATE_RTNE),
                  mask=offs_m < row_limit)
 
 
@@ -143,28 +129,28 @@ def _linear_backward_kernel(
     mask_m = offs_m < M
     mask_k = offs_k < K
     mk_mask = mask_m[:, None] & mask_k[None, :]
-    inp = _cast(tl.load(inp_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik,
+    inp = cast_rtne(tl.load(inp_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik,
                   mask=mk_mask, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
 
     grad_inp = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        g = _cast(tl.load(grad_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+        g = cast_rtne(tl.load(grad_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
         nk_mask = mask_n[:, None] & mask_k[None, :]
         if NEED_GRAD_WEIGHT:
             grad_w = tl.dot(tl.trans(g), inp, input_precision=INPUT_PRECISION)
             tl.store(grad_weight_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-                     _cast(grad_w, grad_weight_ptr.dtype.element_ty, EMULATE_RTNE), mask=nk_mask)
+                     cast_rtne(grad_w, grad_weight_ptr.dtype.element_ty, EMULATE_RTNE), mask=nk_mask)
         if NEED_GRAD_BIAS:
             # Every program sees all of g; only the first one writes the bias gradient.
             grad_b = tl.sum(g.to(tl.float32), axis=0)
             bias_limit = tl.where(pid == 0, N, 0)
-            tl.store(grad_bias_ptr + offs_n, _cast(grad_b, grad_bias_ptr.dtype.element_ty, EMULATE_RTNE),
+            tl.store(grad_bias_ptr + offs_n, cast_rtne(grad_b, grad_bias_ptr.dtype.element_ty, EMULATE_RTNE),
                      mask=offs_n < bias_limit)
         if NEED_GRAD_INPUT:
-            w = _cast(tl.load(weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            w = cast_rtne(tl.load(weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=nk_mask, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
             grad_inp = tl.dot(g, w, grad_inp, input_precision=INPUT_PRECISION)
 
@@ -172,24 +158,15 @@ def _linear_backward_kernel(
         if GATE_GRAD_INPUT:
             grad_inp = tl.where(inp > 0, grad_inp, 0.0)
         tl.store(grad_inp_ptr + offs_m[:, None] * stride_dim + offs_k[None, :] * stride_dik,
-                 _cast(grad_inp, grad_inp_ptr.dtype.element_ty, EMULATE_RTNE), mask=mk_mask)
+                 cast_rtne(grad_inp, grad_inp_ptr.dtype.element_ty, EMULATE_RTNE), mask=mk_mask)
 
 
 # --------------------------------------------------------------------------------------------
 # Launch configurations: a short list per kernel, tuned once per shape on the GPU
 # --------------------------------------------------------------------------------------------
-# Triton reads TRITON_INTERPRET when it is imported, so the mode is fixed for the process.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# Host-side integer helpers in plain Python (triton.cdiv & co. are slower constexpr functions).
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _row_block(m: int) -> int:
     """Rows per program: all rows (padded to the 16-row minimum of tl.dot) up to 128."""
-    return max(16, min(1 << (m - 1).bit_length(), FUSED_BACKWARD_MAX_ROWS))
+    return pow2_block(m, 16, FUSED_BACKWARD_MAX_ROWS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,7 +187,7 @@ def _heuristic(kind: str, programs_along: int, other_programs: int, device: torc
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     block = 16
     for candidate in (64, 32):
-        if _cdiv(programs_along, candidate) * other_programs >= sms:
+        if cdiv(programs_along, candidate) * other_programs >= sms:
             block = candidate
             break
     if kind == "linear":
@@ -224,7 +201,7 @@ def _config(kind: str, key: tuple, launch, programs_along: int, other_programs: 
     timing each candidate with CUDA events (variants of a kernel that differ only in epilogue
     flags share the result), or the heuristic where tuning is off (PTUNING_FAST_AUTOTUNE=0) or
     impossible (while a CUDA graph is being captured)."""
-    if _INTERPRETING or device.type != "cuda":
+    if INTERPRETING or device.type != "cuda":
         return _INTERPRETER_CONFIG
     config = _tuned.get(key)
     if config is not None:
@@ -251,49 +228,29 @@ def _config(kind: str, key: tuple, launch, programs_along: int, other_programs: 
     return config
 
 
-class _Numerics(NamedTuple):
-    """How the kernels compute, decided once per op call."""
-
-    dtype: torch.dtype  # compute dtype (autocast's, else the parameters')
-    tl_dtype: object  # the same as a Triton dtype
-    dot_dtype: object  # tl.dot operand dtype
-    precision: str  # tl.dot input_precision
-
-
-def _numerics(compute_dtype: torch.dtype) -> _Numerics:
-    # Match torch.matmul: fp32 products are exact unless the user allowed TF32.
-    exact_fp32 = compute_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    # Triton's CPU interpreter multiplies bf16 operands as their raw bits, so there they are
-    # widened to fp32 first: exact (a product of two bf16 values fits in fp32) and accumulated in
-    # fp32, as the tensor cores do.
-    widen = compute_dtype == torch.bfloat16 and _INTERPRETING
-    return _Numerics(compute_dtype, _TORCH_TO_TL[compute_dtype],
-                     tl.float32 if widen else _TORCH_TO_TL[compute_dtype], "ieee" if exact_fp32 else "tf32")
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _launch_linear(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, numerics: _Numerics, *,
+def _launch_linear(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, numerics: DotNumerics, *,
                    bias: Optional[torch.Tensor] = None, relu: bool = False, gate: Optional[torch.Tensor] = None,
                    row_sum: Optional[torch.Tensor] = None) -> None:
     """``c[M, N] = epilogue(a[M, K] @ b[K, N])`` (any strides); see ``_linear_kernel``."""
     M, K = a.shape
     N = b.shape[1]
     block_m = _row_block(M)
-    grid_m = _cdiv(M, block_m)
+    grid_m = cdiv(M, block_m)
     strides = (*a.stride(), *b.stride(), bias.stride(0) if bias is not None else 0,
                *(gate.stride() if gate is not None else (0, 0)), *c.stride())
 
     def launch(config):
         block_n, block_k, num_warps, num_stages = config
-        _linear_kernel[(_cdiv(N, block_n), grid_m)](
+        _linear_kernel[(cdiv(N, block_n), grid_m)](
             a, b, bias if bias is not None else c, gate if gate is not None else c, c,
             row_sum if row_sum is not None else c,
             M, N, K, *strides,
             HAS_BIAS=bias is not None, RELU=relu, HAS_GATE=gate is not None, ROW_SUM=row_sum is not None,
             COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
-            EMULATE_RTNE=_INTERPRETING,
+            EMULATE_RTNE=INTERPRETING,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
 
@@ -301,7 +258,7 @@ def _launch_linear(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, numerics: 
     launch(_config("linear", key, launch, N, grid_m, a.device, numerics.dtype != torch.float32))
 
 
-def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, numerics: _Numerics, *,
+def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, numerics: DotNumerics, *,
                             grad_weight: Optional[torch.Tensor], grad_bias: Optional[torch.Tensor],
                             grad_inp: Optional[torch.Tensor], gate: bool) -> None:
     """All gradients of one layer in one launch (M <= FUSED_BACKWARD_MAX_ROWS rows)."""
@@ -314,7 +271,7 @@ def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch
 
     def launch(config):
         block_k, block_n, num_warps, num_stages = config
-        _linear_backward_kernel[(_cdiv(K, block_k),)](
+        _linear_backward_kernel[(cdiv(K, block_k),)](
             grad, inp, weight,
             grad_weight if grad_weight is not None else unused,
             grad_bias if grad_bias is not None else unused,
@@ -323,7 +280,7 @@ def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch
             NEED_GRAD_WEIGHT=grad_weight is not None, NEED_GRAD_BIAS=grad_bias is not None,
             NEED_GRAD_INPUT=grad_inp is not None, GATE_GRAD_INPUT=gate,
             COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
-            EMULATE_RTNE=_INTERPRETING,
+            EMULATE_RTNE=INTERPRETING,
             BLOCK_M=_row_block(M), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
 
@@ -344,7 +301,7 @@ def mlp_forward(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequen
 
     Output and activations are in ``compute_dtype``. One launch per layer.
     """
-    numerics = _numerics(compute_dtype)
+    numerics = dot_numerics(compute_dtype)
     hidden: List[torch.Tensor] = []
     h = x
     last = len(weights) - 1
@@ -376,7 +333,7 @@ def mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[torc
 def _backward_layers(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights,
                      need_grad_biases):
     """The body of :func:`mlp_backward`: the layers from the last to the first one needed."""
-    numerics = _numerics(compute_dtype)
+    numerics = dot_numerics(compute_dtype)
     n_layers = len(weights)
     has_bias = [b is not None for b in biases]
     grad_weights: List[Optional[torch.Tensor]] = [None] * n_layers
@@ -415,109 +372,4 @@ def _backward_layers(grad_out, x, weights, biases, hidden, compute_dtype, need_g
     return grad_x, grad_weights, grad_biases
 
 
-# --------------------------------------------------------------------------------------------
-# torch.compile: the launchers behind two opaque custom ops
-# --------------------------------------------------------------------------------------------
-_EMPTY = (0,)  # shape of the placeholder a custom op returns for a gradient that is not needed
-
-
-@torch.library.custom_op("ptuning_fast::prompt_mlp_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
-                compute_dtype: torch.dtype) -> List[torch.Tensor]:
-    out, hidden = mlp_forward(x, weights, biases, compute_dtype)
-    return [out, *hidden]
-
-
-@_forward_op.register_fake
-def _(x, weights, biases, compute_dtype):
-    rows = x.shape[0]
-    out = x.new_empty((rows, weights[-1].shape[0]), dtype=compute_dtype)
-    hidden = [x.new_empty((rows, w.shape[0]), dtype=compute_dtype) for w in weights[:-1]]
-    return [out, *hidden]
-
-
-@torch.library.custom_op("ptuning_fast::prompt_mlp_backward", mutates_args=())
-def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
-                 biases: List[Optional[torch.Tensor]], hidden: List[torch.Tensor], compute_dtype: torch.dtype,
-                 need_grad_x: bool, need_grad_weights: List[bool], need_grad_biases: List[bool]) -> List[torch.Tensor]:
-    grad_x, grad_weights, grad_biases = mlp_backward(grad_out, x, weights, biases, hidden, compute_dtype,
-                                                     need_grad_x, need_grad_weights, need_grad_biases)
-    # Placeholders for gradients not needed: a fresh one each (outputs of a custom op must not
-    # alias one another), with the dtype the fake implementation below gives them.
-    return ([x.new_empty(_EMPTY) if grad_x is None else grad_x]
-            + [w.new_empty(_EMPTY) if g is None else g for w, g in zip(weights, grad_weights)]
-            + [x.new_empty(_EMPTY) if g is None else g for g in grad_biases])
-
-
-@_backward_op.register_fake
-def _(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights, need_grad_biases):
-    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty(_EMPTY)
-    grad_weights = [w.new_empty(w.shape if need else _EMPTY) for w, need in zip(weights, need_grad_weights)]
-    grad_biases = [b.new_empty(b.shape) if need and b is not None else x.new_empty(_EMPTY)
-                   for b, need in zip(biases, need_grad_biases)]
-    return [grad_x, *grad_weights, *grad_biases]
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd
-# --------------------------------------------------------------------------------------------
-class PromptMLPFunction(torch.autograd.Function):
-    """``apply(x2d, compute_dtype, W1, b1, W2, b2, ...)``; a bias may be None."""
-
-    @staticmethod
-    def forward(ctx, x, compute_dtype, *params):
-        weights, biases = list(params[0::2]), list(params[1::2])
-        if torch.compiler.is_compiling():
-            out, *hidden = _forward_op(x, weights, biases, compute_dtype)
-        else:
-            out, hidden = mlp_forward(x, weights, biases, compute_dtype)
-        ctx.save_for_backward(x, *weights, *biases, *hidden)
-        ctx.compute_dtype = compute_dtype
-        ctx.n_layers = len(weights)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        n_layers = ctx.n_layers
-        x, *rest = ctx.saved_tensors
-        weights, biases, hidden = rest[:n_layers], rest[n_layers:2 * n_layers], rest[2 * n_layers:]
-        need_x = ctx.needs_input_grad[0]
-        need_w = [ctx.needs_input_grad[2 + 2 * i] for i in range(n_layers)]
-        need_b = [ctx.needs_input_grad[3 + 2 * i] for i in range(n_layers)]
-        if torch.compiler.is_compiling():
-            grads = _backward_op(grad_out, x, weights, biases, hidden, ctx.compute_dtype, need_x, need_w, need_b)
-            grad_x = grads[0] if need_x else None
-            grad_w = [g if need else None for g, need in zip(grads[1:1 + n_layers], need_w)]
-            grad_b = [g if need and b is not None else None
-                      for g, need, b in zip(grads[1 + n_layers:], need_b, biases)]
-        else:
-            grad_x, grad_w, grad_b = mlp_backward(grad_out, x, weights, biases, hidden, ctx.compute_dtype,
-                                                  need_x, need_w, need_b)
-        return (grad_x, None, *[g for pair in zip(grad_w, grad_b) for g in pair])
-
-
-def compute_dtype_for(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype F.linear would compute in: the autocast dtype when autocast is on, else the weight's."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
-def prompt_mlp_triton(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> torch.Tensor:
-    """``Linear -> ReLU -> ... -> Linear`` over the last dim of ``x`` with the Triton kernels.
-
-    ``x``: (..., D_in) fp32/bf16/fp16; ``layers``: (weight (out, in), bias (out,) or None) pairs.
-    Returns (..., D_out) in the compute dtype (autocast's, else the parameters'), differentiable
-    with respect to ``x`` and every weight and bias. Inputs are assumed validated
-    (see :func:`ptuning_fast.ops.prompt_mlp_head`).
-    """
-    lead_shape = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    compute_dtype = compute_dtype_for(x, layers[0][0])
-    params = [t for weight, bias in layers for t in (weight, bias)]
-    out = PromptMLPFunction.apply(x2d, compute_dtype, *params)
-    return out.reshape(*lead_shape, out.shape[-1])
-
-
-__all__ = ["PromptMLPFunction", "mlp_backward", "mlp_forward", "prompt_mlp_triton"]
+__all__ = ["FUSED_BACKWARD_MAX_ROWS", "mlp_backward", "mlp_forward"]

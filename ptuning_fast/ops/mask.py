@@ -1,10 +1,16 @@
-"""Prompt-aware 4D attention masks and position ids for prefixed models.
+"""Prompt-aware attention masks and position ids for prefixed models: the one place that says
+where text sits after a prompt.
 
 ``build_prompt_attention_mask`` turns the 2D padding mask of the text into the 4D mask the
 attention reads when P prompt columns (a deep-prompt K/V prefix in the cache, or P-tuning's
-virtual tokens) come before the text; ``build_prompt_position_ids`` gives the matching positions.
-Pass the 4D mask as ``attention_mask=`` to a transformers 5 model: a 4D mask is used untouched.
-The exact definition is in :mod:`ptuning_fast.reference.mask`.
+virtual tokens) come before the text; ``prompt_padding_mask`` gives the 2D ``(B, P + S)`` mask of
+the same layout (what a model builds its own mask from); ``build_prompt_position_ids`` gives the
+matching positions. Pass the 4D mask as ``attention_mask=`` to a transformers 5 model: a 4D mask
+is used untouched. The exact definition is in :mod:`ptuning_fast.reference.mask`.
+
+Vocabulary, used across the package: ``num_virtual_tokens`` is an adapter's prompt length (and
+``P``, the number of prompt columns); ``prompt_lengths`` is an int or a ``(B,)`` tensor of per-row
+lengths; ``positions`` says how text is numbered after a prompt (:data:`POSITIONS`).
 
 Dispatch: backend ``"reference"`` -> PyTorch; otherwise the C++/CUDA extension (CPU kernel or
 CUDA kernel by device) when it is loaded, else PyTorch. Both give identical results.
@@ -15,14 +21,34 @@ from typing import Optional, Union
 
 import torch
 
+from .._deprecation import renamed_keywords
 from .._extension import load_extension
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_tensor
 from ..backend import get_backend
-from ..reference.mask import prompt_attention_mask_reference, prompt_position_ids_reference
+from ..reference.mask import (live_prompt_columns, prompt_attention_mask_reference,
+                              prompt_position_ids_reference)
 
 MASK_DTYPES = (torch.bool,) + INDEX_DTYPES + FLOAT_DTYPES
 OUTPUT_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PADDING_SIDES = ("left", "right")
+
+# How text is numbered after a prompt. "continue": a real token's position is the number of real
+# tokens before it, plus the row's prompt length (padding skipped: what generate() does, and what
+# a row computes alone); "restart": the same from 0, as if there were no prompt; "peft": text
+# column i at prompt length + i, padding counted (PEFT's training forward).
+POSITIONS = ("continue", "restart", "peft")
+
+
+def check_positions(positions, name: str = "positions", allowed=POSITIONS) -> str:
+    if positions not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {positions!r}")
+    return positions
+
+
+def _after_prompt_to_positions(after_prompt) -> str:
+    if not isinstance(after_prompt, bool):
+        raise TypeError(f"`after_prompt` must be a bool, got {after_prompt!r} ({type(after_prompt).__name__})")
+    return "continue" if after_prompt else "restart"
 
 PromptLengths = Union[int, torch.Tensor]
 
@@ -43,7 +69,7 @@ def _check_bool(value, name: str) -> bool:
     return value
 
 
-def _check_arguments(attention_mask, num_virtual_tokens, past_length, padding_side, num_prompt_columns):
+def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, num_prompt_columns):
     """Check every argument; returns (prompt_lengths tensor or None, P).
 
     One host sync at most, and none for a bool or integer mask with an int prompt length and no
@@ -59,14 +85,14 @@ def _check_arguments(attention_mask, num_virtual_tokens, past_length, padding_si
         raise ValueError(f"`padding_side` must be None, 'left' or 'right'; got {padding_side!r}")
 
     lengths = None
-    if isinstance(num_virtual_tokens, torch.Tensor):
-        lengths = check_tensor(num_virtual_tokens, "num_virtual_tokens", ndim=1, dtypes=INDEX_DTYPES,
+    if isinstance(prompt_lengths, torch.Tensor):
+        lengths = check_tensor(prompt_lengths, "prompt_lengths", ndim=1, dtypes=INDEX_DTYPES,
                                device=attention_mask.device)
         if lengths.shape[0] != batch:
-            raise ValueError(f"`num_virtual_tokens` has {lengths.shape[0]} per-row lengths but "
+            raise ValueError(f"`prompt_lengths` has {lengths.shape[0]} per-row lengths but "
                              f"`attention_mask` has batch size {batch}")
     else:
-        check_positive_int(num_virtual_tokens, "num_virtual_tokens", allow_zero=True)
+        check_positive_int(prompt_lengths, "prompt_lengths", allow_zero=True)
     if num_prompt_columns is not None:
         check_positive_int(num_prompt_columns, "num_prompt_columns", allow_zero=True)
 
@@ -94,11 +120,11 @@ def _check_arguments(attention_mask, num_virtual_tokens, past_length, padding_si
                          f"{'real token after a pad' if padding_side == 'right' else 'pad after a real token'}"
                          f" (check the tokenizer's padding_side)")
     if lengths is None:
-        longest = num_virtual_tokens
+        longest = prompt_lengths
     elif batch > 0:
         shortest, longest = values
         if shortest < 0:
-            raise ValueError(f"`num_virtual_tokens` must be >= 0, got a row with {shortest}")
+            raise ValueError(f"`prompt_lengths` must be >= 0, got a row with {shortest}")
     else:
         longest = 0
     P = longest if num_prompt_columns is None else num_prompt_columns
@@ -107,14 +133,15 @@ def _check_arguments(attention_mask, num_virtual_tokens, past_length, padding_si
     return lengths, P
 
 
-def _lengths_tensor(lengths, num_virtual_tokens, batch, device):
-    return lengths.long() if lengths is not None else torch.full((batch,), num_virtual_tokens,
+def _lengths_tensor(lengths, prompt_lengths, batch, device):
+    return lengths.long() if lengths is not None else torch.full((batch,), prompt_lengths,
                                                                  dtype=torch.long, device=device)
 
 
+@renamed_keywords(num_virtual_tokens="prompt_lengths")
 def build_prompt_attention_mask(
     attention_mask: torch.Tensor,
-    num_virtual_tokens: PromptLengths,
+    prompt_lengths: PromptLengths,
     *,
     causal: bool = True,
     past_length: int = 0,
@@ -127,11 +154,13 @@ def build_prompt_attention_mask(
 
     Args:
         attention_mask: ``(B, K)`` padding mask of the text: bool, integer (nonzero = real
-            token, as transformers reads it) or floating holding only 0/1 (checked). With a cache it covers the ``past_length`` text tokens already
-            cached and the ``S = K - past_length`` tokens of this step, like transformers' 2D mask.
-        num_virtual_tokens: prompt length, an int or a ``(B,)`` integer tensor of per-row
-            lengths ``n_b``. Row b's prompt occupies the LAST ``n_b`` of the ``P`` prompt columns
-            (next to the text); the other prompt columns are hidden from that row.
+            token, as transformers reads it) or floating holding only 0/1 (checked). With a
+            cache it covers the ``past_length`` text tokens already cached and the
+            ``S = K - past_length`` tokens of this step, like transformers' 2D mask.
+        prompt_lengths: prompt length, an int or a ``(B,)`` integer tensor of per-row
+            lengths ``n_b`` (``num_virtual_tokens=`` is the deprecated name). Row b's prompt
+            occupies the LAST ``n_b`` of the ``P`` prompt columns (next to the text); the other
+            prompt columns are hidden from that row.
         causal: causal text attention (decoders) or bidirectional (encoders). Prompt columns are
             visible to every query either way.
         past_length: text tokens already in the cache before this step's queries.
@@ -148,9 +177,9 @@ def build_prompt_attention_mask(
     ``P + past_length + i``: equal to what ``transformers.masking_utils`` builds from a cache
     holding the prompt and the 2D mask ``cat([live prompt columns, attention_mask], 1)``.
     For P-tuning's virtual tokens (which are queries too), pass that concatenated mask and
-    ``num_virtual_tokens=0``.
+    ``prompt_lengths=0``.
     """
-    lengths, P = _check_arguments(attention_mask, num_virtual_tokens, past_length, padding_side,
+    lengths, P = _check_arguments(attention_mask, prompt_lengths, past_length, padding_side,
                                   num_prompt_columns)
     _check_bool(causal, "causal")
     if sliding_window is not None:
@@ -165,39 +194,67 @@ def build_prompt_attention_mask(
 
     ext = _extension(attention_mask.device)
     if ext is not None:
-        if lengths is None and P != num_virtual_tokens:
-            lengths = torch.full((attention_mask.shape[0],), num_virtual_tokens, dtype=torch.long,
+        if lengths is None and P != prompt_lengths:
+            lengths = torch.full((attention_mask.shape[0],), prompt_lengths, dtype=torch.long,
                                  device=attention_mask.device)
         return ext.prompt_attention_mask(attention_mask, None if lengths is None else lengths.long(),
                                          P, past_length, causal, sliding_window or 0, dtype)
     return prompt_attention_mask_reference(
-        attention_mask, _lengths_tensor(lengths, num_virtual_tokens, attention_mask.shape[0],
+        attention_mask, _lengths_tensor(lengths, prompt_lengths, attention_mask.shape[0],
                                         attention_mask.device),
         P, causal=causal, past_length=past_length, sliding_window=sliding_window, dtype=dtype)
 
 
+@renamed_keywords(num_virtual_tokens="prompt_lengths")
+def prompt_padding_mask(
+    attention_mask: torch.Tensor,
+    prompt_lengths: PromptLengths,
+    *,
+    num_prompt_columns: Optional[int] = None,
+) -> torch.Tensor:
+    """The 2D mask ``(B, P + K)`` of the same layout, in ``attention_mask``'s dtype: 1 on each
+    row's live prompt columns (the last ``n_b`` of the ``P``), 0 on the prompt columns a shorter
+    prompt leaves empty, then ``attention_mask`` itself. What a model builds its own mask from
+    when it is given a cache holding the prompt (and what ``generate()`` needs: it tells it the
+    cache holds ``P`` tokens the input lacks). Arguments as in :func:`build_prompt_attention_mask`.
+    """
+    lengths, P = _check_arguments(attention_mask, prompt_lengths, 0, None, num_prompt_columns)
+    batch, device = attention_mask.shape[0], attention_mask.device
+    if lengths is None and P == prompt_lengths:  # every row's prompt fills the P columns
+        live = torch.ones((batch, P), dtype=attention_mask.dtype, device=device)
+    else:
+        live = live_prompt_columns(_lengths_tensor(lengths, prompt_lengths, batch, device), P)
+    return torch.cat([live.to(attention_mask.dtype), attention_mask], dim=1)
+
+
+@renamed_keywords(num_virtual_tokens="prompt_lengths", after_prompt=("positions", _after_prompt_to_positions))
 def build_prompt_position_ids(
     attention_mask: torch.Tensor,
-    num_virtual_tokens: PromptLengths,
+    prompt_lengths: PromptLengths,
     *,
     past_length: int = 0,
-    after_prompt: bool = True,
+    positions: str = "continue",
     padding_side: Optional[str] = None,
 ) -> torch.Tensor:
     """``position_ids`` ``(B, S)`` (int64) of this step's text tokens, matching the mask above.
 
-    A real token's position counts the real tokens before it (left padding is skipped, as
-    ``generate()`` does), plus ``n_b`` when ``after_prompt`` (text continues after the prompt,
-    as transformers and PEFT do with a prefix) or from 0 otherwise. Padding tokens get 0.
-    Arguments as in :func:`build_prompt_attention_mask`; ``num_virtual_tokens`` may be per row.
+    ``positions`` (see :data:`POSITIONS`): ``"continue"`` counts the real tokens before a token
+    (left padding is skipped, as ``generate()`` does) plus ``n_b``, so text continues after the
+    prompt as transformers and PEFT do with a prefix; ``"restart"`` counts from 0; padding tokens
+    get 0 in both. ``"peft"``: column ``i`` at ``n_b + i``, padding counted (PEFT's training
+    forward). Arguments as in :func:`build_prompt_attention_mask`; ``prompt_lengths`` may be per
+    row. (``after_prompt=True/False`` is the deprecated form of ``"continue"``/``"restart"``.)
     """
-    lengths, P = _check_arguments(attention_mask, num_virtual_tokens, past_length, padding_side, None)
-    _check_bool(after_prompt, "after_prompt")
-    ext = _extension(attention_mask.device)
+    lengths, P = _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, None)
+    check_positions(positions)
+    batch, device = attention_mask.shape[0], attention_mask.device
+    if positions == "peft":
+        columns = torch.arange(past_length, attention_mask.shape[1], device=device)[None, :]
+        return columns + _lengths_tensor(lengths, prompt_lengths, batch, device)[:, None]
+    after_prompt = positions == "continue"
+    ext = _extension(device)
     if ext is not None:
         return ext.prompt_position_ids(attention_mask, None if lengths is None else lengths.long(),
                                        P, past_length, after_prompt)
-    return prompt_position_ids_reference(
-        attention_mask, _lengths_tensor(lengths, num_virtual_tokens, attention_mask.shape[0],
-                                        attention_mask.device),
-        past_length=past_length, after_prompt=after_prompt)
+    return prompt_position_ids_reference(attention_mask, _lengths_tensor(lengths, prompt_lengths, batch, device),
+                                         past_length=past_length, after_prompt=after_prompt)

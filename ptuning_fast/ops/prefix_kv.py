@@ -6,32 +6,30 @@ through :func:`ptuning_fast.backend.resolve_backend` (Triton kernels of
 
 - :func:`prefix_kv` returns ``(L, 2, B, Hkv, P + capacity, Dh)``: ``out[l, 0]`` / ``out[l, 1]``
   are layer ``l``'s key / value prefix of every row, as ``(batch, kv_heads, seq, head_dim)``.
-- :class:`PrefixKVBuffer` is the same computation as the storage of a KV cache for one step:
-  it writes the prefix into a buffer that also has room for the text tokens that follow, and
-  takes the gradient of the prefix columns layer by layer (see
-  :mod:`ptuning_fast.integrations.cache`), reducing each over the rows as it arrives.
+- :class:`~ptuning_fast.ops.prefix_cache.PrefixKVBuffer` is the same computation as the storage
+  of a KV cache for one step (see :mod:`ptuning_fast.ops.prefix_cache`).
 
 Several adapters (issue: many tasks in one batch): ``weights`` is a list with one
 :class:`PrefixWeights` per adapter and ``adapter_index`` ``(B,)`` says which adapter each row uses.
 Each adapter's prefix is encoded once per call, whatever the number of rows using it, and the
 backward sums each adapter's gradient over its own rows only. Adapters may have different numbers
 of virtual tokens ``T_n``: ``P = max T_n`` and adapter ``n`` fills the LAST ``T_n`` of the ``P``
-columns (the columns before hold zeros and must be masked; see ``prefix_lengths``).
+columns (the columns before hold zeros and must be masked; see ``prompt_lengths``).
 
-The autograd Functions live here rather than in the kernels module because their structure is
-the same on both backends; only the three primitives (write, reduce, and the dense products of
-the parameter gradients) differ.
+The autograd Function is the same on both backends; only two primitives differ, the write and
+the reduction of the cache gradient over each adapter's rows (``_ReferencePrimitives`` /
+``_TritonPrimitives``). The parameter gradients are small dense products on the reduced gradient.
 """
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
 from ..backend import resolve_backend
-from ..reference.prefix_kv import prefix_kv_reference
+from ..reference.prefix_kv import (encode_prefix_with_hidden_reference, reduce_prefix_grad_reference,
+                                   write_prefix_reference)
 
 
 class PrefixWeights(NamedTuple):
@@ -166,10 +164,50 @@ def _check_dtype(dtype, default: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------
-# The plan: one call's adapters, rows and backend, and the three primitives
+# The plan: one call's adapters, rows and backend
 # --------------------------------------------------------------------------------------------
+class _ReferencePrimitives:
+    """The write and the reduction in PyTorch (:mod:`ptuning_fast.reference.prefix_kv`)."""
+
+    @staticmethod
+    def write(plan: "_PrefixPlan", out: torch.Tensor) -> list:
+        encoded, hidden = zip(*(encode_prefix_with_hidden_reference(*w) for w in plan.weights))
+        write_prefix_reference(out, encoded, plan.adapter_index)
+        return list(hidden)
+
+    @staticmethod
+    def reduce(plan: "_PrefixPlan", grad: torch.Tensor, g: torch.Tensor, col0: int) -> None:
+        reduce_prefix_grad_reference(grad, g, plan.adapter_index, plan.starts, col0)
+
+
+class _TritonPrimitives:
+    """The write and the reduction as Triton kernels (:mod:`ptuning_fast.kernels.prefix_kv`)."""
+
+    @staticmethod
+    def write(plan: "_PrefixPlan", out: torch.Tensor) -> list:
+        from ..kernels.prefix_kv import prefix_hidden_triton, prefix_write_triton
+
+        order, row_ptr, _ = plan.rows()
+        if min(plan.num_tokens) < plan.P:  # columns a shorter prefix leaves empty: finite zeros
+            out[..., : plan.P - min(plan.num_tokens), :].zero_()
+        hidden = []
+        for n, w in enumerate(plan.weights):
+            h = prefix_hidden_triton(w.embedding, w.w1, w.b1) if w.projected else None
+            prefix_write_triton(out, h if w.projected else w.embedding, w.w2, w.b2, order, row_ptr, n,
+                                plan.starts[n])
+            hidden.append(h)
+        return hidden
+
+    @staticmethod
+    def reduce(plan: "_PrefixPlan", grad: torch.Tensor, g: torch.Tensor, col0: int) -> None:
+        from ..kernels.prefix_kv import prefix_grad_triton
+
+        order, row_ptr, starts = plan.rows()
+        prefix_grad_triton(grad, g, order, row_ptr, starts, col0)
+
+
 class _PrefixPlan:
-    """Validated inputs of one prefix build and the backend-specific primitives."""
+    """Validated inputs of one prefix build, and the backend's two primitives."""
 
     def __init__(self, weights, geometry: PrefixGeometry, adapter_index, batch_size, dtype):
         self.weights = weights
@@ -181,22 +219,21 @@ class _PrefixPlan:
         self.num_tokens = [w.num_tokens for w in weights]
         self.P = max(self.num_tokens)
         self.starts = [self.P - t for t in self.num_tokens]
-        backend = resolve_backend(self.device)
-        if backend == "triton":
+        tensors = [t for w in weights for t in w if t is not None]
+        use_kernels = resolve_backend(self.device) == "triton"
+        if use_kernels:
             from ..kernels.prefix_kv import KERNEL_DTYPES
 
-            tensors = [t for w in weights for t in w if t is not None]
-            if self.dtype not in KERNEL_DTYPES or any(t.dtype not in KERNEL_DTYPES for t in tensors):
-                backend = "reference"  # float64 runs on the reference path
-        self.backend = backend
+            # float64 (the oracle dtype) runs on the reference path
+            use_kernels = self.dtype in KERNEL_DTYPES and all(t.dtype in KERNEL_DTYPES for t in tensors)
+        self.primitives = _TritonPrimitives if use_kernels else _ReferencePrimitives
         # The reduced gradient accumulates in fp32 (fp64 when anything is fp64).
-        self.grad_dtype = torch.float64 if torch.float64 in (self.dtype, *(t.dtype for w in weights for t in w
-                                                                           if t is not None)) else torch.float32
+        self.grad_dtype = torch.float64 if torch.float64 in (self.dtype, *(t.dtype for t in tensors)) \
+            else torch.float32
         self._rows = None
 
-    # -- rows of each adapter, grouped (kernels) --------------------------------------------
     def rows(self):
-        """(order, row_ptr, starts) int32 device tensors: adapter n's rows are
+        """(order, row_ptr, starts) int32 device tensors for the kernels: adapter n's rows are
         ``order[row_ptr[n]:row_ptr[n + 1]]``, its first prefix column ``starts[n]``."""
         if self._rows is None:
             dev, n = self.device, len(self.weights)
@@ -212,49 +249,17 @@ class _PrefixPlan:
             self._rows = (order, row_ptr, starts)
         return self._rows
 
-    def prefix_lengths(self) -> torch.Tensor:
+    def prompt_lengths(self) -> torch.Tensor:
         """(B,) int64: the number of prefix tokens of each row (its adapter's T_n)."""
         if self.adapter_index is None:
             return torch.full((self.batch_size,), self.P, dtype=torch.long, device=self.device)
         return torch.tensor(self.num_tokens, dtype=torch.long, device=self.device)[self.adapter_index]
 
-    # -- forward: write the prefix --------------------------------------------------------
     def write(self, out: torch.Tensor) -> list:
         """Write every row's prefix into ``out[..., :P, :]``; return what the backward needs
-        (each adapter's fp32 tanh hidden, or None)."""
-        if self.backend == "triton":
-            from ..kernels.prefix_kv import prefix_hidden_triton, prefix_write_triton
+        (each adapter's tanh hidden, or None)."""
+        return self.primitives.write(self, out)
 
-            order, row_ptr, _ = self.rows()
-            if min(self.num_tokens) < self.P:  # columns a shorter prefix leaves empty: finite zeros
-                out[..., : self.P - min(self.num_tokens), :].zero_()
-            hidden = []
-            for n, w in enumerate(self.weights):
-                h = prefix_hidden_triton(w.embedding, w.w1, w.b1) if w.projected else None
-                prefix_write_triton(out, h if w.projected else w.embedding, w.w2, w.b2,
-                                    order, row_ptr, n, self.starts[n])
-                hidden.append(h)
-            return hidden
-
-        hidden, encoded = [], []
-        for w in self.weights:
-            if w.projected:  # as encode_prefix_reference, keeping the hidden for the backward
-                h = torch.tanh(F.linear(w.embedding, w.w1, w.b1))
-                encoded.append(F.linear(h, w.w2, w.b2))
-                hidden.append(h)
-            else:
-                encoded.append(w.embedding)
-                hidden.append(None)
-        g = self.geometry
-        if len(self.weights) == 1:  # one adapter: broadcast over the rows, no (B, T, J) temporary
-            x = encoded[0].to(out.dtype).view(self.P, g.num_layers, 2, g.num_kv_heads, g.head_dim)
-            out[..., : self.P, :] = x.permute(1, 2, 3, 0, 4).unsqueeze(2)
-        else:
-            out[..., : self.P, :] = prefix_kv_reference(encoded, self.adapter_index, g.num_layers,
-                                                        g.num_kv_heads, g.head_dim, dtype=out.dtype)
-        return hidden
-
-    # -- backward: reduce the cache gradient over each adapter's rows ----------------------
     def new_grad(self) -> torch.Tensor:
         """The accumulator of the reduced prefix gradient, (N, P, J) in ``grad_dtype``."""
         return torch.zeros((len(self.weights), self.P, self.geometry.width), dtype=self.grad_dtype,
@@ -263,28 +268,8 @@ class _PrefixPlan:
     def reduce(self, grad: torch.Tensor, g: torch.Tensor, col0: int = 0) -> None:
         """Fold ``grad`` (the whole (L, 2, B, Hkv, C, Dh) cache gradient, or one layer's key or
         value gradient (B, Hkv, C, Dh) starting at prefix column ``col0``) into ``g``."""
-        if self.backend == "triton":
-            from ..kernels.prefix_kv import prefix_grad_triton
+        self.primitives.reduce(self, grad, g, col0)
 
-            order, row_ptr, starts = self.rows()
-            prefix_grad_triton(grad, g, order, row_ptr, starts, col0)
-            return
-        P = self.P
-        part = grad[..., :P, :].to(g.dtype)
-        if part.dim() == 6:  # (L, 2, B, Hkv, P, Dh) -> (B, P, J)
-            rows = part.permute(2, 4, 0, 1, 3, 5).reshape(part.shape[2], P, -1)
-        else:  # (B, Hkv, P, Dh) -> (B, P, Hkv * Dh)
-            rows = part.permute(0, 2, 1, 3).reshape(part.shape[0], P, -1)
-        if self.adapter_index is None:
-            sums = rows.sum(0, keepdim=True)
-        else:
-            sums = torch.zeros((len(self.weights),) + rows.shape[1:], dtype=g.dtype, device=rows.device)
-            sums.index_add_(0, self.adapter_index, rows)
-        for n, start in enumerate(self.starts):
-            sums[n, :start] = 0
-        g[:, :, col0: col0 + rows.shape[-1]] = sums
-
-    # -- parameter gradients from the reduced gradient --------------------------------------
     def param_grads(self, g: torch.Tensor, hidden: list, needs: Sequence[bool]) -> list:
         """Flat list of gradients, 5 per adapter (None where not needed or not a parameter)."""
         grads = []
@@ -387,118 +372,5 @@ def prefix_kv(
     return _PrefixKVFunction.apply(plan, capacity, *_flat(weights))
 
 
-# --------------------------------------------------------------------------------------------
-# PrefixKVBuffer: the storage of one step's KV cache, prefix written in
-# --------------------------------------------------------------------------------------------
-class _PrefixTokenFunction(torch.autograd.Function):
-    """Writes the prefix into the buffer; its output is a scalar token that every layer's
-    append takes as input, so that this backward runs after all of them have folded their
-    prefix gradient into ``buffer.grad`` (the gradients themselves travel outside autograd,
-    one layer at a time, and never exist as one (L, 2, B, ...) tensor)."""
-
-    @staticmethod
-    def forward(ctx, plan: _PrefixPlan, storage: torch.Tensor, slot: "_GradSlot", *flat):
-        # ctx holds the plan and the gradient slot, never the buffer (which holds the token):
-        # a token -> graph -> ctx -> token cycle would keep the whole step alive.
-        ctx.plan, ctx.slot, ctx.hidden = plan, slot, plan.write(storage)
-        ctx.save_for_backward(*[t for t in flat if t is not None])
-        return torch.zeros((), device=storage.device)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, _grad_token):
-        plan, slot = ctx.plan, ctx.slot
-        plan.weights = _unflat(plan, ctx.saved_tensors)
-        acc, slot.grad = slot.grad, None  # consumed: a second backward starts from zero
-        if acc is None:  # no layer's prefix received a gradient
-            return (None,) * (3 + len(_flat(plan.weights)))
-        return (None, None, None, *plan.param_grads(acc, ctx.hidden, ctx.needs_input_grad[3:]))
-
-
-class _GradSlot:
-    """The reduced prefix gradient (N, P, J) fp32, filled layer by layer during the backward."""
-
-    __slots__ = ("grad",)
-
-    def __init__(self):
-        self.grad: Optional[torch.Tensor] = None
-
-
-class PrefixKVBuffer:
-    """The per-step KV storage of every layer, ``(L, 2, B, Hkv, P + capacity, Dh)``, with every
-    row's prefix written in (one write per cache element), and the gradient path back to the
-    prefix parameters.
-
-    ``storage[l, 0]`` / ``storage[l, 1]`` are layer ``l``'s keys / values; positions ``P ..``
-    are free for the text (the cache appends there). When gradients are enabled and a prefix
-    parameter requires grad, ``token`` is a scalar in the autograd graph: every consumer of the
-    prefix passes it through its autograd Function and calls :meth:`accumulate_layer_grad` from
-    its backward; the token's backward then turns the reduced gradient into parameter gradients.
-    The buffer is for one step: build a new one for each forward that needs gradients.
-    """
-
-    def __init__(
-        self,
-        weights: WeightsArg,
-        geometry: PrefixGeometry,
-        batch_size: Optional[int] = None,
-        *,
-        adapter_index: Optional[torch.Tensor] = None,
-        capacity: int = 0,
-        dtype: Optional[torch.dtype] = None,
-    ):
-        geometry = check_geometry(*geometry)
-        weights = check_weights(weights, geometry)
-        check_positive_int(capacity, "capacity", allow_zero=True)
-        self.plan = _PrefixPlan(weights, geometry, adapter_index, batch_size, dtype)
-        self.geometry = geometry
-        self._slot = _GradSlot()
-        g, P = geometry, self.plan.P
-        self.storage = torch.empty((g.num_layers, 2, self.plan.batch_size, g.num_kv_heads, P + capacity, g.head_dim),
-                                   dtype=self.plan.dtype, device=self.plan.device)
-        flat = _flat(weights)
-        track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat)
-        if track:
-            self.token: Optional[torch.Tensor] = _PrefixTokenFunction.apply(self.plan, self.storage, self._slot, *flat)
-        else:
-            with torch.no_grad():
-                self.plan.write(self.storage)
-            self.token = None
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        """P, the number of prefix columns (the longest adapter's prefix)."""
-        return self.plan.P
-
-    @property
-    def batch_size(self) -> int:
-        return self.plan.batch_size
-
-    @property
-    def adapter_index(self) -> Optional[torch.Tensor]:
-        return self.plan.adapter_index
-
-    @property
-    def requires_grad(self) -> bool:
-        return self.token is not None
-
-    def prefix_lengths(self) -> torch.Tensor:
-        """(B,) int64: each row's number of prefix tokens (in the last columns of the P)."""
-        return self.plan.prefix_lengths()
-
-    def accumulate_layer_grad(self, layer_idx: int, grad_keys: Optional[torch.Tensor],
-                              grad_values: Optional[torch.Tensor]) -> None:
-        """Fold layer ``layer_idx``'s key/value gradients (B, Hkv, >= P, Dh) into the reduced
-        prefix gradient (only their first P positions are read)."""
-        if not self.requires_grad:
-            return
-        if self._slot.grad is None:
-            self._slot.grad = self.plan.new_grad()
-        g = self.geometry
-        block = g.num_kv_heads * g.head_dim
-        for kv, grad in enumerate((grad_keys, grad_values)):
-            if grad is not None:
-                self.plan.reduce(grad, self._slot.grad, col0=(layer_idx * 2 + kv) * block)
-
-
-__all__ = ["PrefixGeometry", "PrefixKVBuffer", "PrefixWeights", "prefix_kv"]
+__all__ = ["PrefixGeometry", "PrefixWeights", "check_adapter_index", "check_geometry", "check_weights",
+           "prefix_kv"]

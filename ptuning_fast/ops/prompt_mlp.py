@@ -1,7 +1,13 @@
-"""``prompt_mlp_head``: the P-tuning MLP head, dispatched to the reference or the Triton kernels."""
+"""``prompt_mlp_head``: the P-tuning MLP head, dispatched to the reference or the Triton kernels.
+
+On the kernels, an ``autograd.Function`` calls the launchers of :mod:`ptuning_fast.kernels.prompt_mlp`
+directly in eager mode (the lowest per-call overhead); under ``torch.compile`` it calls them
+through two opaque custom ops (``ptuning_fast::prompt_mlp_forward`` / ``_backward``) so Dynamo
+traces the whole head without a graph break.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -96,7 +102,118 @@ def prompt_mlp_head(x: torch.Tensor, layers: Sequence[Layer]) -> torch.Tensor:
     if not _plainly_valid(x, layers):
         _check_layers(x, layers)
     if resolve_backend(x.device) == "triton" and _kernels_apply(x, layers):
-        from ..kernels.prompt_mlp import prompt_mlp_triton
-
         return prompt_mlp_triton(x, layers)
     return prompt_mlp_reference(x, layers)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the launchers behind two opaque custom ops
+# --------------------------------------------------------------------------------------------
+_EMPTY = (0,)  # shape of the placeholder a custom op returns for a gradient that is not needed
+
+
+@torch.library.custom_op("ptuning_fast::prompt_mlp_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
+                compute_dtype: torch.dtype) -> List[torch.Tensor]:
+    from ..kernels.prompt_mlp import mlp_forward
+
+    out, hidden = mlp_forward(x, weights, biases, compute_dtype)
+    return [out, *hidden]
+
+
+@_forward_op.register_fake
+def _(x, weights, biases, compute_dtype):
+    rows = x.shape[0]
+    out = x.new_empty((rows, weights[-1].shape[0]), dtype=compute_dtype)
+    hidden = [x.new_empty((rows, w.shape[0]), dtype=compute_dtype) for w in weights[:-1]]
+    return [out, *hidden]
+
+
+@torch.library.custom_op("ptuning_fast::prompt_mlp_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
+                 biases: List[Optional[torch.Tensor]], hidden: List[torch.Tensor], compute_dtype: torch.dtype,
+                 need_grad_x: bool, need_grad_weights: List[bool], need_grad_biases: List[bool]) -> List[torch.Tensor]:
+    from ..kernels.prompt_mlp import mlp_backward
+
+    grad_x, grad_weights, grad_biases = mlp_backward(grad_out, x, weights, biases, hidden, compute_dtype,
+                                                     need_grad_x, need_grad_weights, need_grad_biases)
+    # Placeholders for gradients not needed: a fresh one each (outputs of a custom op must not
+    # alias one another), with the dtype the fake implementation below gives them.
+    return ([x.new_empty(_EMPTY) if grad_x is None else grad_x]
+            + [w.new_empty(_EMPTY) if g is None else g for w, g in zip(weights, grad_weights)]
+            + [x.new_empty(_EMPTY) if g is None else g for g in grad_biases])
+
+
+@_backward_op.register_fake
+def _(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights, need_grad_biases):
+    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty(_EMPTY)
+    grad_weights = [w.new_empty(w.shape if need else _EMPTY) for w, need in zip(weights, need_grad_weights)]
+    grad_biases = [b.new_empty(b.shape) if need and b is not None else x.new_empty(_EMPTY)
+                   for b, need in zip(biases, need_grad_biases)]
+    return [grad_x, *grad_weights, *grad_biases]
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+class PromptMLPFunction(torch.autograd.Function):
+    """``apply(x2d, compute_dtype, W1, b1, W2, b2, ...)``; a bias may be None."""
+
+    @staticmethod
+    def forward(ctx, x, compute_dtype, *params):
+        from ..kernels.prompt_mlp import mlp_forward
+
+        weights, biases = list(params[0::2]), list(params[1::2])
+        if torch.compiler.is_compiling():
+            out, *hidden = _forward_op(x, weights, biases, compute_dtype)
+        else:
+            out, hidden = mlp_forward(x, weights, biases, compute_dtype)
+        ctx.save_for_backward(x, *weights, *biases, *hidden)
+        ctx.compute_dtype = compute_dtype
+        ctx.n_layers = len(weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from ..kernels.prompt_mlp import mlp_backward
+
+        n_layers = ctx.n_layers
+        x, *rest = ctx.saved_tensors
+        weights, biases, hidden = rest[:n_layers], rest[n_layers:2 * n_layers], rest[2 * n_layers:]
+        need_x = ctx.needs_input_grad[0]
+        need_w = [ctx.needs_input_grad[2 + 2 * i] for i in range(n_layers)]
+        need_b = [ctx.needs_input_grad[3 + 2 * i] for i in range(n_layers)]
+        if torch.compiler.is_compiling():
+            grads = _backward_op(grad_out, x, weights, biases, hidden, ctx.compute_dtype, need_x, need_w, need_b)
+            grad_x = grads[0] if need_x else None
+            grad_w = [g if need else None for g, need in zip(grads[1:1 + n_layers], need_w)]
+            grad_b = [g if need and b is not None else None
+                      for g, need, b in zip(grads[1 + n_layers:], need_b, biases)]
+        else:
+            grad_x, grad_w, grad_b = mlp_backward(grad_out, x, weights, biases, hidden, ctx.compute_dtype,
+                                                  need_x, need_w, need_b)
+        return (grad_x, None, *[g for pair in zip(grad_w, grad_b) for g in pair])
+
+
+def compute_dtype_for(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would compute in: the autocast dtype when autocast is on, else the weight's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def prompt_mlp_triton(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> torch.Tensor:
+    """``Linear -> ReLU -> ... -> Linear`` over the last dim of ``x`` with the Triton kernels.
+
+    ``x``: (..., D_in) fp32/bf16/fp16; ``layers``: (weight (out, in), bias (out,) or None) pairs.
+    Returns (..., D_out) in the compute dtype (autocast's, else the parameters'), differentiable
+    with respect to ``x`` and every weight and bias. Inputs are assumed validated.
+    """
+    lead_shape = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    compute_dtype = compute_dtype_for(x, layers[0][0])
+    params = [t for weight, bias in layers for t in (weight, bias)]
+    out = PromptMLPFunction.apply(x2d, compute_dtype, *params)
+    return out.reshape(*lead_shape, out.shape[-1])
+

@@ -34,9 +34,7 @@ def encode_prefix_reference(
     ``embedding``: ``(T, J)`` without projection, ``(T, D)`` with it; ``w1`` ``(Hh, D)``,
     ``b1`` ``(Hh,)``, ``w2`` ``(J, Hh)``, ``b2`` ``(J,)`` are ``transform[0]`` and ``transform[2]``.
     """
-    if w2 is None:
-        return embedding
-    return F.linear(torch.tanh(F.linear(embedding, w1, b1)), w2, b2)
+    return encode_prefix_with_hidden_reference(embedding, w1, b1, w2, b2)[0]
 
 
 def prefix_kv_reference(
@@ -65,4 +63,53 @@ def prefix_kv_reference(
     return rows.permute(2, 3, 0, 4, 1, 5)
 
 
-__all__ = ["encode_prefix_reference", "prefix_kv_reference"]
+def write_prefix_reference(out: torch.Tensor, encoded: Sequence[torch.Tensor],
+                           adapter_index: Optional[torch.Tensor]) -> None:
+    """Write every row's prefix into the first ``P`` positions of a cache buffer
+    ``out`` ``(L, 2, B, Hkv, C, Dh)`` (what the write kernel does): ``encoded[n]`` is adapter ``n``'s
+    ``(T_n, J)`` prefix and ``adapter_index`` ``(B,)`` each row's adapter (None: one adapter, every
+    row). With one adapter the prefix is broadcast over the rows, with no ``(B, T, J)`` temporary."""
+    L, _, _, heads, _, head_dim = out.shape
+    P = max(e.shape[0] for e in encoded)
+    if adapter_index is None:
+        x = encoded[0].to(out.dtype).view(P, L, 2, heads, head_dim)
+        out[..., :P, :] = x.permute(1, 2, 3, 0, 4).unsqueeze(2)
+    else:
+        out[..., :P, :] = prefix_kv_reference(encoded, adapter_index, L, heads, head_dim, dtype=out.dtype)
+
+
+def reduce_prefix_grad_reference(grad: torch.Tensor, g: torch.Tensor, adapter_index: Optional[torch.Tensor],
+                                 starts: Sequence[int], col0: int = 0) -> None:
+    """The backward of the write (what the reduction kernel does): ``g[n, p, col0 + j]`` = the sum
+    over adapter ``n``'s rows of the prefix gradient, 0 before the adapter's first column ``starts[n]``.
+
+    ``grad``: the whole cache gradient ``(L, 2, B, Hkv, C, Dh)``, or one layer's key or value
+    gradient ``(B, Hkv, C, Dh)`` whose columns start at ``col0``; only its first ``P`` positions
+    are read. ``g``: ``(N, P, J)``, accumulated in its own dtype."""
+    P = g.shape[1]
+    part = grad[..., :P, :].to(g.dtype)
+    if part.dim() == 6:  # (L, 2, B, Hkv, P, Dh) -> (B, P, J)
+        rows = part.permute(2, 4, 0, 1, 3, 5).reshape(part.shape[2], P, -1)
+    else:  # (B, Hkv, P, Dh) -> (B, P, Hkv * Dh)
+        rows = part.permute(0, 2, 1, 3).reshape(part.shape[0], P, -1)
+    if adapter_index is None:
+        sums = rows.sum(0, keepdim=True)
+    else:
+        sums = torch.zeros((g.shape[0],) + rows.shape[1:], dtype=g.dtype, device=rows.device)
+        sums.index_add_(0, adapter_index, rows)
+    for n, start in enumerate(starts):
+        sums[n, :start] = 0
+    g[:, :, col0: col0 + rows.shape[-1]] = sums
+
+
+def encode_prefix_with_hidden_reference(embedding, w1=None, b1=None, w2=None, b2=None):
+    """(encoded prefix (T, J), tanh hidden (T, Hh) or None): :func:`encode_prefix_reference` keeping
+    what the backward of the projection needs."""
+    if w2 is None:
+        return embedding, None
+    hidden = torch.tanh(F.linear(embedding, w1, b1))
+    return F.linear(hidden, w2, b2), hidden
+
+
+__all__ = ["encode_prefix_reference", "encode_prefix_with_hidden_reference", "prefix_kv_reference",
+           "reduce_prefix_grad_reference", "write_prefix_reference"]

@@ -1,0 +1,147 @@
+"""Questions asked of a transformers model, each answered in one place: its prefix geometry and
+dtype, whether it is a causal decoder, which arguments its ``forward`` names, its PEFT task type,
+and how many positions its learned position embeddings cover."""
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import Optional
+
+import torch
+from peft import TaskType
+
+from ..ops.prefix_kv import PrefixGeometry
+
+
+def text_config(model_or_config):
+    """The (text) config of a model or config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def _first_attr(config, names, what: str):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    raise ValueError(f"the model config has none of {names}: cannot tell the model's {what}")
+
+
+def _layers_and_heads(config) -> tuple:
+    num_layers = _first_attr(config, ("num_hidden_layers", "num_layers", "n_layer"), "number of layers")
+    heads = _first_attr(config, ("num_attention_heads", "n_head", "num_heads"), "number of attention heads")
+    return int(num_layers), int(heads)
+
+
+def prefix_geometry(model_or_config) -> PrefixGeometry:
+    """(num_layers, num_kv_heads, head_dim) of the attention layers a prefix cache feeds, read as
+    PEFT reads them (GQA/MQA: ``num_key_value_heads``; ``head_dim`` from the config when set).
+    Decoder-only and encoder-only models; see :func:`seq2seq_prefix_geometry` for the others."""
+    config = text_config(model_or_config)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError("prefix caches cover decoder-only and encoder-only models; "
+                         f"{type(config).__name__} is an encoder-decoder model")
+    num_layers, heads = _layers_and_heads(config)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None:
+        hidden = _first_attr(config, ("hidden_size", "n_embd", "d_model"), "hidden size")
+        head_dim = hidden // heads
+    return PrefixGeometry(num_layers, int(kv_heads), int(head_dim))
+
+
+def seq2seq_prefix_geometry(model_or_config) -> PrefixGeometry:
+    """The geometry PEFT gives the prefix of an encoder-decoder model: ``num_layers`` of the
+    config, its attention heads, and ``hidden_size // heads`` channels per head."""
+    config = text_config(model_or_config)
+    num_layers, heads = _layers_and_heads(config)
+    hidden = _first_attr(config, ("hidden_size", "d_model", "n_embd"), "hidden size")
+    return PrefixGeometry(num_layers, heads, int(hidden) // heads)
+
+
+def model_dtype(model_or_config) -> Optional[torch.dtype]:
+    """The floating dtype of a model (its parameters'), or of a config (its ``dtype``), else None."""
+    dtype = getattr(model_or_config, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    config = getattr(model_or_config, "config", model_or_config)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+_DECODER_ONLY = weakref.WeakKeyDictionary()  # model -> bool: the module walk happens once per model
+
+
+def is_decoder_only(model) -> bool:
+    """True for causal decoder-only models (their heads read the last column; generation pads
+    left): no encoder-decoder config, and causal attention modules."""
+    known = _DECODER_ONLY.get(model)
+    if known is None:
+        known = not getattr(model.config, "is_encoder_decoder", False) and any(
+            getattr(module, "is_causal", False) is True for module in model.modules())
+        _DECODER_ONLY[model] = known
+    return known
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_parameters(cls) -> frozenset:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def accepts(model, argument: str) -> bool:
+    """Whether ``model.forward`` names ``argument`` (a ``**kwargs`` catch-all does not count: an
+    argument it swallows may be dropped silently)."""
+    return argument in _forward_parameters(type(model))
+
+
+def infer_task_type(model) -> TaskType:
+    """The PEFT task type of a transformers model, from its class (``...ForCausalLM`` -> CAUSAL_LM...)."""
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return TaskType.SEQ_2_SEQ_LM
+    for suffix, task in (("ForCausalLM", TaskType.CAUSAL_LM), ("LMHeadModel", TaskType.CAUSAL_LM),
+                         ("ForSequenceClassification", TaskType.SEQ_CLS),
+                         ("ForTokenClassification", TaskType.TOKEN_CLS),
+                         ("ForQuestionAnswering", TaskType.QUESTION_ANS)):
+        if name.endswith(suffix):
+            return task
+    return TaskType.FEATURE_EXTRACTION
+
+
+_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+_POSITION_LIMIT = weakref.WeakKeyDictionary()  # model -> int or None
+
+
+def learned_position_limit(model) -> Optional[int]:
+    """How many positions the model's learned absolute position embeddings cover (BERT's
+    ``position_embeddings``, GPT-2's ``wpe``...), or None when it has none (rotary or relative
+    positions extrapolate, so nothing is checked for them)."""
+    known = _POSITION_LIMIT.get(model, False)
+    if known is False:
+        known = None
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+                known = module.num_embeddings
+                break
+        _POSITION_LIMIT[model] = known
+    return known
+
+
+def check_position_range(model, longest_position: int, num_virtual_tokens, seq_len: int) -> None:
+    """A model with learned absolute positions (BERT, GPT-2...) must have a position for every
+    token: refuse, before the forward, a prompt and text that do not fit (``longest_position`` is
+    the bound ``P + S - 1``, known without reading any tensor)."""
+    limit = learned_position_limit(model)
+    if limit is not None and longest_position >= limit:
+        raise ValueError(f"the prompt ({num_virtual_tokens} virtual tokens) and the text ({seq_len} tokens) need "
+                         f"positions up to {longest_position}, but {type(model).__name__} has "
+                         f"max_position_embeddings={limit}: use fewer virtual tokens or shorter text")
+
+
+__all__ = ["accepts", "check_position_range", "infer_task_type", "is_decoder_only", "learned_position_limit",
+           "model_dtype", "prefix_geometry", "seq2seq_prefix_geometry", "text_config"]

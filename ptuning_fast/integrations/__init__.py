@@ -1,1 +1,0 @@
-"""Integrations with Hugging Face transformers and PEFT."""

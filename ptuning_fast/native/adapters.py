@@ -1,0 +1,215 @@
+"""A model's prompt adapters, and which one each row of a batch uses.
+
+The native path works on any *holder* of adapters with PEFT's attribute names: ``base_model``
+(the transformers model), ``prompt_encoder`` (``nn.ModuleDict`` name -> encoder),
+``peft_config`` (name -> config), ``prompt_options`` (name -> :class:`PromptOptions`) and
+``active_adapter``. :class:`~ptuning_fast.native.model.PTuningModel` is one; the PEFT route
+(:mod:`ptuning_fast.peft_route`) wraps a ``PeftModel`` as another.
+
+:func:`resolve_rows` is the one place where a batch's rows are resolved to adapters (and the
+mixes that cannot share a batch are refused, saying why).
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional
+
+import torch
+from peft import PeftType, TaskType
+from peft.utils.other import _prepare_prompt_learning_config
+
+from ..config import PrefixTuningConfig, PromptEncoderConfig
+from ..hf.introspection import accepts, infer_task_type
+from ..p_tuning.encoder import PromptEncoder
+from ..prefix_tuning.encoder import PrefixEncoder, prefix_weights_of
+from .options import PromptOptions
+
+PROMPT_TYPES = (PeftType.P_TUNING, PeftType.PREFIX_TUNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building adapters
+# ---------------------------------------------------------------------------------------------
+def prepare_config(config, model, task_type=None):
+    """A copy of ``config`` (ours or PEFT's) as PEFT fills it when it wraps ``model``."""
+    if not hasattr(config, "peft_type"):
+        raise TypeError(f"`config` must be a PEFT prompt-learning config (PromptEncoderConfig or "
+                        f"PrefixTuningConfig), got {type(config).__name__}")
+    if config.peft_type not in PROMPT_TYPES:
+        raise ValueError(f"`config.peft_type` must be P_TUNING or PREFIX_TUNING, got {config.peft_type}")
+    config = copy.deepcopy(config)
+    if config.peft_type == PeftType.P_TUNING:
+        config = PromptEncoderConfig.from_peft(config)
+    else:
+        config = PrefixTuningConfig.from_peft(config)
+    if task_type is not None:
+        config.task_type = TaskType(task_type)
+    elif config.task_type is None:
+        config.task_type = infer_task_type(model)
+    else:
+        config.task_type = TaskType(config.task_type)
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
+    _prepare_prompt_learning_config(config, model.config)
+    config.base_model_name_or_path = config.base_model_name_or_path or getattr(model, "name_or_path", None) or None
+    return config
+
+
+def check_config_fits_model(config, model, source: str) -> None:
+    """Refuse an adapter config made for another model (hidden size, layers or heads differ),
+    naming both: PEFT fills these fields from the model it wraps, and a config keeps them."""
+    blank = copy.deepcopy(config)
+    fields = ("token_dim",) if config.peft_type == PeftType.P_TUNING else ("token_dim", "num_layers",
+                                                                           "num_attention_heads")
+    for field in fields:
+        setattr(blank, field, None)
+    _prepare_prompt_learning_config(blank, model.config)
+    saved = {f: getattr(config, f) for f in fields if getattr(config, f) is not None}
+    wanted = {f: getattr(blank, f) for f in saved}
+    if saved != wanted:
+        raise ValueError(f"{source} was made for a model with {saved}, but {type(model).__name__} has {wanted}: the "
+                         "adapter does not fit this model")
+
+
+def make_encoder(config):
+    """This package's encoder for ``config``: ``PromptEncoder`` (v1) or ``PrefixEncoder`` (v2)."""
+    return PromptEncoder(config) if config.peft_type == PeftType.P_TUNING else PrefixEncoder(config)
+
+
+def encoded_prompt_table(encoder, config) -> torch.Tensor:
+    """The encoded virtual tokens of a v1 adapter, (T_total, D), as PEFT computes them: the
+    embedding itself in inference mode, else the encoder over tokens 0..T_total-1."""
+    if config.inference_mode:
+        return encoder.embedding.weight
+    if hasattr(encoder, "encoded_prompts"):
+        return encoder.encoded_prompts()
+    tokens = torch.arange(encoder.total_virtual_tokens, device=encoder.embedding.weight.device)
+    return encoder(tokens[None])[0]  # PEFT's own encoder
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+class Rows:
+    """Which adapter each row of a batch uses: ``names`` (distinct, in first-use order) and
+    ``index`` (B,) into ``names``, or None when every row uses ``names[0]``."""
+
+    __slots__ = ("names", "index")
+
+    def __init__(self, names: List[str], index: Optional[torch.Tensor]):
+        self.names, self.index = names, index
+
+
+def task_of(holder) -> TaskType:
+    return next(iter(holder.peft_config.values())).task_type
+
+
+def check_adapter_name(holder, name, argument: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"`{argument}` must hold adapter names (str), got {name!r}")
+    if name not in holder.prompt_encoder:
+        raise ValueError(f"`{argument}`: unknown adapter {name!r}; known: {sorted(holder.prompt_encoder)}")
+
+
+def resolve_rows(holder, adapter_names, batch_size: int, device) -> Rows:
+    """The adapters of a batch's rows: ``adapter_names`` (one name per row) or the active adapter."""
+    if adapter_names is None:
+        return Rows([holder.active_adapter], None)
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"`adapter_names` must be a list of adapter names (one per row), got "
+                        f"{type(adapter_names).__name__}")
+    if len(adapter_names) != batch_size:
+        raise ValueError(f"`adapter_names` has {len(adapter_names)} names for a batch of {batch_size} rows")
+    for name in adapter_names:
+        check_adapter_name(holder, name, "adapter_names")
+    names = list(dict.fromkeys(adapter_names))
+    if len(names) == 1:
+        return Rows(names, None)
+    _check_mix(holder, names)
+    lookup = {name: i for i, name in enumerate(names)}
+    index = torch.tensor([lookup[n] for n in adapter_names], dtype=torch.long, device=device)
+    return Rows(names, index)
+
+
+def _check_mix(holder, names: List[str]) -> None:
+    """Refuse adapters that cannot share a batch, naming them and saying why."""
+    configs, options = holder.peft_config, holder.prompt_options
+    kinds = {configs[n].peft_type for n in names}
+    if len(kinds) > 1:
+        which = {n: configs[n].peft_type.value for n in names}
+        raise ValueError(f"`adapter_names` mixes prompt kinds {sorted(k.value for k in kinds)} ({which}): v1 "
+                         "prompts are input tokens and deep prompts are attention-cache entries, so they cannot "
+                         "share a batch; run each kind's rows separately")
+    if kinds == {PeftType.PREFIX_TUNING}:
+        _check_deep_prompt_mix(holder, names)
+    placements = {options[n].placement for n in names}
+    tokens = {options[n].prompt_token_id for n in names}
+    if len(placements) > 1 or (placements == {"template"} and len(tokens) > 1):
+        which = {n: (options[n].placement, options[n].prompt_token_id) for n in names}
+        raise ValueError(f"`adapter_names` mixes template and prefix placements (or placeholder ids): {which} "
+                         "(placement, prompt_token_id); one batch is laid out one way, so the rows of a batch "
+                         "must share one placement")
+    modes = {options[n].positions for n in names}
+    if len(modes) > 1:
+        which = {n: options[n].positions for n in names}
+        raise ValueError(f"`adapter_names` mixes positions={' and '.join(repr(m) for m in sorted(modes))} adapters "
+                         f"({which}); one batch numbers its positions one way, so run each mode's rows separately")
+
+
+def _check_deep_prompt_mix(holder, names: List[str]) -> None:
+    """Deep-prompt adapters share a batch through one cache; say why where they cannot."""
+    lengths = {name: holder.peft_config[name].num_virtual_tokens for name in names}
+    if len(set(lengths.values())) == 1:
+        return
+    if task_of(holder) == TaskType.SEQ_2_SEQ_LM:
+        raise ValueError(f"`adapter_names` mixes deep-prompt adapters of different lengths {lengths} on a seq2seq "
+                         "model: its decoder builds its own self-attention mask and cannot hide the prefix "
+                         "columns a shorter prompt leaves empty; use adapters of one `num_virtual_tokens`")
+    if not accepts(holder.base_model, "position_ids"):
+        raise ValueError(f"`adapter_names` mixes deep-prompt adapters of different lengths {lengths}, but "
+                         f"{type(holder.base_model).__name__} takes no `position_ids`, so rows with the shorter "
+                         "prompts would get wrong positions; use adapters of one `num_virtual_tokens`")
+
+
+def rows_kind(holder, rows: Rows):
+    return holder.peft_config[rows.names[0]].peft_type
+
+
+def rows_options(holder, rows: Rows) -> PromptOptions:
+    return holder.prompt_options[rows.names[0]]
+
+
+def prompt_lengths(holder, rows: Rows, device):
+    """Each row's prompt length: an int when every row has the same, else a (B,) int64 tensor;
+    and the longest (an int: known without reading any tensor)."""
+    lengths = [holder.peft_config[name].num_virtual_tokens for name in rows.names]
+    if rows.index is None or len(set(lengths)) == 1:
+        return lengths[0], lengths[0]
+    return torch.tensor(lengths, dtype=torch.long, device=device)[rows.index], max(lengths)
+
+
+def prefix_weights(holder, rows: Rows) -> list:
+    """The rows' deep-prompt adapters as PrefixWeights, in ``rows.names`` order."""
+    return [prefix_weights_of(holder.prompt_encoder[name], name) for name in rows.names]
+
+
+def prompt_tables(holder, rows: Rows, batch_size: int, device):
+    """v1: (table (sum of T, D), row offset (B,) into it or 0) for the rows' adapters."""
+    tables, lengths = [], []
+    for name in rows.names:
+        config = holder.peft_config[name]
+        table = encoded_prompt_table(holder.prompt_encoder[name], config)
+        tables.append(table[: config.num_virtual_tokens])  # seq2seq: the encoder half, as PEFT
+        lengths.append(config.num_virtual_tokens)
+    if rows.index is None:
+        return tables[0], 0
+    lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
+    if len({t.dtype for t in tables}) > 1:
+        tables = [t.float() for t in tables]
+    offsets = torch.cumsum(lengths_t, 0) - lengths_t
+    return torch.cat(tables), offsets[rows.index]
+
+
+__all__ = ["PROMPT_TYPES", "Rows", "check_adapter_name", "check_config_fits_model", "encoded_prompt_table", "make_encoder", "prefix_weights",
+           "prepare_config", "prompt_lengths", "prompt_tables", "resolve_rows", "rows_kind", "rows_options",
+           "task_of"]

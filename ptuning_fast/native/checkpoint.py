@@ -1,0 +1,368 @@
+"""Checkpoints in PEFT's adapter format, written and read with safetensors and JSON only (never pickle).
+
+One folder per adapter (``"default"`` at the root, any other in a sub-folder named after it, as
+PEFT does):
+
+- ``adapter_config.json``: the PEFT config with ``inference_mode: true``, exactly as PEFT writes it;
+- ``adapter_model.safetensors``: ``{"prompt_embeddings": ...}``, the encoded prompts (v1:
+  ``(T_total, D)``; deep prompts: ``(T, L * 2 * D)``), exactly as PEFT writes them.
+
+``PeftModel.from_pretrained`` loads such a folder, and :func:`load_adapter_into` loads PEFT's.
+``save_encoder=True`` adds what resuming training needs:
+
+- ``ptuning_fast_encoder.safetensors``: the whole encoder ``state_dict`` (embedding, MLP/LSTM or
+  projection weights) under ``encoder.<key>``;
+- ``ptuning_fast_optimizer.safetensors`` (when an ``optimizer`` is given): its state tensors, with
+  the param groups and non-tensor state as JSON metadata.
+
+``ptuning_fast_config.json`` holds the native model's :class:`~ptuning_fast.native.options.PromptOptions`.
+
+Every file is written to a temporary name and renamed into place, so a reader never sees half a
+file. The functions work on any holder of prompt adapters (a ``PTuningModel`` or a ``PeftModel``,
+by their attributes; see :mod:`ptuning_fast.native.adapters`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+from peft import PeftConfig, PeftType
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .adapters import PROMPT_TYPES, check_config_fits_model, encoded_prompt_table, make_encoder
+from .options import PromptOptions
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+OPTIONS_NAME = "ptuning_fast_config.json"
+ENCODER_NAME = "ptuning_fast_encoder.safetensors"
+OPTIMIZER_NAME = "ptuning_fast_optimizer.safetensors"
+FORMAT_VERSION = 1
+
+
+def adapter_directory(save_directory: str, adapter_name: str) -> str:
+    """Where an adapter lives inside a save directory (PEFT's convention)."""
+    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: safetensors and JSON, each written atomically and read with an error naming the file
+# ---------------------------------------------------------------------------------------------
+def write_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, temporary, metadata={"format": "pt", **(metadata or {})})
+    os.replace(temporary, path)
+
+
+def write_json(data, path: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def _write_peft_config(config, directory: str) -> None:
+    """``adapter_config.json`` exactly as PEFT writes it (its own ``save_pretrained``), renamed into place."""
+    temporary = tempfile.mkdtemp(prefix=".config-", dir=directory)
+    try:
+        config.save_pretrained(temporary)
+        os.replace(os.path.join(temporary, CONFIG_NAME), os.path.join(directory, CONFIG_NAME))
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def read_safetensors(path: str, device: str = "cpu") -> dict:
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+
+
+def read_safetensors_metadata(path: str) -> dict:
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The holder's adapter
+# ---------------------------------------------------------------------------------------------
+def _check_holder(model) -> None:
+    if not isinstance(getattr(model, "prompt_encoder", None), torch.nn.ModuleDict) or not hasattr(model, "peft_config"):
+        if hasattr(model, "peft_config") and hasattr(model, "active_adapter"):  # a PeftModel of another type
+            kinds = sorted({getattr(c.peft_type, "value", str(c.peft_type)) for c in model.peft_config.values()})
+            raise ValueError(f"`model` holds {', '.join(kinds)} adapters, not prompt-learning ones (P_TUNING / "
+                             "PREFIX_TUNING): a prompt adapter cannot be added to it")
+        raise TypeError(f"`model` must be a PTuningModel or a peft.PeftModel, got {type(model).__name__}")
+    if getattr(model, "_is_prompt_learning", True) is False:
+        raise ValueError("`model` holds no prompt-learning adapter (P_TUNING / PREFIX_TUNING)")
+
+
+def _parts(model, adapter_name: Optional[str]):
+    """(encoder, config, options, name) of ``adapter_name`` in a PTuningModel or PeftModel."""
+    _check_holder(model)
+    adapter_name = model.active_adapter if adapter_name is None else adapter_name
+    if not isinstance(adapter_name, str) or adapter_name not in model.prompt_encoder:
+        raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; known: {sorted(model.prompt_encoder)}")
+    options = getattr(model, "prompt_options", {}).get(adapter_name, PromptOptions())
+    return model.prompt_encoder[adapter_name], model.peft_config[adapter_name], options, adapter_name
+
+
+def encoded_prompts(encoder, config) -> torch.Tensor:
+    """What PEFT saves as ``prompt_embeddings`` (the encoder's output for the canonical tokens),
+    detached, on the encoder's device."""
+    with torch.no_grad():
+        if config.inference_mode:
+            weights = encoder.embedding.weight
+        elif config.peft_type == PeftType.P_TUNING:
+            weights = encoded_prompt_table(encoder, config)
+        else:
+            tokens = torch.arange(config.num_virtual_tokens, device=encoder.embedding.weight.device)
+            weights = encoder(tokens[None])[0]
+    return weights.detach()
+
+
+def prompt_embeddings_to_save(encoder, config) -> torch.Tensor:
+    return encoded_prompts(encoder, config).to("cpu").contiguous()
+
+
+def freeze_adapter(encoder, config):
+    """(inference-mode encoder holding ``encoder``'s encoded prompts, its config): the adapter as
+    ``PeftModel.from_pretrained`` would load it after a save, with gradients off."""
+    frozen_config = copy.deepcopy(config)
+    frozen_config.inference_mode = True
+    prompts = encoded_prompts(encoder, config)
+    frozen = make_encoder(frozen_config).to(device=prompts.device, dtype=prompts.dtype)
+    with torch.no_grad():
+        frozen.embedding.weight.copy_(prompts)
+    frozen.requires_grad_(False)
+    return frozen.train(encoder.training), frozen_config
+
+
+def _optimizer_tensors(optimizer):
+    """Optimizer state -> (tensors, metadata) for safetensors."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    try:
+        metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    except TypeError as exc:
+        raise ValueError(f"`optimizer` state holds values that cannot be written without pickle ({exc}); keep "
+                         "hyper-parameters as plain numbers, or save the optimizer yourself") from None
+    return tensors, metadata
+
+
+def optimizer_state_from_file(path: str) -> dict:
+    """The ``state_dict`` of an optimizer written by :func:`save_adapter` (or the training job)."""
+    metadata = read_safetensors_metadata(path)
+    tensors = read_safetensors(path)
+    if "param_groups" not in metadata:
+        raise ValueError(f"{path} is not an optimizer state written by ptuning_fast (no param_groups)")
+    state = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in json.loads(metadata.get("scalars", "{}")).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+
+
+def save_optimizer(optimizer, path: str) -> None:
+    tensors, metadata = _optimizer_tensors(optimizer)
+    write_safetensors(tensors, path, metadata)
+
+
+def load_optimizer(optimizer, path: str) -> None:
+    saved = optimizer_state_from_file(path)
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(groups, optimizer.param_groups)):
+        raise ValueError("`optimizer` does not match the saved optimizer state (different parameter groups); "
+                         "build it over the same parameters, in the same order, as when it was saved")
+    optimizer.load_state_dict(saved)
+
+
+def save_adapter(model, save_directory: str, adapter_name: Optional[str] = None, *, save_encoder: bool = False,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> str:
+    """Save one adapter of a :class:`PTuningModel` or ``PeftModel`` in PEFT's format; returns its folder.
+
+    ``save_encoder=True`` also writes the whole encoder (and ``optimizer``'s state, if given), which
+    loading with ``is_trainable=True`` needs to resume training.
+    """
+    encoder, config, options, adapter_name = _parts(model, adapter_name)
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(f"`save_directory` must be a path, got {type(save_directory).__name__}")
+    if os.path.isfile(save_directory):
+        raise ValueError(f"`save_directory` ({save_directory}) is a file, not a directory")
+    if not isinstance(save_encoder, bool):
+        raise TypeError(f"`save_encoder` must be a bool, got {save_encoder!r}")
+    if optimizer is not None and not save_encoder:
+        raise ValueError("saving the `optimizer` state only helps to resume training: pass `save_encoder=True` too")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if save_encoder and config.inference_mode:
+        raise ValueError(f"adapter {adapter_name!r} holds encoded prompts only (loaded for inference, or frozen): "
+                         "there is no encoder to save")
+    directory = adapter_directory(os.fspath(save_directory), adapter_name)
+    os.makedirs(directory, exist_ok=True)
+
+    write_safetensors({"prompt_embeddings": prompt_embeddings_to_save(encoder, config)},
+                      os.path.join(directory, WEIGHTS_NAME))
+    saved_config = copy.deepcopy(config)
+    saved_config.inference_mode = True  # as PEFT: the folder holds the encoded prompts
+    if saved_config.base_model_name_or_path is None:
+        base = model.get_base_model()
+        saved_config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
+    _write_peft_config(saved_config, directory)
+
+    if save_encoder:
+        tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+        write_safetensors(tensors, os.path.join(directory, ENCODER_NAME))
+        if optimizer is not None:
+            save_optimizer(optimizer, os.path.join(directory, OPTIMIZER_NAME))
+    extras = {"format_version": FORMAT_VERSION, "prompt_options": options.to_dict(),
+              "encoder_saved": bool(save_encoder)}
+    write_json(extras, os.path.join(directory, OPTIONS_NAME))
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def read_adapter_folder(model_id, *, is_trainable: bool = False, adapter_name: str = "default",
+                        optimizer: Optional[torch.optim.Optimizer] = None):
+    """(config, options, has_encoder) of an adapter folder, ours or PEFT's, checked for what the
+    load asks (``config.inference_mode`` is set to ``not is_trainable``)."""
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"`is_trainable` must be a bool, got {is_trainable!r}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise TypeError(f"`adapter_name` must be a non-empty str, got {adapter_name!r}")
+    if optimizer is not None and not is_trainable:
+        raise ValueError("restoring an `optimizer` needs `is_trainable=True`")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise TypeError(f"`model_id` must be a path to an adapter folder, got {type(model_id).__name__}")
+    model_id = os.fspath(model_id)
+    config_path = os.path.join(model_id, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {model_id!r}: not an adapter folder (PEFT's format)")
+    if not os.path.isfile(os.path.join(model_id, WEIGHTS_NAME)):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {model_id!r}; ptuning_fast reads safetensors only "
+                                "(re-save a pickled adapter_model.bin with safetensors)")
+    raw = read_json(config_path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
+    peft_type = raw.get("peft_type")
+    if peft_type not in PeftType._value2member_map_:
+        raise ValueError(f"{config_path}: unknown peft_type {peft_type!r}; known: {sorted(PeftType._value2member_map_)}")
+    config = PeftConfig.from_pretrained(model_id)
+    if config.peft_type not in PROMPT_TYPES:
+        raise ValueError(f"the adapter in {model_id!r} is {config.peft_type.value}, not P_TUNING or PREFIX_TUNING")
+    options, has_encoder = PromptOptions(), False
+    extras_path = os.path.join(model_id, OPTIONS_NAME)
+    if os.path.isfile(extras_path):
+        extras = read_json(extras_path)
+        try:
+            options = PromptOptions.from_dict(extras.get("prompt_options", {}) if isinstance(extras, dict) else extras)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{extras_path}: {exc}") from None
+        has_encoder = bool(extras.get("encoder_saved")) and os.path.isfile(os.path.join(model_id, ENCODER_NAME))
+    if is_trainable and not has_encoder:
+        raise ValueError(f"cannot resume training from {model_id!r}: it holds only the encoded prompts (PEFT's "
+                         "format keeps no encoder weights); save with `save_encoder=True` to resume")
+    if optimizer is not None and not os.path.isfile(os.path.join(model_id, OPTIMIZER_NAME)):
+        raise ValueError(f"no optimizer state ({OPTIMIZER_NAME}) in {model_id!r}: it was saved without `optimizer`")
+    config.inference_mode = not is_trainable
+    return config, options, has_encoder
+
+
+def _load_weights(encoder, model_id: str, resume: bool) -> None:
+    device = str(encoder.embedding.weight.device)
+    if resume:
+        path = os.path.join(model_id, ENCODER_NAME)
+        tensors = read_safetensors(path, device)
+        state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        expected = encoder.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match the encoder its config builds: missing {missing}, "
+                             f"unexpected {unexpected}")
+        shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+                  if tuple(v.shape) != tuple(expected[k].shape)}
+        if shapes:
+            raise ValueError(f"{path} holds tensors of other shapes than the encoder its config builds "
+                             f"(saved, expected): {shapes}")
+        encoder.load_state_dict(state, strict=True)
+        return
+    path = os.path.join(model_id, WEIGHTS_NAME)
+    weights = read_safetensors(path, device)
+    if "prompt_embeddings" not in weights:
+        raise ValueError(f"{WEIGHTS_NAME} in {model_id!r} holds {sorted(weights)}, not `prompt_embeddings`")
+    embeddings = weights["prompt_embeddings"]
+    expected = tuple(encoder.embedding.weight.shape)
+    if tuple(embeddings.shape) != expected:
+        raise ValueError(f"`prompt_embeddings` in {model_id!r} has shape {tuple(embeddings.shape)}, but the "
+                         f"adapter config gives {expected}")
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(embeddings)
+
+
+def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_trainable: bool = False,
+                      optimizer: Optional[torch.optim.Optimizer] = None):
+    """Load the adapter folder ``model_id`` into ``holder`` (a ``PTuningModel`` or ``PeftModel``) as
+    ``adapter_name``: added when it does not exist, else its weights are copied into its parameters
+    in place. Returns ``holder``. See :func:`ptuning_fast.native.model.load_adapter`."""
+    _check_holder(holder)
+    config, options, _ = read_adapter_folder(model_id, is_trainable=is_trainable, adapter_name=adapter_name,
+                                             optimizer=optimizer)
+    model_id = os.fspath(model_id)
+    check_config_fits_model(config, holder.get_base_model(), os.path.join(model_id, CONFIG_NAME))
+    if adapter_name not in holder.prompt_encoder:
+        if hasattr(holder, "prompt_options"):
+            holder.add_adapter(adapter_name, config, options)
+        else:
+            holder.add_adapter(adapter_name, config)
+    elif holder.peft_config[adapter_name].peft_type != config.peft_type:
+        raise ValueError(f"adapter {adapter_name!r} is {holder.peft_config[adapter_name].peft_type.value} but "
+                         f"{model_id!r} holds {config.peft_type.value}")
+    encoder = holder.prompt_encoder[adapter_name]
+    if not is_trainable and not holder.peft_config[adapter_name].inference_mode:
+        raise ValueError(f"adapter {adapter_name!r} of the model is built for training; load the encoded "
+                         "prompts into a new adapter name, or pass `is_trainable=True`")
+    _load_weights(encoder, model_id, resume=is_trainable)
+    if is_trainable:
+        encoder.requires_grad_(True)
+        if optimizer is not None:
+            load_optimizer(optimizer, os.path.join(model_id, OPTIMIZER_NAME))
+    else:
+        encoder.requires_grad_(False)
+        encoder.eval()
+    return holder
+
+
+__all__ = ["adapter_directory", "encoded_prompts", "freeze_adapter", "load_adapter_into", "load_optimizer",
+           "optimizer_state_from_file", "prompt_embeddings_to_save", "read_adapter_folder", "read_json",
+           "read_safetensors", "save_adapter", "save_optimizer", "write_json", "write_safetensors"]

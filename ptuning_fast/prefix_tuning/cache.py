@@ -1,0 +1,284 @@
+"""``PrefixKVCache``: a transformers ``DynamicCache`` whose layers hold a deep prompt (prefix) and
+append the text after it in place.
+
+Storage: one :class:`ptuning_fast.ops.prefix_cache.PrefixKVBuffer` per step, ``(L, 2, B, Hkv,
+P + capacity, Dh)``, allocated once with the prefix written in by one kernel launch per adapter.
+Layer ``l`` reads and writes ``storage[l]``: ``update`` copies the new keys/values to positions
+``[length, length + S)`` and returns views ``[..., :length + S, :]`` in the ``(batch, kv_heads,
+seq, head_dim)`` layout the attention reads. No ``torch.cat`` per layer per step, no copy of the
+prefix per layer. Past the capacity (long generations) a layer grows its storage geometrically.
+
+Autograd (training forward): the appends write into one shared buffer, so plain in-place copies
+would trip autograd's version checks (attention saves the returned views) and could not route
+gradients. Each append is instead :class:`ptuning_fast.ops.prefix_cache.AppendKV`, whose backward
+folds the prefix slice of the gradient into the buffer's reduced prefix gradient. One
+gradient-carrying forward per cache: build a new cache for each training step.
+
+Gradient checkpointing (non-reentrant, transformers' default): :func:`keep_cache_under_checkpointing`
+keeps the cache in checkpointed layers; a layer recomputed during the backward finds its earlier
+write and returns the same views instead of appending again.
+
+Also implemented for ``generate()``: ``get_seq_length``, ``get_mask_sizes``, ``crop``,
+``reorder_cache`` (beam search), ``batch_repeat_interleave`` / ``batch_select_indices``.
+``reset()`` returns every layer to the prefix alone.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from .._deprecation import warn_deprecated
+from ..ops.prefix_cache import AppendKV, PrefixKVBuffer
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward (where checkpointed layers are recomputed)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+class PrefixKVLayer(DynamicLayer):
+    """One layer of a :class:`PrefixKVCache`: the prefix followed by the text, in place."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, buffer: PrefixKVBuffer, layer_idx: int):
+        super().__init__()
+        self.buffer = buffer
+        self.layer_idx = layer_idx
+        self.prefix_length = buffer.num_virtual_tokens
+        self.length = self.prefix_length
+        self._kv = buffer.storage[layer_idx]  # (2, B, Hkv, capacity, Dh), a view of the shared buffer
+        self.dtype, self.device = self._kv.dtype, self._kv.device
+        self.is_initialized = True
+        self._segments: List[tuple] = []  # (start, length, with_grad) of each append
+        self._sync()
+
+    # -- storage ------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self._kv.shape[3]
+
+    def _sync(self) -> None:
+        """Point ``keys``/``values`` (read by some models and by ``DynamicCache.__iter__``) at the
+        current contents."""
+        self.keys = self._kv[0, :, :, : self.length]
+        self.values = self._kv[1, :, :, : self.length]
+
+    def _alias(self, kv: int, end: int) -> torch.Tensor:
+        # `.data` gives an alias with its own version counter: later appends to the shared
+        # storage do not invalidate what attention saved for the backward.
+        return self._kv.data[kv, :, :, :end]
+
+    def _write(self, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        end = start + key_states.shape[-2]
+        with torch.no_grad():
+            self._kv.data[0, :, :, start:end].copy_(key_states)
+            self._kv.data[1, :, :, start:end].copy_(value_states)
+
+    def _grow(self, needed: int) -> None:
+        """Move to a larger storage (doubling), keeping the current contents. Views returned
+        earlier keep the old storage alive as long as something holds them."""
+        new = self._kv.new_empty(self._kv.shape[:3] + (max(needed, 2 * self.capacity),) + self._kv.shape[4:])
+        new[:, :, :, : self.length].copy_(self._kv[:, :, :, : self.length])
+        self._kv = new
+
+    def _check_states(self, key_states, value_states) -> None:
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"PrefixKVCache layer {self.layer_idx}: `{name}` must be a 4D tensor "
+                                 f"(batch, kv_heads, seq, head_dim), got {getattr(t, 'shape', type(t).__name__)}")
+            expected = (self._kv.shape[1], self._kv.shape[2], t.shape[2], self._kv.shape[4])
+            if tuple(t.shape) != expected:
+                raise ValueError(
+                    f"PrefixKVCache layer {self.layer_idx}: `{name}` has shape {tuple(t.shape)}, expected "
+                    f"(batch={expected[0]}, kv_heads={expected[1]}, seq, head_dim={expected[3]}); was the cache "
+                    "built for this model and batch size?")
+            if t.dtype != self.dtype:
+                raise ValueError(f"PrefixKVCache layer {self.layer_idx}: the model's {name} are {t.dtype} but the "
+                                 f"cache holds {self.dtype}; build the cache with dtype={t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"PrefixKVCache layer {self.layer_idx}: `{name}` is on {t.device} but the cache "
+                                 f"is on {self.device}")
+
+    # -- the Cache layer API --------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:  # storage exists from the start
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``S`` new keys/values; return the layer's keys/values ``(B, Hkv, length, Dh)``."""
+        self._check_states(key_states, value_states)
+        S = key_states.shape[-2]
+        if _in_backward():
+            replay = self._replay(key_states, value_states)
+            if replay is not None:
+                return replay
+        start, end = self.length, self.length + S
+        grad_inputs = key_states.requires_grad or value_states.requires_grad or self.buffer.requires_grad
+        track = torch.is_grad_enabled() and grad_inputs
+        if track and any(with_grad for _, _, with_grad in self._segments):
+            raise ValueError(
+                "PrefixKVCache: this cache already took part in a forward that needs gradients; gradients "
+                "cannot flow through a second one. Build a new cache (build_prefix_cache) for each training step.")
+        if end > self.capacity:
+            self._grow(end)
+        if track:
+            keys, values = AppendKV.apply(self.buffer.token, self, start, key_states, value_states)
+        else:
+            self._write(start, key_states, value_states)
+            keys, values = self._alias(0, end), self._alias(1, end)
+        self._segments.append((start, S, track))
+        self.length = end
+        self._sync()
+        return keys, values
+
+    def _replay(self, key_states, value_states):
+        """A checkpointed layer recomputed in the backward: return what its forward returned, with
+        autograd history again (the recompute must save the same tensors as the forward did)."""
+        S = key_states.shape[-2]
+        for start, length, with_grad in reversed(self._segments):
+            if length == S:
+                if not with_grad:
+                    raise ValueError(
+                        "PrefixKVCache: a layer was recomputed in the backward after a forward without autograd "
+                        "(reentrant gradient checkpointing). Use non-reentrant checkpointing: "
+                        "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+                return AppendKV.apply(self.buffer.token, self, start, key_states, value_states, False)
+        return None
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length) -> tuple:
+        # transformers 5.23 passes the query length; earlier 5.x releases pass cache_position.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1  # grows past its capacity
+
+    def reset(self) -> None:
+        """Back to the prefix alone."""
+        self.length = self.prefix_length
+        self._segments = []
+        self._sync()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                             "Please use a negative integer to remove that number of tokens from the cache instead.")
+        new_length = self.length + tokens_to_remove
+        if new_length < self.prefix_length:
+            raise ValueError(f"PrefixKVCache: cannot remove {-tokens_to_remove} tokens from layer {self.layer_idx}: "
+                             f"only {self.length - self.prefix_length} follow the {self.prefix_length}-token prefix")
+        self.length = new_length
+        self._segments = [s for s in self._segments if s[0] + s[1] <= new_length]
+        self._sync()
+
+    def _reindex_batch(self, kv: torch.Tensor) -> None:
+        self._kv = kv
+        self._segments = [(s, n, False) for s, n, _ in self._segments]
+        self._sync()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._reindex_batch(self._kv.index_select(1, beam_idx.to(self.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._reindex_batch(self._kv.repeat_interleave(repeats, dim=1))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._reindex_batch(self._kv[:, indices])
+
+    def offload(self):
+        self._kv = self._kv.to("cpu", non_blocking=True)
+        self._sync()
+
+    def prefetch(self):
+        if self._kv.device != self.device:
+            self._kv = self._kv.to(self.device, non_blocking=True)
+            self._sync()
+
+
+class PrefixKVCache(DynamicCache):
+    """A ``DynamicCache`` (so models, PEFT and ``generate()`` accept it) whose layers start with
+    the deep prompt and append the text in place; see the module docstring.
+
+    Build it with :func:`ptuning_fast.prefix_tuning.functional.build_prefix_cache`, or from a
+    :class:`PrefixKVBuffer` directly.
+    """
+
+    def __init__(self, buffer: PrefixKVBuffer):
+        if not isinstance(buffer, PrefixKVBuffer):
+            raise TypeError(f"`buffer` must be a PrefixKVBuffer, got {type(buffer).__name__}")
+        layers = [PrefixKVLayer(buffer, i) for i in range(buffer.geometry.num_layers)]
+        Cache.__init__(self, layers=layers)  # not DynamicCache.__init__: it would build its own layers
+        self.buffer = buffer
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """P, the number of prefix columns at the start of every layer."""
+        return self.buffer.num_virtual_tokens
+
+    @property
+    def adapter_index(self) -> Optional[torch.Tensor]:
+        return self.buffer.adapter_index
+
+    def prompt_lengths(self) -> torch.Tensor:
+        """(B,) int64: each row's prefix tokens (they fill the last of the P prefix columns)."""
+        return self.buffer.prompt_lengths()
+
+    def prefix_lengths(self) -> torch.Tensor:
+        """Deprecated name of :meth:`prompt_lengths`."""
+        warn_deprecated("PrefixKVCache.prefix_lengths()", "PrefixKVCache.prompt_lengths()")
+        return self.prompt_lengths()
+
+    def storage_bytes(self) -> int:
+        """Bytes held by the cache's key/value storage (all layers)."""
+        seen, total = set(), 0
+        for layer in self.layers:
+            storage = layer._kv.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    def updated_layers(self) -> List[int]:
+        """Indices of the layers that received text (a model that dropped the cache updates none)."""
+        return [layer.layer_idx for layer in self.layers if layer.length > layer.prefix_length]
+
+
+@contextlib.contextmanager
+def keep_cache_under_checkpointing(model):
+    """Within the block, the checkpointed layers of ``model`` keep a :class:`PrefixKVCache` under
+    gradient checkpointing (transformers drops caches there); restored afterwards, so a plain
+    ``DynamicCache`` used later is dropped again as transformers intends.
+
+    Run the forward inside the block (the backward may run after it: the recomputed layers
+    reuse the cache captured by the forward). Safe with this cache only: a recomputed layer finds
+    its earlier write (see :meth:`PrefixKVLayer.update`). Models that drop the cache before their
+    layers (GPT-2 passes ``None`` under checkpointing) still lose the prefix;
+    :func:`ptuning_fast.prefix_tuning.functional.prefix_forward` detects that and raises.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    saved = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield len(layers)
+    finally:
+        for m, value in zip(layers, saved):
+            if value is None:
+                m.__dict__.pop("_can_checkpoint_with_cache", None)
+            else:
+                m._can_checkpoint_with_cache = value
+
+
+__all__ = ["PrefixKVCache", "PrefixKVLayer", "keep_cache_under_checkpointing"]
