@@ -13,8 +13,25 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+def _peft_prompt_learning_broken() -> bool:
+    """PEFT 0.21.2 cannot run PREFIX_TUNING forwards of classification/token/QA heads, nor prompt
+    learning's generate(), on transformers >= 5.24 (it reads `past_key_values`, renamed `cache`)."""
+    from packaging.version import Version
+    import peft
+
+    from ptuning_fast.hf.compat import CACHE_KWARG
+
+    return CACHE_KWARG == "cache" and Version(peft.__version__) <= Version("0.21.2")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    peft_broken = any("peft_oracle" in item.keywords for item in items) and _peft_prompt_learning_broken()
+    peft_xfail = pytest.mark.xfail(strict=False, reason=(
+        "compares with plain PEFT, whose prompt learning fails on this transformers release; "
+        "tests/test_peft_reference.py checks these cases against PEFT's numbers recorded on the pinned versions"))
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+        if peft_broken and "peft_oracle" in item.keywords:
+            item.add_marker(peft_xfail)

@@ -5,16 +5,19 @@ For every ``P_TUNING`` and ``PREFIX_TUNING`` adapter of a ``PeftModel``, in plac
 - the encoder becomes this package's drop-in (``PromptEncoder`` / ``PrefixEncoder``) holding the
   very same ``Parameter`` objects, so trained weights, optimizers already built on them, DDP and
   hooks keep working;
-- ``get_prompt`` is routed here: v1 prompts are the encoder's encoded tokens broadcast over
-  the batch (encoded once per call, not once per row), deep
-  prompts go straight into the prefix cache (:func:`ptuning_fast.prefix_tuning.functional.build_prefix_cache`);
-- the first forward over a prefilled prefix gets its 4D attention mask from the fused builder
-  (:func:`ptuning_fast.build_prompt_attention_mask`) instead of transformers' mask functions.
+- ``forward`` and ``generate`` run through the native path (:mod:`ptuning_fast.native`) with
+  PEFT's semantics (``positions="peft"``: the v1 prompt in front of the input as given, positions
+  counting every column, per-token outputs in PEFT's layout with the prompt columns first, deep
+  prompts at ``P + i``): the same numbers as plain PEFT, on every transformers 5 release, with
+  this package's kernels, prefix cache and fused mask;
+- PEFT's keyword ``adapter_names=[...]`` (one adapter name per row) serves a mixed batch in
+  ``forward`` and ``generate``: each row computes what it computes when its adapter runs alone;
+  each adapter's ``modules_to_save`` copy (e.g. a classifier head) serves its own rows.
 
-PEFT's own ``forward``, ``generate``, ``save_pretrained`` and the rest stay as they are, so the
-results are unchanged (PEFT's behaviour included: for PEFT-compatible improvements such as
-templates, left-padding-aware positions or token-classification labels, use
-:func:`ptuning_fast.get_ptuning_model`).
+PEFT keeps its config, ``save_pretrained``, ``load_adapter``, ``set_adapter``,
+``print_trainable_parameters`` and the rest. ``get_prompt`` still answers (v1: the encoded
+prompts broadcast over the batch; deep prompts: the prefix cache). Models whose prefix PEFT
+post-processes (bloom, gemma 2-4) and adapters of other types keep PEFT's own forward.
 
 ``patch_peft()`` makes ``get_peft_model`` and ``PeftModel.from_pretrained`` build accelerated
 models directly; ``unpatch_peft()`` undoes it; ``with peft_patched(): ...`` does both.
@@ -30,15 +33,17 @@ from peft import PeftModel, PeftType
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING
 
-from .hf.compat import get_cache
-from .native.adapters import encoded_prompt_table
-from .native.forward import fused_prefix_mask
+from .native.adapters import encoded_prompt_table, resolve_rows
+from .native.forward import prompt_forward
+from .native.generate import prompt_generate
+from .native.model import check_model_inputs
+from .native.options import PromptOptions
 from .p_tuning.encoder import PromptEncoder
 from .prefix_tuning.encoder import PrefixEncoder, prefix_weights_of
 from .prefix_tuning.functional import prefix_cache_for
 
-_ATTRIBUTE = "_ptuning_fast"  # per-model state of the acceleration (hook handle)
-_PREFIX_LENGTH = "_ptuning_fast_prefix_length"  # set on the caches built here
+_ATTRIBUTE = "_ptuning_fast"  # per-model state of the acceleration (the adapters view)
+_PEFT_OPTIONS = PromptOptions(positions="peft")  # PEFT's forward semantics for every adapter
 
 
 _FAST_ENCODERS = {PeftType.P_TUNING: PromptEncoder, PeftType.PREFIX_TUNING: PrefixEncoder}
@@ -72,7 +77,7 @@ def _rebuild_with_same_parameters(encoder, cls, config):
     return fast
 
 
-def _peft_handles_prefix_itself(peft_model, config) -> bool:
+def _peft_handles_prefix_itself(peft_model, config=None) -> bool:
     """Models whose prefix PEFT post-processes (bloom, gemma...) keep PEFT's own prefix path."""
     model_type = getattr(peft_model.get_base_model().config, "model_type", "")
     return (model_type in TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING
@@ -88,29 +93,130 @@ def _fast_get_prompt(self, batch_size: int, task_ids=None, max_cache_len=None):
         return table.unsqueeze(0).expand(batch_size, -1, -1)
     if config.peft_type == PeftType.PREFIX_TUNING and not _peft_handles_prefix_itself(self, config):
         text_length = max((max_cache_len or 0) - config.num_virtual_tokens, 0)  # PEFT's forward passes S + P
-        cache = prefix_cache_for(self.get_base_model(), [prefix_weights_of(encoder)], None, batch_size,
-                                 seq_len=text_length, dtype=self.base_model_torch_dtype)
-        if config.num_transformer_submodules == 1:  # the fused mask; not seq2seq (its decoder builds its own)
-            setattr(cache, _PREFIX_LENGTH, config.num_virtual_tokens)
-        return cache
+        return prefix_cache_for(self.get_base_model(), [prefix_weights_of(encoder)], None, batch_size,
+                                seq_len=text_length, dtype=self.base_model_torch_dtype)
     return type(self).get_prompt(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
 
 
-def _prefix_mask_hook(module, args, kwargs):
-    """Forward pre-hook of the base model: over a freshly prefilled prefix (our cache, holding only
-    the prefix), replace PEFT's 2D ``cat(ones, mask)`` by the fused 4D mask."""
-    cache = get_cache(kwargs)
-    prefix = getattr(cache, _PREFIX_LENGTH, None)
-    mask = kwargs.get("attention_mask")
-    if prefix is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] <= prefix:
+class _PeftOptions(dict):
+    """Every adapter of the PeftModel runs with PEFT's semantics."""
+
+    def __missing__(self, name):
+        return _PEFT_OPTIONS
+
+
+class PeftAdapters:
+    """A ``PeftModel`` seen as a holder of prompt adapters (:mod:`ptuning_fast.native.adapters`):
+    its live ``prompt_encoder``, ``peft_config`` and active adapter, PEFT's options for each."""
+
+    prompt_options = _PeftOptions()
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    @property
+    def base_model(self):
+        return self.peft_model.get_base_model()
+
+    @property
+    def prompt_encoder(self):
+        return self.peft_model.prompt_encoder
+
+    @property
+    def peft_config(self):
+        return self.peft_model.peft_config
+
+    @property
+    def active_adapter(self):
+        return self.peft_model.active_adapter
+
+    def get_base_model(self):
+        return self.base_model
+
+
+def _routed_names(peft_model, adapter_names):
+    """The adapters a call uses, or None when PEFT's own forward must run (see the module docstring)."""
+    names = [peft_model.active_adapter] if adapter_names is None else list(dict.fromkeys(adapter_names))
+    configs = peft_model.peft_config
+    known = [n for n in names if isinstance(n, str) and n in configs]
+    if len(known) != len(names):  # unknown names: the native path says which
+        return names
+    kinds = {configs[n].peft_type for n in names}
+    if not kinds <= set(_FAST_ENCODERS) or (PeftType.PREFIX_TUNING in kinds
+                                            and _peft_handles_prefix_itself(peft_model, None)):
+        if adapter_names is not None:
+            raise ValueError(f"`adapter_names` {names}: mixed batches run P_TUNING and PREFIX_TUNING adapters only, "
+                             f"and not deep prompts on {peft_model.get_base_model().config.model_type} models (PEFT "
+                             f"post-processes their prefix); these adapters are "
+                             f"{ {n: configs[n].peft_type.value for n in names} }")
         return None
-    if cache.get_seq_length() != prefix:  # later generation steps: transformers builds the mask
-        return None
-    fused = fused_prefix_mask(module, mask[:, prefix:], prefix)
-    if fused is None:
-        return None
-    kwargs["attention_mask"] = fused
-    return args, kwargs
+    return names
+
+
+class _AdapterNamesOnModulesToSave:
+    """Within the block, every ``modules_to_save`` wrapper (e.g. a classifier head) of the model
+    runs each row through its own adapter's copy (PEFT's mixed-batch forward of the wrapper)."""
+
+    def __init__(self, model, adapter_names):
+        self.model, self.adapter_names = model, adapter_names
+
+    def __enter__(self):
+        from peft.utils.other import ModulesToSaveWrapper
+
+        def add_names(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": self.adapter_names}
+
+        self.handles = [m.register_forward_pre_hook(add_names, with_kwargs=True) for m in self.model.modules()
+                        if isinstance(m, ModulesToSaveWrapper)] if self.adapter_names is not None else []
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return False
+
+
+def _routed_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, *,
+                    adapter_names=None, task_ids=None, **kwargs):
+    """``PeftModel.forward`` through the native path, PEFT's semantics kept; ``adapter_names``:
+    one adapter name per row (PEFT's keyword)."""
+    names = None if task_ids is not None else _routed_names(self, adapter_names)
+    if names is None:
+        if task_ids is not None:
+            kwargs["task_ids"] = task_ids
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+    holder = self.__dict__[_ATTRIBUTE]
+    if labels is not None:
+        kwargs["labels"] = labels
+    for key in ("output_attentions", "output_hidden_states", "return_dict"):
+        if kwargs.get(key) is None:
+            kwargs.pop(key, None)
+    per_token = {k: kwargs.get(k) for k in ("position_ids", "token_type_ids", "labels")}
+    text = check_model_inputs(holder, input_ids, attention_mask, inputs_embeds, per_token)
+    rows = resolve_rows(holder, adapter_names, text.shape[0], text.device)
+    return_dict = kwargs.pop("return_dict", None)
+    with _AdapterNamesOnModulesToSave(holder.base_model, adapter_names if rows.index is not None else None):
+        out = prompt_forward(holder, rows, input_ids, attention_mask, inputs_embeds, kwargs)
+    return out if return_dict is not False else out.to_tuple()
+
+
+def _routed_generate(self, *args, adapter_names=None, **kwargs):
+    """``PeftModel.generate`` through the native path; ``adapter_names``: one name per row."""
+    names = None if kwargs.get("task_ids") is not None else _routed_names(self, adapter_names)
+    if names is None:
+        return type(self).generate(self, *args, **kwargs)
+    if args:  # generate(input_ids, ...) as transformers allows
+        if "input_ids" in kwargs or len(args) > 1:
+            raise TypeError("generate() takes `input_ids` as its only positional argument")
+        kwargs["input_ids"] = args[0]
+    holder = self.__dict__[_ATTRIBUTE]
+    input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
+    inputs_embeds = kwargs.pop("inputs_embeds", None)
+    text = check_model_inputs(holder, input_ids, attention_mask, inputs_embeds, {})
+    rows = resolve_rows(holder, adapter_names, text.shape[0], text.device)
+    with _AdapterNamesOnModulesToSave(holder.base_model, adapter_names if rows.index is not None else None):
+        return prompt_generate(holder, rows, input_ids, attention_mask, inputs_embeds, kwargs)
 
 
 def accelerate(peft_model):
@@ -129,19 +235,11 @@ def accelerate(peft_model):
         cls = _FAST_ENCODERS.get(config.peft_type)
         if cls is not None and not isinstance(encoder, cls):
             peft_model.prompt_encoder[name] = _rebuild_with_same_parameters(encoder, cls, config)
-    if "get_prompt" not in peft_model.__dict__:
-        peft_model.get_prompt = types.MethodType(_fast_get_prompt, peft_model)
     if _ATTRIBUTE not in peft_model.__dict__:
-        # PEFT calls the whole model, or for some heads (BERT classification...) its backbone alone.
-        base = peft_model.get_base_model()
-        targets = [base]
-        backbone_name = peft_model.__dict__.get("transformer_backbone_name")
-        if backbone_name:
-            backbone = base.get_submodule(backbone_name)
-            if backbone is not base:
-                targets.append(backbone)
-        handles = [m.register_forward_pre_hook(_prefix_mask_hook, with_kwargs=True) for m in targets]
-        peft_model.__dict__[_ATTRIBUTE] = {"mask_hooks": handles}
+        peft_model.__dict__[_ATTRIBUTE] = PeftAdapters(peft_model)
+        peft_model.get_prompt = types.MethodType(_fast_get_prompt, peft_model)
+        peft_model.forward = types.MethodType(_routed_forward, peft_model)
+        peft_model.generate = types.MethodType(_routed_generate, peft_model)
     return peft_model
 
 

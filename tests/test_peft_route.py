@@ -47,6 +47,7 @@ def run(model, inputs):
     return out, score.detach(), grads
 
 
+@pytest.mark.peft_oracle
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_accelerate_keeps_logits_loss_and_gradients(name, kind):
@@ -72,6 +73,7 @@ def test_accelerate_keeps_logits_loss_and_gradients(name, kind):
         torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
+@pytest.mark.peft_oracle
 @pytest.mark.parametrize("kind", ["mlp", "prefix"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
 def test_accelerate_keeps_generated_tokens(name, kind):
@@ -165,6 +167,7 @@ def test_patch_peft_builds_accelerated_models_and_unpatch_restores(tmp_path):
     torch.testing.assert_close(loaded_fast(**inputs).logits, loaded_plain(**inputs).logits, rtol=0, atol=0)
 
 
+@pytest.mark.peft_oracle
 def test_accelerate_twice_is_harmless():
     model, task = peft_model("bert_cls", "prefix")
     inputs = batch(task, seed=6)

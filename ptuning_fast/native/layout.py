@@ -7,8 +7,8 @@ Two layouts, chosen by ``positions`` (:data:`~ptuning_fast.ops.mask.POSITIONS`):
   last column is the last token; right otherwise). A padded row then computes what it computes
   alone. Per-token outputs are gathered back to the caller's input columns.
 - ``"peft"`` (PEFT's): ``[P prompt columns][the input columns as given]``, row ``b``'s ``n_b``
-  virtual tokens in the last ``n_b`` prompt columns. Per-token outputs stay in this layout, as
-  PEFT returns them.
+  virtual tokens in the first ``n_b`` prompt columns (where PEFT puts them), the rest masked.
+  Per-token outputs stay in this layout, as PEFT returns them.
 
 Positions come from :func:`ptuning_fast.ops.mask.build_prompt_position_ids`, the one definition
 of where text sits after a prompt.
@@ -20,8 +20,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..ops.mask import build_prompt_position_ids, prompt_padding_mask
-from ..reference.mask import live_prompt_columns
+from ..ops.mask import build_prompt_position_ids
 
 PromptLengths = Union[int, torch.Tensor]
 
@@ -96,24 +95,26 @@ def build_prompt_layout(attention_mask: torch.Tensor, prompt_lengths: PromptLeng
 
 
 def _peft_layout(attention_mask, prompt_lengths, longest, position_ids, cache_prompt_lengths) -> PromptLayout:
-    """``[P prompt columns][input columns]``: no data-dependent work, no host sync."""
+    """``[P prompt columns][input columns]``, row b's n_b virtual tokens in the FIRST n_b prompt
+    columns (where PEFT puts them: a BERT pooler reads column 0), the rest masked; no
+    data-dependent work, no host sync."""
     batch, text_length = attention_mask.shape
     device = attention_mask.device
     width = longest + text_length
     lengths = _per_row(prompt_lengths, batch, device)
     text_columns = (torch.arange(text_length, device=device) + longest).expand(batch, -1)
-    k = torch.arange(longest, device=device)[None, :] - (longest - lengths)[:, None]  # token of each prompt column
-    prompt_index = torch.cat([k.clamp(min=-1), torch.full((batch, text_length), -1, dtype=torch.long,
-                                                          device=device)], dim=1)
-    mask = prompt_padding_mask(attention_mask, lengths if isinstance(prompt_lengths, torch.Tensor) else longest,
-                               num_prompt_columns=longest)
+    k = torch.arange(longest, device=device).expand(batch, -1)
+    live = k < lengths[:, None]
+    prompt_index = torch.cat([k.masked_fill(~live, -1), torch.full((batch, text_length), -1, dtype=torch.long,
+                                                                   device=device)], dim=1)
+    mask = torch.cat([live.to(attention_mask.dtype), attention_mask], dim=1)
     uniform = not isinstance(prompt_lengths, torch.Tensor) and not isinstance(cache_prompt_lengths, torch.Tensor)
     if position_ids is None and uniform:
         pos = None  # arange over the columns (after a uniform prefix): what the model computes itself
     else:
         offset = lengths + _per_row(cache_prompt_lengths, batch, device)
         text = (torch.arange(text_length, device=device)[None, :] if position_ids is None else position_ids.long())
-        pos = torch.cat([k.clamp(min=0), text + offset[:, None]], dim=1)
+        pos = torch.cat([k.masked_fill(~live, 0), text + offset[:, None]], dim=1)
     return PromptLayout(text_columns=text_columns, prompt_index=prompt_index, attention_mask=mask, position_ids=pos,
                         width=width, shift=longest, outputs_in_layout=True)
 
@@ -178,4 +179,4 @@ def _common_shift(text_columns, real, prompt_lengths) -> Optional[int]:
     return int(shift)
 
 
-__all__ = ["PromptLayout", "build_prompt_layout", "live_prompt_columns"]
+__all__ = ["PromptLayout", "build_prompt_layout"]

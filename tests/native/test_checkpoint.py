@@ -24,6 +24,7 @@ def logits_of(model, inputs, kind, peft_layout):
     return logits[:, T:] if peft_layout and kind in V1 and logits.dim() == 3 else logits
 
 
+@pytest.mark.peft_oracle
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("name", ["llama", "bert_cls"])
 def test_peft_adapter_loads_here_with_the_same_logits(tmp_path, name, kind):

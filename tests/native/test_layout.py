@@ -15,12 +15,12 @@ def test_layout_places_prompt_next_to_the_text():
     assert right.position_ids.tolist() == [[0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 0]]
 
 
-def test_peft_layout_keeps_the_input_columns_behind_right_aligned_prompts():
+def test_peft_layout_keeps_the_input_columns_behind_the_prompts():
     mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
     layout = build_prompt_layout(mask, torch.tensor([2, 1]), longest=2, pad_left=True, positions="peft")
     assert layout.outputs_in_layout and layout.shift == 2 and layout.width == 5
-    assert layout.prompt_index.tolist() == [[0, 1, -1, -1, -1], [-1, 0, -1, -1, -1]]
-    assert layout.attention_mask.tolist() == [[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]]
+    assert layout.prompt_index.tolist() == [[0, 1, -1, -1, -1], [0, -1, -1, -1, -1]]  # where PEFT puts them
+    assert layout.attention_mask.tolist() == [[1, 1, 0, 1, 1], [1, 0, 1, 1, 0]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 1, 2, 3]]  # PEFT counts padding
     assert layout.scatter(torch.tensor([[7, 8, 9], [4, 5, 6]]), -1).tolist() == [[-1, -1, 7, 8, 9],
                                                                                [-1, -1, 4, 5, 6]]

@@ -256,6 +256,7 @@ def test_deep_prompt_cache_encodes_each_adapter_once():
 
 
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.peft_oracle
 # PEFT adapter folders: trained by PEFT, served together here
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["v1", "v2"])

@@ -35,6 +35,7 @@ def encoder_grads(model):
 
 
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.peft_oracle
 # Same numbers as PEFT where PEFT is right (unpadded batches)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["v1", "v2"])

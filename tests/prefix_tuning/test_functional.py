@@ -129,6 +129,7 @@ CASES = [("llama", False, "triton"), ("llama", True, "triton"), ("llama", True, 
          ("qwen2", True, "reference"), ("qwen3", False, "triton"), ("mistral", True, "reference")]
 
 
+@pytest.mark.peft_oracle
 @pytest.mark.parametrize("name,projection,backend", CASES)
 def test_loss_and_prefix_gradients_match_peft(name, projection, backend):
     peft, base, encoder, task = peft_model(name, projection=projection)
@@ -163,6 +164,7 @@ def test_our_encoder_in_peft_gives_the_same_numbers():
 
 
 # ----------------------------------------------------------------------------- generate
+@pytest.mark.peft_oracle
 @pytest.mark.parametrize("name,projection", [("llama", True), ("gpt2", False)])
 def test_greedy_generate_matches_peft(name, projection):
     peft, base, encoder, _ = peft_model(name, projection=projection)
@@ -176,6 +178,7 @@ def test_greedy_generate_matches_peft(name, projection):
     assert got.tolist() == ref.tolist()
 
 
+@pytest.mark.peft_oracle
 def test_beam_search_and_several_sequences_match_peft():
     """generate() repeats the rows for beams but not a cache passed in: the cache is built for them."""
     peft, base, encoder, _ = peft_model("llama", projection=True)
