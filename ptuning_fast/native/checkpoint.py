@@ -103,15 +103,20 @@ def read_json(path: str):
 # ---------------------------------------------------------------------------------------------
 # The holder's adapter
 # ---------------------------------------------------------------------------------------------
+def check_not_other_peft_types(model) -> None:
+    """A PeftModel of other adapter types (LoRA...) cannot hold prompt adapters: say so, naming them."""
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and configs and getattr(model, "_is_prompt_learning", True) is False:
+        kinds = {name: getattr(c.peft_type, "value", str(c.peft_type)) for name, c in configs.items()}
+        raise ValueError(f"`model` is a PeftModel holding {kinds} adapters, not prompt-learning ones (P_TUNING / "
+                         "PREFIX_TUNING), which PEFT does not mix in one model: load the prompt adapter into the "
+                         "base model instead (ptuning_fast.load_adapter(base_model, ...))")
+
+
 def _check_holder(model) -> None:
+    check_not_other_peft_types(model)
     if not isinstance(getattr(model, "prompt_encoder", None), torch.nn.ModuleDict) or not hasattr(model, "peft_config"):
-        if hasattr(model, "peft_config") and hasattr(model, "active_adapter"):  # a PeftModel of another type
-            kinds = sorted({getattr(c.peft_type, "value", str(c.peft_type)) for c in model.peft_config.values()})
-            raise ValueError(f"`model` holds {', '.join(kinds)} adapters, not prompt-learning ones (P_TUNING / "
-                             "PREFIX_TUNING): a prompt adapter cannot be added to it")
         raise TypeError(f"`model` must be a PTuningModel or a peft.PeftModel, got {type(model).__name__}")
-    if getattr(model, "_is_prompt_learning", True) is False:
-        raise ValueError("`model` holds no prompt-learning adapter (P_TUNING / PREFIX_TUNING)")
 
 
 def _parts(model, adapter_name: Optional[str]):
@@ -363,6 +368,6 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     return holder
 
 
-__all__ = ["adapter_directory", "encoded_prompts", "freeze_adapter", "load_adapter_into", "load_optimizer",
+__all__ = ["adapter_directory", "check_not_other_peft_types", "encoded_prompts", "freeze_adapter", "load_adapter_into", "load_optimizer",
            "optimizer_state_from_file", "prompt_embeddings_to_save", "read_adapter_folder", "read_json",
            "read_safetensors", "save_adapter", "save_optimizer", "write_json", "write_safetensors"]

@@ -29,7 +29,8 @@ from .._validation import INDEX_DTYPES, check_tensor, check_token_tensor
 from ..hf.compat import get_cache
 from ..hf.heads import check_per_token_inputs
 from .adapters import check_adapter_name, make_encoder, prepare_config, resolve_rows, task_of
-from .checkpoint import freeze_adapter, load_adapter_into, read_adapter_folder, save_adapter
+from .checkpoint import (check_not_other_peft_types, freeze_adapter, load_adapter_into, read_adapter_folder,
+                         save_adapter)
 from .forward import prompt_forward
 from .generate import prompt_generate
 from .options import PromptOptions
@@ -248,6 +249,7 @@ def load_adapter(model, model_id: str, adapter_name: str = "default", *, is_trai
     Otherwise the encoded prompts are loaded for inference, as PEFT does. Returns the model
     holding the adapter.
     """
+    check_not_other_peft_types(model)
     if hasattr(model, "prompt_encoder") and hasattr(model, "peft_config"):
         return load_adapter_into(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
                                  optimizer=optimizer)

@@ -186,3 +186,91 @@ def test_checkpoint_errors(tmp_path):
         again = get_ptuning_model(build("llama")[0], KINDS["mlp"](task))
         load_adapter(again, plain, is_trainable=True, optimizer=torch.optim.SGD(again.prompt_encoder.parameters(),
                                                                                   lr=1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors at load time, naming the file or both shapes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mlp", "prefix"])
+def test_an_adapter_for_another_model_is_refused_when_loaded(tmp_path, kind):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_models import VOCAB
+
+    bigger = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=44,
+                                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
+    get_ptuning_model(bigger, KINDS[kind]("CAUSAL_LM")).save_pretrained(tmp_path)
+    wanted = "{'token_dim': 64}.*has {'token_dim': 32}" if kind == "mlp" else \
+        "{'token_dim': 32, 'num_layers': 3, 'num_attention_heads': 2}.*has {'token_dim': 16, 'num_layers': 2"
+    with pytest.raises(ValueError, match=f"adapter_config.json was made for a model with {wanted}"):
+        load_adapter(build("llama")[0], tmp_path)
+    accelerated = ptuning_fast.accelerate(get_peft_model(build("llama")[0], KINDS[kind]("CAUSAL_LM")))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_adapter(accelerated, tmp_path, adapter_name="other")
+
+
+def test_load_adapter_into_a_lora_model_says_why(tmp_path):
+    model = get_ptuning_model(build("llama")[0], KINDS["mlp"]("CAUSAL_LM"))
+    model.save_pretrained(tmp_path)
+    lora = get_peft_model(build("llama")[0], LoraConfig(target_modules=["q_proj"], r=2))
+    with pytest.raises(ValueError, match="PeftModel holding \\{'default': 'LORA'\\} adapters.*base model instead"):
+        load_adapter(lora, tmp_path, adapter_name="prompt")
+
+
+def test_broken_files_are_named(tmp_path):
+    model = get_ptuning_model(build("llama")[0], KINDS["prefix_proj"]("CAUSAL_LM"))
+    good = tmp_path / "good"
+    model.save_pretrained(good, save_encoder=True)
+
+    def broken(name, edit):
+        folder = tmp_path / name
+        import shutil
+
+        shutil.copytree(good, folder)
+        edit(folder)
+        return folder
+
+    def rewrite(file, data):
+        return lambda folder: (folder / file).write_bytes(data)
+
+    cases = [
+        (broken("peft_type", lambda f: (f / "adapter_config.json").write_text(
+            (f / "adapter_config.json").read_text().replace('"PREFIX_TUNING"', '"PREFIX_TUNNING"'))), False,
+         "adapter_config.json: unknown peft_type 'PREFIX_TUNNING'"),
+        (broken("config_json", rewrite("adapter_config.json", b'{"peft_type": ')), False,
+         "adapter_config.json is not valid JSON"),
+        (broken("options_json", rewrite("ptuning_fast_config.json", b"{not json")), False,
+         "ptuning_fast_config.json is not valid JSON"),
+        (broken("zero_bytes", rewrite("adapter_model.safetensors", b"")), False,
+         "adapter_model.safetensors is not a readable safetensors file"),
+        (broken("truncated", lambda f: (f / "adapter_model.safetensors").write_bytes(
+            (good / "adapter_model.safetensors").read_bytes()[:100])), False,
+         "adapter_model.safetensors is not a readable safetensors file"),
+        (broken("corrupted", lambda f: (f / "ptuning_fast_encoder.safetensors").write_bytes(
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}" + b"\x00" * 64)), True,
+         "ptuning_fast_encoder.safetensors is not a readable safetensors file"),
+    ]
+    for folder, trainable, message in cases:
+        with pytest.raises(ValueError) as info:
+            load_adapter(build("llama")[0], folder, is_trainable=trainable)
+        assert message in str(info.value) and str(folder) in str(info.value), (message, str(info.value))
+
+
+def test_prompt_and_text_longer_than_the_positions_are_refused_before_the_forward():
+    """BERT and GPT-2 learn 64 absolute positions here: 60 virtual tokens + 10 tokens do not fit."""
+    ids = random_ids(2, 10, 40)
+    message = "60 virtual tokens.*10 tokens.*positions up to 69.*max_position_embeddings=64"
+    for name, kind in (("bert_cls", "mlp"), ("gpt2", "prefix")):
+        base, task = build(name)
+        config = prompt_configs(60)[kind](task)
+        with pytest.raises(ValueError, match=message):
+            get_ptuning_model(base, config)(input_ids=ids)
+        with pytest.raises(ValueError, match=message):
+            ptuning_fast.accelerate(get_peft_model(build(name)[0], prompt_configs(60)[kind](task)))(input_ids=ids)
+    base, _ = build("gpt2")
+    encoder = get_peft_model(base, prompt_configs(60)["prefix"]("CAUSAL_LM")).prompt_encoder["default"]
+    with pytest.raises(ValueError, match=message):
+        ptuning_fast.prefix_forward(base, encoder, ids)
+    with pytest.raises(ValueError, match="60 virtual tokens.*positions up to 71"):
+        ptuning_fast.prefix_generate(base, encoder, ids[:, :8], max_new_tokens=4)
+    get_ptuning_model(build("llama")[0], prompt_configs(60)["mlp"]("CAUSAL_LM"))(input_ids=ids)  # RoPE: no limit
