@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ptuning_fast._timing import synchronize, time_fn  # noqa: F401  (one timer for all)
+from ptuning_fast._timing import synchronize, time_fn, time_interleaved  # noqa: F401  (one timer for all)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -93,4 +93,4 @@ def make_row(component: str, case: str, impl: str, fn: Callable[[], object], dev
              floor: dict, *, warmup: int = 5, reps: int = 20, **extra) -> Row:
     t = time_fn(fn, device, warmup=warmup, reps=reps)
     return Row(component, case, impl, t["median_ms"], t["p20_ms"], t["p80_ms"], floor["floor_ms"],
-               peak_memory(fn, device), {**floor, **extra})
+               peak_memory(fn, device), {**floor, "host_ms": t["host_ms"], **extra})

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from ._timing import time_fn
+from ._timing import time_fn, time_interleaved
 
 
 def _encoder_pair(token_dim: int, hidden: int, tokens: int, device, dtype):
@@ -69,26 +69,6 @@ def encoder_section(device: torch.device, batch: int = 32, tokens: int = 20) -> 
               f"{t_ours:>16.3f} {t_peft / t_ours:>7.2f}x {t_eval:>13.4f}")
 
 
-def _time_interleaved(first, second, device: torch.device, reps: int = 10) -> tuple:
-    """Median ms of two callables timed in alternation, so that both see the same machine load."""
-    import statistics
-    import time
-
-    for fn in (first, second, first, second):  # warm-up
-        fn()
-    times = ([], [])
-    for _ in range(reps):
-        for fn, bucket in zip((first, second), times):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            bucket.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def accelerate_section(device: torch.device, batch: int = 16, tokens: int = 20) -> None:
     """A PEFT model and its ``ptuning_fast.accelerate`` twin: same numbers, timed side by side."""
     import copy
@@ -134,8 +114,11 @@ def accelerate_section(device: torch.device, batch: int = 16, tokens: int = 20) 
         logit_diff = (logits(fast_model) - logits(peft_model)).abs().max().item()
         peft_grads, fast_grads = step(peft_model), step(fast_model)
         grad_diff = max((fast_grads[n] - peft_grads[n]).abs().max().item() for n in peft_grads)
-        peft_step, fast_step = _time_interleaved(lambda: step(peft_model), lambda: step(fast_model), device)
-        peft_eval, fast_eval = _time_interleaved(lambda: logits(peft_model), lambda: logits(fast_model), device)
+        steps = time_interleaved({"peft": lambda: step(peft_model), "fast": lambda: step(fast_model)}, device, reps=10)
+        evals = time_interleaved({"peft": lambda: logits(peft_model), "fast": lambda: logits(fast_model)}, device,
+                                 reps=10)
+        peft_step, fast_step = steps["peft"]["median_ms"], steps["fast"]["median_ms"]
+        peft_eval, fast_eval = evals["peft"]["median_ms"], evals["fast"]["median_ms"]
         print(f"{name:>14} {logit_diff:>17.2e} {grad_diff:>16.2e} {peft_step:>13.2f} {fast_step:>15.2f} "
               f"{peft_step / fast_step:>7.2f}x {peft_eval:>13.2f} {fast_eval:>15.2f} {peft_eval / fast_eval:>7.2f}x")
     if device.type != "cuda":

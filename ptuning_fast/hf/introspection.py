@@ -36,10 +36,23 @@ def _layers_and_heads(config) -> tuple:
     return int(num_layers), int(heads)
 
 
+_GEOMETRY = weakref.WeakKeyDictionary()  # model -> PrefixGeometry, read off its config once
+
+
 def prefix_geometry(model_or_config) -> PrefixGeometry:
     """(num_layers, num_kv_heads, head_dim) of the attention layers a prefix cache feeds, read as
     PEFT reads them (GQA/MQA: ``num_key_value_heads``; ``head_dim`` from the config when set).
-    Decoder-only and encoder-only models; see :func:`seq2seq_prefix_geometry` for the others."""
+    Decoder-only and encoder-only models; see :func:`seq2seq_prefix_geometry` for the others.
+    For a model, read once (the shape of its attention, not a value of its weights)."""
+    if isinstance(model_or_config, torch.nn.Module):
+        geometry = _GEOMETRY.get(model_or_config)
+        if geometry is None:
+            geometry = _GEOMETRY[model_or_config] = _prefix_geometry(model_or_config)
+        return geometry
+    return _prefix_geometry(model_or_config)
+
+
+def _prefix_geometry(model_or_config) -> PrefixGeometry:
     config = text_config(model_or_config)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError("prefix caches cover decoder-only and encoder-only models; "
@@ -86,6 +99,26 @@ def is_decoder_only(model) -> bool:
             getattr(module, "is_causal", False) is True for module in model.modules())
         _DECODER_ONLY[model] = known
     return known
+
+
+_CHECKPOINTING_LAYERS = weakref.WeakKeyDictionary()  # model -> its GradientCheckpointingLayer modules
+
+
+def checkpointing_layers(model) -> list:
+    """The layers of ``model`` that gradient checkpointing wraps (transformers'
+    ``GradientCheckpointingLayer``), found once per model: the model's structure, not its values."""
+    layers = _CHECKPOINTING_LAYERS.get(model)
+    if layers is None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        _CHECKPOINTING_LAYERS[model] = layers
+    return layers
+
+
+def is_checkpointing(model) -> bool:
+    """Whether a training forward of ``model`` recomputes its layers (gradient checkpointing on)."""
+    return model.training and any(getattr(m, "gradient_checkpointing", False) for m in checkpointing_layers(model))
 
 
 @functools.lru_cache(maxsize=256)
@@ -143,5 +176,5 @@ def check_position_range(model, longest_position: int, num_virtual_tokens, seq_l
                          f"max_position_embeddings={limit}: use fewer virtual tokens or shorter text")
 
 
-__all__ = ["accepts", "check_position_range", "infer_task_type", "is_decoder_only", "learned_position_limit",
+__all__ = ["accepts", "check_position_range", "checkpointing_layers", "is_checkpointing", "infer_task_type", "is_decoder_only", "learned_position_limit",
            "model_dtype", "prefix_geometry", "seq2seq_prefix_geometry", "text_config"]

@@ -16,7 +16,7 @@ from peft import PeftType, TaskType
 
 from .._validation import check_index_range
 from ..hf.compat import CACHE_KWARG
-from ..hf.introspection import accepts, check_position_range, is_decoder_only
+from ..hf.introspection import accepts, check_position_range, is_checkpointing, is_decoder_only
 from ..ops.mask import build_prompt_attention_mask
 from ..prefix_tuning.cache import PrefixKVCache
 from ..prefix_tuning.functional import prefix_attention_mask, prefix_cache_for, run_over_prefix_cache
@@ -57,18 +57,18 @@ def layout_batch(holder, rows: Rows, input_ids, attention_mask, inputs_embeds, p
     text = input_ids if input_ids is not None else inputs_embeds
     batch, length = text.shape[:2]
     device = text.device
-    if attention_mask is None:
+    padded = attention_mask is not None
+    if not padded:
         attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
     embedding = holder.base_model.get_input_embeddings()
     lengths, longest = prompt_lengths(holder, rows, device)
     if rows_kind(holder, rows) != PeftType.P_TUNING:
         layout = build_prompt_layout(attention_mask, 0, longest=0, pad_left=pad_left, positions=positions,
-                                     position_ids=position_ids, cache_prompt_lengths=lengths)
+                                     position_ids=position_ids, cache_prompt_lengths=lengths, padded=padded)
         if input_ids is not None:
             check_index_range(input_ids, embedding.weight.shape[0], "input_ids")
-            return layout, lengths, {"input_ids": layout.scatter(input_ids, 0) if layout.shift != 0 else input_ids}
-        embeds = layout.scatter(inputs_embeds, 0.0) if layout.shift != 0 else inputs_embeds
-        return layout, lengths, {"inputs_embeds": embeds}
+            return layout, lengths, {"input_ids": layout.scatter(input_ids, 0)}
+        return layout, lengths, {"inputs_embeds": layout.scatter(inputs_embeds, 0.0)}
 
     table, offsets = prompt_tables(holder, rows, batch, device)
     placeholders = None
@@ -79,20 +79,31 @@ def layout_batch(holder, rows: Rows, input_ids, attention_mask, inputs_embeds, p
         placeholders = input_ids == options.prompt_token_id
         _check_placeholders(placeholders, attention_mask, lengths, options.prompt_token_id)
         lengths, longest = 0, 0
-    layout = build_prompt_layout(attention_mask, lengths, longest=longest, pad_left=pad_left,
-                                 positions=positions, placeholders=placeholders, position_ids=position_ids)
+    layout = build_prompt_layout(attention_mask, lengths, longest=longest, pad_left=pad_left, positions=positions,
+                                 placeholders=placeholders, position_ids=position_ids, padded=padded)
     if inputs_embeds is None:
         safe_ids = input_ids if placeholders is None else input_ids.masked_fill(placeholders, 0)
         check_index_range(safe_ids, embedding.weight.shape[0], "input_ids")
         inputs_embeds = embedding(safe_ids)
-    if layout.outputs_in_layout and rows.index is None:  # PEFT's layout, one adapter: the prompt in front
-        prompts = table.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        return layout, 0, {"inputs_embeds": torch.cat([prompts, inputs_embeds], dim=1)}
+    if layout.text_columns is None:  # the front layout: the prompt columns, then the input columns
+        return layout, 0, {"inputs_embeds": torch.cat([_prompt_block(layout, table, offsets, batch, inputs_embeds),
+                                                       inputs_embeds], dim=1)}
     embeds = layout.scatter(inputs_embeds, 0.0)
     is_prompt = layout.prompt_index >= 0
     index = layout.prompt_index.clamp(min=0) + (offsets[:, None] if isinstance(offsets, torch.Tensor) else offsets)
     prompts = F.embedding(index, table).to(embeds.dtype)
     return layout, 0, {"inputs_embeds": torch.where(is_prompt[..., None], prompts, embeds)}
+
+
+def _prompt_block(layout: PromptLayout, table, offsets, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """(B, P, D): each row's encoded virtual tokens in the P prompt columns of the front layout."""
+    P = layout.shift
+    if layout.prompt_index is None and not isinstance(offsets, torch.Tensor):  # one adapter: one prompt, broadcast
+        return table[:P].to(like.dtype).unsqueeze(0).expand(batch, -1, -1)
+    tokens = torch.arange(P, device=like.device)[None, :] if layout.prompt_index is None else layout.prompt_index[:, :P]
+    index = tokens.clamp(min=0) + (offsets[:, None] if isinstance(offsets, torch.Tensor) else offsets)
+    prompts = F.embedding(index, table).to(like.dtype)
+    return prompts if layout.prompt_index is None else prompts.masked_fill((tokens < 0)[..., None], 0.0)
 
 
 def _check_placeholders(placeholders, attention_mask, lengths, prompt_token_id: int) -> None:
@@ -146,7 +157,7 @@ def prompt_forward(holder, rows: Rows, input_ids, attention_mask, inputs_embeds,
 
 def _check_positions_fit(holder, rows: Rows, layout: PromptLayout, prefix) -> None:
     """Refuse, before the forward, a prompt and text longer than the model's learned positions."""
-    text_length = layout.text_columns.shape[1]
+    text_length = layout.text_length
     inserted = layout.width - text_length  # v1 prompt columns in the layout
     deep = max(holder.peft_config[n].num_virtual_tokens for n in rows.names) if not isinstance(prefix, int) or prefix \
         else 0
@@ -169,8 +180,7 @@ def _gather_outputs(out, layout: PromptLayout, task) -> None:
 def _run_with_prefix(model, kwargs):
     """The base model over a prefix cache; under gradient checkpointing the checkpointed layers
     are made to keep the cache (transformers drops caches there)."""
-    checkpointing = model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    if not checkpointing or not isinstance(kwargs[CACHE_KWARG], PrefixKVCache):
+    if not is_checkpointing(model) or not isinstance(kwargs[CACHE_KWARG], PrefixKVCache):
         return model(return_dict=True, **kwargs)
     return run_over_prefix_cache(model, kwargs.pop(CACHE_KWARG), return_dict=True, **kwargs)
 

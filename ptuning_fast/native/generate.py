@@ -73,8 +73,8 @@ def prompt_generate(holder, rows: Rows, input_ids, attention_mask, inputs_embeds
     kwargs.update(inputs)
     max_new_tokens = kwargs.get("max_new_tokens") or 0
     if rows_kind(holder, rows) == PeftType.P_TUNING:
-        check_position_range(model, layout.width + max_new_tokens - 1, layout.width - layout.text_columns.shape[1],
-                             layout.text_columns.shape[1] + max_new_tokens)
+        check_position_range(model, layout.width + max_new_tokens - 1, layout.width - layout.text_length,
+                             layout.text_length + max_new_tokens)
         kwargs["attention_mask"] = layout.attention_mask
         if decoder_only and accepts(model, "position_ids"):
             kwargs["position_ids"] = layout.position_ids

@@ -1,17 +1,25 @@
 """Where each row's text, v1 prompt and padding go in the columns the model sees.
 
-Two layouts, chosen by ``positions`` (:data:`~ptuning_fast.ops.mask.POSITIONS`):
+Most batches get the *front* layout: ``[P prompt columns][the input columns as given]``, row b's
+``n_b`` virtual tokens in the first ``n_b`` prompt columns, the others masked. It is PEFT's
+layout, and it costs a concatenation. What differs is the positions
+(:data:`~ptuning_fast.ops.mask.POSITIONS`):
 
-- ``"continue"`` / ``"restart"`` (packed): per row, the real tokens packed together with the
-  prompt next to them and the padding moved to one side (left for decoder-only models, so the
-  last column is the last token; right otherwise). A padded row then computes what it computes
-  alone. Per-token outputs are gathered back to the caller's input columns.
-- ``"peft"`` (PEFT's): ``[P prompt columns][the input columns as given]``, row ``b``'s ``n_b``
-  virtual tokens in the first ``n_b`` prompt columns (where PEFT puts them), the rest masked.
-  Per-token outputs stay in this layout, as PEFT returns them.
+- ``"continue"``: live tokens counted in order (the prompt, then the real text; padding skipped),
+  so a padded row computes what it computes alone; ``"restart"``: the prompt and the text each
+  counted from 0. Per-token outputs come back at the caller's input columns (a view).
+- ``"peft"``: every column counted, as PEFT's forward does; per-token outputs stay in the layout
+  (prompt columns first), as PEFT returns them.
+
+Only when the padding is on the other side than the model reads (a right-padded batch for a
+decoder-only model, whose heads read the last column and whose generation appends there; a
+left-padded one for an encoder), or in template mode (virtual tokens inside the text), is each
+row *packed*: the prompt and the real tokens in one block, the padding moved to the side the
+model reads from. Per-token outputs are then gathered back to the caller's columns.
 
 Positions come from :func:`ptuning_fast.ops.mask.build_prompt_position_ids`, the one definition
-of where text sits after a prompt.
+of where text sits after a prompt. Choosing the layout reads the padding once (one host sync),
+except for ``"peft"`` and batches without an attention mask.
 """
 from __future__ import annotations
 
@@ -29,22 +37,24 @@ PromptLengths = Union[int, torch.Tensor]
 class PromptLayout:
     """One batch laid out for the model: (B, L) columns, L = S + the longest inserted prompt.
 
-    ``text_columns[b, s]`` is the layout column of input column ``s``; ``prompt_index[b, j]`` is
-    k >= 0 where column j holds virtual token k of its row, -1 elsewhere. ``position_ids`` is None
-    where the model's own positions are the right ones (PEFT's layout with one prompt length).
+    ``text_columns[b, s]`` is the layout column of input column ``s`` (None in the front layout:
+    every column moves by ``shift``); ``prompt_index[b, j]`` is k >= 0 where column j holds
+    virtual token k of its row, -1 elsewhere (None when every row's prompt fills the first
+    ``shift`` columns). ``position_ids`` is None where the model's own positions are the right ones.
     """
 
-    text_columns: torch.Tensor  # (B, S) long
-    prompt_index: torch.Tensor  # (B, L) long
     attention_mask: torch.Tensor  # (B, L)
     position_ids: Optional[torch.Tensor]  # (B, L) long
     width: int
+    text_length: int
+    text_columns: Optional[torch.Tensor] = None  # (B, S) long
+    prompt_index: Optional[torch.Tensor] = None  # (B, L) long
     shift: Optional[int] = None  # every real token of every row sits at column s + shift
     outputs_in_layout: bool = False  # per-token outputs are returned in the layout (PEFT's)
 
     def scatter(self, values: torch.Tensor, fill) -> torch.Tensor:
         """Per-input-column ``values`` (B, S, ...) placed at their layout columns (B, L, ...)."""
-        if self.outputs_in_layout:  # PEFT's layout: every input column moves by the same shift
+        if self.text_columns is None:  # every input column moves by the same shift
             if self.shift == 0:
                 return values
             fill_part = values.new_full((values.shape[0], self.shift) + tuple(values.shape[2:]), fill)
@@ -59,9 +69,8 @@ class PromptLayout:
 
         A view when the real tokens only moved by a common shift (the values at padding columns
         are then those of other padding or prompt columns: padding outputs mean nothing)."""
-        text_length = self.text_columns.shape[1]
         if self.shift is not None:
-            return values[:, self.shift:self.shift + text_length]
+            return values[:, self.shift:self.shift + self.text_length]
         index = self.text_columns.view(self.text_columns.shape + (1,) * (values.dim() - 2))
         return values.gather(1, index.expand((-1, -1) + tuple(values.shape[2:])))
 
@@ -75,108 +84,116 @@ def _per_row(lengths: PromptLengths, batch: int, device) -> torch.Tensor:
 def build_prompt_layout(attention_mask: torch.Tensor, prompt_lengths: PromptLengths, *, pad_left: bool,
                         positions: str = "continue", placeholders: Optional[torch.Tensor] = None,
                         position_ids: Optional[torch.Tensor] = None, longest: Optional[int] = None,
-                        cache_prompt_lengths: PromptLengths = 0) -> PromptLayout:
+                        cache_prompt_lengths: PromptLengths = 0, padded: bool = True) -> PromptLayout:
     """Lay out a batch (see the module docstring).
 
     ``prompt_lengths`` (int or (B,)): virtual tokens inserted in front of each row's text (0 in
     template mode, where ``placeholders`` (B, S) bool marks the virtual tokens already in the
     input; 0 for deep prompts). ``longest``: the longest of them, when the caller knows it (else
-    read from the tensor: one host sync). ``cache_prompt_lengths`` (int or (B,)): a deep prompt's prefix
-    in the cache before the layout; text positions continue after it. ``position_ids`` (B, S),
-    optional: the caller's text positions (counted without any prompt).
+    read from the tensor: one host sync). ``cache_prompt_lengths`` (int or (B,)): a deep prompt
+    already in the KV cache before the layout; text positions continue after it.
+    ``position_ids`` (B, S), optional: the caller's text positions (counted without any prompt).
+    ``padded=False``: the caller knows ``attention_mask`` holds no padding (it gave none).
     """
     if longest is None:
         longest = (int(prompt_lengths.max()) if prompt_lengths.numel() else 0) if isinstance(
             prompt_lengths, torch.Tensor) else int(prompt_lengths)
-    if positions == "peft":
-        return _peft_layout(attention_mask, prompt_lengths, longest, position_ids, cache_prompt_lengths)
+    if positions == "peft" or (placeholders is None and (not padded or _padded_on_side(attention_mask, pad_left))):
+        return _front_layout(attention_mask, prompt_lengths, longest, positions, position_ids, cache_prompt_lengths)
     return _packed_layout(attention_mask, prompt_lengths, longest, pad_left, positions, placeholders, position_ids,
                           cache_prompt_lengths)
 
 
-def _peft_layout(attention_mask, prompt_lengths, longest, position_ids, cache_prompt_lengths) -> PromptLayout:
-    """``[P prompt columns][input columns]``, row b's n_b virtual tokens in the FIRST n_b prompt
-    columns (where PEFT puts them: a BERT pooler reads column 0), the rest masked; no
-    data-dependent work, no host sync."""
+def _padded_on_side(attention_mask: torch.Tensor, pad_left: bool) -> bool:
+    """Whether every row's padding sits on the side the model reads from: left (no real token
+    before a pad) for ``pad_left``, else right. One host sync."""
+    if attention_mask.shape[1] < 2 or torch.compiler.is_compiling():
+        return attention_mask.shape[1] < 2
+    real = attention_mask != 0
+    before, after = (real[:, :-1], real[:, 1:]) if pad_left else (real[:, 1:], real[:, :-1])
+    return not bool((before & ~after).any())
+
+
+def _front_layout(attention_mask, prompt_lengths, longest, positions, position_ids, cache_prompt_lengths) -> PromptLayout:
+    """``[P prompt columns][input columns]``; no data-dependent work."""
     batch, text_length = attention_mask.shape
     device = attention_mask.device
     width = longest + text_length
+    uniform = not isinstance(prompt_lengths, torch.Tensor)
+    peft = positions == "peft"
+    if uniform:
+        mask = attention_mask if longest == 0 else torch.cat(
+            [attention_mask.new_ones((batch, longest)), attention_mask], dim=1)
+        if peft and position_ids is None and not isinstance(cache_prompt_lengths, torch.Tensor):
+            # every column counted, after a uniform prefix: what the model computes itself
+            return PromptLayout(attention_mask=mask, position_ids=None, width=width, text_length=text_length,
+                                shift=longest, outputs_in_layout=True)
     lengths = _per_row(prompt_lengths, batch, device)
-    text_columns = (torch.arange(text_length, device=device) + longest).expand(batch, -1)
     k = torch.arange(longest, device=device).expand(batch, -1)
     live = k < lengths[:, None]
-    prompt_index = torch.cat([k.masked_fill(~live, -1), torch.full((batch, text_length), -1, dtype=torch.long,
-                                                                   device=device)], dim=1)
-    mask = torch.cat([live.to(attention_mask.dtype), attention_mask], dim=1)
-    uniform = not isinstance(prompt_lengths, torch.Tensor) and not isinstance(cache_prompt_lengths, torch.Tensor)
-    if position_ids is None and uniform:
-        pos = None  # arange over the columns (after a uniform prefix): what the model computes itself
-    else:
+    if not uniform:
+        mask = torch.cat([live.to(attention_mask.dtype), attention_mask], dim=1)
+    prompt_index = None if uniform else torch.cat(
+        [k.masked_fill(~live, -1), torch.full((batch, text_length), -1, dtype=torch.long, device=device)], dim=1)
+    prompt_positions = k.masked_fill(~live, 0)
+    if position_ids is not None:  # the caller's text positions, after the prompt (and any prefix)
+        offset = 0 if positions == "restart" else lengths + _per_row(cache_prompt_lengths, batch, device)
+        text = position_ids.long() + (offset[:, None] if isinstance(offset, torch.Tensor) else offset)
+        pos = torch.cat([prompt_positions, text if peft else text.masked_fill(attention_mask == 0, 0)], dim=1)
+    elif peft:
         offset = lengths + _per_row(cache_prompt_lengths, batch, device)
-        text = (torch.arange(text_length, device=device)[None, :] if position_ids is None else position_ids.long())
-        pos = torch.cat([k.masked_fill(~live, 0), text + offset[:, None]], dim=1)
-    return PromptLayout(text_columns=text_columns, prompt_index=prompt_index, attention_mask=mask, position_ids=pos,
-                        width=width, shift=longest, outputs_in_layout=True)
+        pos = torch.cat([prompt_positions, torch.arange(text_length, device=device)[None, :] + offset[:, None]], dim=1)
+    elif positions == "continue":  # live columns counted in order: the prompt, then the real text
+        pos = build_prompt_position_ids(mask, cache_prompt_lengths, positions="continue")
+    else:  # "restart": the prompt and the text each from 0
+        pos = torch.cat([prompt_positions, build_prompt_position_ids(attention_mask, 0, positions="restart")], dim=1)
+    return PromptLayout(attention_mask=mask, position_ids=pos, width=width, text_length=text_length,
+                        prompt_index=prompt_index, shift=longest, outputs_in_layout=peft)
 
 
 def _packed_layout(attention_mask, prompt_lengths, longest, pad_left, positions, placeholders, position_ids,
                    cache_prompt_lengths) -> PromptLayout:
-    """Per row, the real tokens packed with the prompt next to them, padding on one side."""
+    """Per row, the prompt and the real tokens packed into one block of live columns (starting at
+    ``first``: the right end for ``pad_left``, column 0 otherwise), padding outside it."""
     batch, text_length = attention_mask.shape
     device = attention_mask.device
     lengths = _per_row(prompt_lengths, batch, device)
     width = text_length + longest
     real = attention_mask != 0
-    live = real.sum(1) + lengths  # real tokens of the row in the layout, prompt included
-    first = (width - live) if pad_left else torch.zeros_like(live)  # first live column of the row
-
     rank = real.long().cumsum(1) - 1  # order among the row's real tokens
+    live = rank[:, -1] + 1 + lengths if text_length else lengths  # live columns of the row, prompt included
+    first = (width - live) if pad_left else torch.zeros_like(live)
+    offset = torch.arange(width, device=device)[None, :] - first[:, None]  # column's place in the live block
+    layout_mask = (offset >= 0) & (offset < live[:, None])
+    is_prompt = (offset >= 0) & (offset < lengths[:, None])
+    is_real_text = layout_mask & ~is_prompt
+
     pad_rank = (~real).long().cumsum(1) - 1
     pad_column = pad_rank if pad_left else live[:, None] + pad_rank
     text_columns = torch.where(real, first[:, None] + lengths[:, None] + rank, pad_column)
-
-    # Prompt columns: first + k for k < n_b; the rest go to a spare column that is dropped.
-    k = torch.arange(longest, device=device)
-    prompt_columns = torch.where(k[None, :] < lengths[:, None], first[:, None] + k[None, :], width)
-    prompt_index = torch.full((batch, width + 1), -1, dtype=torch.long, device=device)
-    prompt_index.scatter_(1, prompt_columns, k.expand(batch, -1).contiguous())
-    prompt_index = prompt_index[:, :width]
-    is_real_text = torch.zeros((batch, width), dtype=torch.bool, device=device).scatter(1, text_columns, real)
+    prompt_index = torch.where(is_prompt, offset, -1)
     if placeholders is not None:  # template mode: virtual token k is the row's k-th placeholder
         marked = torch.zeros((batch, width), dtype=torch.bool, device=device).scatter(1, text_columns,
                                                                                    placeholders & real)
         prompt_index = torch.where(marked, marked.long().cumsum(1) - 1, prompt_index)
+        is_prompt = is_prompt | marked
         is_real_text = is_real_text & ~marked
-    is_prompt = prompt_index >= 0
-    layout_mask = (is_real_text | is_prompt).long()
+    layout_mask = layout_mask.long()
 
     if position_ids is None:
         if positions == "continue":  # every live token counted in order, after any deep prefix
             pos = build_prompt_position_ids(layout_mask, cache_prompt_lengths, positions="continue")
         else:  # text and prompt each counted on their own
-            pos = torch.where(is_prompt, prompt_index,
-                              build_prompt_position_ids(is_real_text, 0, positions="restart"))
+            pos = torch.where(is_prompt, prompt_index, build_prompt_position_ids(is_real_text, 0, positions="restart"))
     else:
         text_pos = torch.zeros((batch, width), dtype=torch.long, device=device).scatter(
             1, text_columns, position_ids.long())
         if placeholders is None and positions == "continue":
             text_pos = text_pos + (lengths + _per_row(cache_prompt_lengths, batch, device))[:, None]
         pos = text_pos if placeholders is not None else torch.where(is_prompt, prompt_index, text_pos)
-    pos = pos.masked_fill(layout_mask == 0, 0)
-    return PromptLayout(text_columns=text_columns, prompt_index=prompt_index, attention_mask=layout_mask,
-                        position_ids=pos, width=width, shift=_common_shift(text_columns, real, lengths))
-
-
-def _common_shift(text_columns, real, prompt_lengths) -> Optional[int]:
-    """The shift k when every real token of every row sits at column s + k (one host sync), else None."""
-    if torch.compiler.is_compiling() or text_columns.numel() == 0:
-        return None
-    shift = prompt_lengths[:1]
-    columns = torch.arange(text_columns.shape[1], device=text_columns.device)
-    moved = (text_columns == columns + shift[:, None]) | ~real
-    if not bool(moved.all() & (prompt_lengths == shift).all()):
-        return None
-    return int(shift)
+        pos = pos.masked_fill(layout_mask == 0, 0)
+    return PromptLayout(attention_mask=layout_mask, position_ids=pos, width=width, text_length=text_length,
+                        text_columns=text_columns, prompt_index=prompt_index)
 
 
 __all__ = ["PromptLayout", "build_prompt_layout"]

@@ -157,7 +157,7 @@ class AppendKV(torch.autograd.Function):
         end = start + key_states.shape[-2]
         ctx.layer, ctx.start, ctx.end = layer, start, end
         ctx.set_materialize_grads(False)
-        return layer._alias(0, end), layer._alias(1, end)
+        return layer._alias(end)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -31,6 +31,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .._deprecation import warn_deprecated
+from ..hf.introspection import checkpointing_layers
 from ..ops.prefix_cache import AppendKV, PrefixKVBuffer
 
 
@@ -48,47 +49,78 @@ class PrefixKVLayer(DynamicLayer):
     is_croppable = True
 
     def __init__(self, buffer: PrefixKVBuffer, layer_idx: int):
-        super().__init__()
         self.buffer = buffer
         self.layer_idx = layer_idx
         self.prefix_length = buffer.num_virtual_tokens
         self.length = self.prefix_length
-        self._kv = buffer.storage[layer_idx]  # (2, B, Hkv, capacity, Dh), a view of the shared buffer
+        self._set_storage(buffer.storage[layer_idx])  # (2, B, Hkv, capacity, Dh), a view of the shared buffer
         self.dtype, self.device = self._kv.dtype, self._kv.device
         self.is_initialized = True
         self._segments: List[tuple] = []  # (start, length, with_grad) of each append
-        self._sync()
+        self._checked = None  # (key shape, value shape) of the last states that passed _check_states
 
     # -- storage ------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         return self._kv.shape[3]
 
-    def _sync(self) -> None:
-        """Point ``keys``/``values`` (read by some models and by ``DynamicCache.__iter__``) at the
-        current contents."""
-        self.keys = self._kv[0, :, :, : self.length]
-        self.values = self._kv[1, :, :, : self.length]
+    def _set_storage(self, kv: torch.Tensor) -> None:
+        """``kv`` (2, B, Hkv, capacity, Dh) becomes the layer's storage. Keys and values are also
+        held as aliases outside autograd (``.data``): appends write through them, and what is
+        returned from them has its own version counter, so later appends to the shared storage do
+        not invalidate what attention saved for the backward."""
+        self._kv = kv
+        self._k, self._v = kv.data[0], kv.data[1]
 
-    def _alias(self, kv: int, end: int) -> torch.Tensor:
-        # `.data` gives an alias with its own version counter: later appends to the shared
-        # storage do not invalidate what attention saved for the backward.
-        return self._kv.data[kv, :, :, :end]
+    # ``keys``/``values`` (read by some models and by ``DynamicCache.__iter__``): the current
+    # contents, sliced when asked for rather than after every append.
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._k.narrow(2, 0, self.length)
+
+    @keys.setter
+    def keys(self, value) -> None:
+        raise AttributeError("PrefixKVLayer.keys is a view of its storage: append with update()")
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._v.narrow(2, 0, self.length)
+
+    @values.setter
+    def values(self, value) -> None:
+        raise AttributeError("PrefixKVLayer.values is a view of its storage: append with update()")
+
+    def _alias(self, end: int) -> tuple:
+        """(keys, values) of positions [0, end), through the aliases outside autograd."""
+        return self._k.narrow(2, 0, end), self._v.narrow(2, 0, end)
 
     def _write(self, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        end = start + key_states.shape[-2]
-        with torch.no_grad():
-            self._kv.data[0, :, :, start:end].copy_(key_states)
-            self._kv.data[1, :, :, start:end].copy_(value_states)
+        if torch.is_grad_enabled():  # the aliases are outside autograd: record no copy
+            key_states, value_states = key_states.detach(), value_states.detach()
+        length = key_states.shape[-2]
+        self._k.narrow(2, start, length).copy_(key_states)
+        self._v.narrow(2, start, length).copy_(value_states)
 
     def _grow(self, needed: int) -> None:
         """Move to a larger storage (doubling), keeping the current contents. Views returned
         earlier keep the old storage alive as long as something holds them."""
         new = self._kv.new_empty(self._kv.shape[:3] + (max(needed, 2 * self.capacity),) + self._kv.shape[4:])
         new[:, :, :, : self.length].copy_(self._kv[:, :, :, : self.length])
-        self._kv = new
+        self._set_storage(new)
 
     def _check_states(self, key_states, value_states) -> None:
+        """Shapes, dtype and device of one append. Checked in full for a new pair of shapes (once
+        per layer for the prompt, once for the one-token steps of generate()); the same shapes
+        again need only the dtype and device compared."""
+        shapes = (key_states.shape, value_states.shape) if isinstance(key_states, torch.Tensor) and isinstance(
+            value_states, torch.Tensor) else None
+        if shapes is not None and shapes == self._checked and key_states.dtype == value_states.dtype == self.dtype \
+                and key_states.device == self.device and value_states.device == self.device:
+            return
+        self._check_states_in_full(key_states, value_states)
+        self._checked = shapes
+
+    def _check_states_in_full(self, key_states, value_states) -> None:
         for name, t in (("key_states", key_states), ("value_states", value_states)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"PrefixKVCache layer {self.layer_idx}: `{name}` must be a 4D tensor "
@@ -131,10 +163,9 @@ class PrefixKVLayer(DynamicLayer):
             keys, values = AppendKV.apply(self.buffer.token, self, start, key_states, value_states)
         else:
             self._write(start, key_states, value_states)
-            keys, values = self._alias(0, end), self._alias(1, end)
+            keys, values = self._alias(end)
         self._segments.append((start, S, track))
         self.length = end
-        self._sync()
         return keys, values
 
     def _replay(self, key_states, value_states):
@@ -167,7 +198,6 @@ class PrefixKVLayer(DynamicLayer):
         """Back to the prefix alone."""
         self.length = self.prefix_length
         self._segments = []
-        self._sync()
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -179,12 +209,11 @@ class PrefixKVLayer(DynamicLayer):
                              f"only {self.length - self.prefix_length} follow the {self.prefix_length}-token prefix")
         self.length = new_length
         self._segments = [s for s in self._segments if s[0] + s[1] <= new_length]
-        self._sync()
 
     def _reindex_batch(self, kv: torch.Tensor) -> None:
-        self._kv = kv
+        self._set_storage(kv)
         self._segments = [(s, n, False) for s, n, _ in self._segments]
-        self._sync()
+        self._checked = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._reindex_batch(self._kv.index_select(1, beam_idx.to(self.device)))
@@ -196,13 +225,11 @@ class PrefixKVLayer(DynamicLayer):
         self._reindex_batch(self._kv[:, indices])
 
     def offload(self):
-        self._kv = self._kv.to("cpu", non_blocking=True)
-        self._sync()
+        self._set_storage(self._kv.to("cpu", non_blocking=True))
 
     def prefetch(self):
         if self._kv.device != self.device:
-            self._kv = self._kv.to(self.device, non_blocking=True)
-            self._sync()
+            self._set_storage(self._kv.to(self.device, non_blocking=True))
 
 
 class PrefixKVCache(DynamicCache):
@@ -265,9 +292,7 @@ def keep_cache_under_checkpointing(model):
     layers (GPT-2 passes ``None`` under checkpointing) still lose the prefix;
     :func:`ptuning_fast.prefix_tuning.functional.prefix_forward` detects that and raises.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = checkpointing_layers(model)
     saved = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
     for m in layers:
         m._can_checkpoint_with_cache = True

@@ -172,12 +172,15 @@ def test_positions_continue_or_restart(kind):
     if kind == "v2":
         assert torch.equal(positions["restart"], text)
         assert torch.equal(positions["continue"], (text + T) * mask)
-    else:  # v1 rows laid out as [pads][prompt][text]: prompt 0..T-1, then the text
+    else:  # v1 rows laid out as [prompt][pads][text]: prompt 0..T-1, then the real text
         prompt = torch.arange(T)
-        row0 = positions["continue"][0]
-        assert torch.equal(row0[-3 - T:], torch.arange(T + 3))
-        assert torch.equal(positions["restart"][0][-3 - T:], torch.cat([prompt, torch.arange(3)]))
-        assert torch.equal(positions["restart"][1][-5 - T:], torch.cat([prompt, torch.arange(5)]))
+        for row, real in enumerate(mask.bool()):
+            columns = positions["continue"][row]
+            assert torch.equal(columns[:T], prompt)
+            assert torch.equal(columns[T:][real], T + torch.arange(int(real.sum())))
+            restart = positions["restart"][row]
+            assert torch.equal(restart[:T], prompt)
+            assert torch.equal(restart[T:][real], torch.arange(int(real.sum())))
 
 
 # ---------------------------------------------------------------------------------------------
