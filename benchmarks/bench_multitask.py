@@ -6,7 +6,9 @@ forward and greedy ``generate()``, v1 prompts (``P_TUNING``) and deep prompts (`
 - ``peft_eager``: PEFT, which activates one prompt adapter per forward: N batches of B / N rows,
   ``set_adapter`` between them (its ``adapter_names=`` mixed batches are for LoRA-style adapters);
 - ``ptuning_fast_separate``: the native model, also N batches of B / N rows;
-- ``ptuning_fast_mixed``: the native model, ONE batch of B rows with ``adapter_names=[...]``.
+- ``ptuning_fast_mixed``: the native model, ONE batch of B rows with ``adapter_names=[...]``;
+- ``ptuning_fast_accelerated_mixed``: the same PEFT model after ``ptuning_fast.accelerate``, ONE
+  batch of B rows with PEFT's own keyword ``adapter_names=[...]`` (the one-line route).
 
 Before timing, every row of the mixed batch is checked against PEFT running that row's adapter
 (logits; generated tokens). Throughput is rows (and tokens) per second; peak memory is
@@ -17,6 +19,8 @@ forward (once per new token in generate), or one launch per layer per forward, w
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
@@ -26,7 +30,7 @@ from benchmarks.common import Row, floor_ms, make_row
 
 TASK_COUNTS = (1, 4, 16)
 KINDS = ("p_tuning", "prefix")
-IMPLS = ("peft_eager", "ptuning_fast_separate", "ptuning_fast_mixed")
+IMPLS = ("peft_eager", "ptuning_fast_separate", "ptuning_fast_mixed", "ptuning_fast_accelerated_mixed")
 
 
 def _shape(quick: bool) -> dict:
@@ -68,8 +72,9 @@ def _rows_of(names: list[str], num_rows: int) -> tuple[list[str], dict]:
     return per_row, {name: torch.tensor([r for r in range(num_rows) if per_row[r] == name]) for name in names}
 
 
-def workloads(peft_model, native, names, ids, mask, new_tokens: int) -> dict:
-    """impl -> (forward fn, generate fn) over the same B rows."""
+def workloads(peft_model, native, names, ids, mask, new_tokens: int, accelerated=None) -> dict:
+    """impl -> (forward fn, generate fn) over the same B rows (``accelerated``: the PEFT model's
+    accelerated twin, for the one-line route)."""
     per_row, rows = _rows_of(names, ids.shape[0])
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
@@ -101,32 +106,44 @@ def workloads(peft_model, native, names, ids, mask, new_tokens: int) -> dict:
     def mixed_generate():
         return native.generate(input_ids=ids, attention_mask=mask, adapter_names=per_row, **settings)
 
-    return {"peft_eager": (peft_forward, peft_generate), "ptuning_fast_separate": (separate_forward, separate_generate),
+    work = {"peft_eager": (peft_forward, peft_generate), "ptuning_fast_separate": (separate_forward, separate_generate),
             "ptuning_fast_mixed": (mixed_forward, mixed_generate)}
+    if accelerated is not None:
+        work["ptuning_fast_accelerated_mixed"] = (
+            lambda: accelerated(input_ids=ids, attention_mask=mask, adapter_names=per_row).logits,
+            lambda: accelerated.generate(input_ids=ids, attention_mask=mask, adapter_names=per_row, **settings))
+    return work
 
 
 @torch.no_grad()
-def check_mixed_against_peft(kind: str, peft_model, native, names, ids, mask, new_tokens: int, dtype) -> None:
-    """Every row of the mixed batch against PEFT running that row's adapter: logits, then tokens."""
-    work = workloads(peft_model, native, names, ids, mask, new_tokens)
+def check_mixed_against_peft(kind: str, peft_model, native, names, ids, mask, new_tokens: int, dtype,
+                             accelerated=None) -> None:
+    """Every row of each mixed batch against PEFT running that row's adapter: logits, then tokens."""
+    work = workloads(peft_model, native, names, ids, mask, new_tokens, accelerated)
     _, rows = _rows_of(names, ids.shape[0])
-    mixed_logits, mixed_tokens = work["ptuning_fast_mixed"][0](), work["ptuning_fast_mixed"][1]()
     peft_logits, peft_tokens = work["peft_eager"][0](), work["peft_eager"][1]()
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    for name, expected, tokens in zip(names, peft_logits, peft_tokens):
-        if kind == "p_tuning":
-            expected = expected[:, -ids.shape[1]:]  # PEFT's logits include the prompt columns
-        got = mixed_logits[rows[name]].float()
-        scale = expected.float().abs().max().item()
-        error = (got - expected.float()).abs().max().item()
-        if error > tolerance * max(scale, 1.0):
-            raise AssertionError(f"multitask/{kind}: mixed-batch logits of {name} differ from PEFT's by {error:.3g}")
-        if dtype == torch.float32 and not torch.equal(mixed_tokens[rows[name]], tokens):
-            raise AssertionError(f"multitask/{kind}: mixed-batch generate() tokens of {name} differ from PEFT's")
-        if dtype != torch.float32:  # low precision: the first new token (from the checked logits) must agree
-            first = mixed_tokens[rows[name], ids.shape[1]] == tokens[:, ids.shape[1]]
-            if first.float().mean() < 0.9:
-                raise AssertionError(f"multitask/{kind}: first generated tokens of {name} differ from PEFT's")
+    for impl in ("ptuning_fast_mixed", "ptuning_fast_accelerated_mixed"):
+        if impl not in work:
+            continue
+        mixed_logits, mixed_tokens = work[impl][0](), work[impl][1]()
+        for name, expected, tokens in zip(names, peft_logits, peft_tokens):
+            if kind == "p_tuning":
+                expected = expected[:, -ids.shape[1]:]  # PEFT's logits include the prompt columns
+            got = mixed_logits[rows[name]][:, -ids.shape[1]:].float()
+            scale = expected.float().abs().max().item()
+            error = (got - expected.float()).abs().max().item()
+            if error > tolerance * max(scale, 1.0):
+                raise AssertionError(f"multitask/{kind}/{impl}: mixed-batch logits of {name} differ from PEFT's by "
+                                     f"{error:.3g}")
+            if dtype == torch.float32 and not torch.equal(mixed_tokens[rows[name]], tokens):
+                raise AssertionError(f"multitask/{kind}/{impl}: mixed-batch generate() tokens of {name} differ "
+                                     "from PEFT's")
+            if dtype != torch.float32:  # low precision: the first new token (from the checked logits) must agree
+                first = mixed_tokens[rows[name], ids.shape[1]] == tokens[:, ids.shape[1]]
+                if first.float().mean() < 0.9:
+                    raise AssertionError(f"multitask/{kind}/{impl}: first generated tokens of {name} differ from "
+                                         "PEFT's")
 
 
 def cpu_peak_bytes(fn) -> int | None:
@@ -172,16 +189,17 @@ def _measure(device: torch.device, quick: bool) -> list[Row]:
             base, _ = models.llm_model(quick)
             base = base.to(device, dtype).eval()
             peft_model, native, names = build_models(kind, num_tasks, shape, base, device, dtype)
+            accelerated = ptuning_fast.accelerate(copy.deepcopy(peft_model))
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(3, base.config.vocab_size, (shape["batch"], shape["seq"]), generator=g).to(device)
             mask = torch.ones_like(ids)  # unpadded: PEFT's own outputs are right, so they are the check
-            check_mixed_against_peft(kind, peft_model, native, names, ids, mask, shape["new"], dtype)
+            check_mixed_against_peft(kind, peft_model, native, names, ids, mask, shape["new"], dtype, accelerated)
 
             params = models.frozen_params(base)
             weight_bytes = params * base.dtype.itemsize
             layers = base.config.num_hidden_layers
             batch, tokens = shape["batch"], shape["seq"] + shape["tokens"]
-            work = workloads(peft_model, native, names, ids, mask, shape["new"])
+            work = workloads(peft_model, native, names, ids, mask, shape["new"], accelerated)
             for step, index, floor in (
                     ("forward", 0, floor_ms(device, bytes_moved=weight_bytes, flops=2 * params * batch * tokens,
                                             dtype=dtype, launches=layers)),
@@ -196,7 +214,7 @@ def _measure(device: torch.device, quick: bool) -> list[Row]:
                     with torch.no_grad():
                         row = make_row("multitask", case, impl, fn, device, floor, warmup=1 if step == "generate" else 2,
                                        reps=5 if step == "generate" else 10, tasks=num_tasks,
-                                       batches=1 if impl == "ptuning_fast_mixed" else num_tasks,
+                                       batches=1 if impl.endswith("_mixed") else num_tasks,
                                        threads=torch.get_num_threads())
                         if device.type == "cpu":
                             row.peak_bytes = cpu_peak_bytes(fn)
@@ -204,7 +222,7 @@ def _measure(device: torch.device, quick: bool) -> list[Row]:
                     row.extra["rows_per_s"] = batch / seconds
                     row.extra["tokens_per_s"] = batch * (shape["new"] if step == "generate" else shape["seq"]) / seconds
                     rows.append(row)
-            del peft_model, native, base
+            del peft_model, native, accelerated, base
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -218,10 +236,11 @@ def test_bench_multitask_tiny(benchmark):
     device = torch.device("cpu")
     for kind in KINDS:
         peft_model, native, names = build_models(kind, 4, shape, base.eval(), device, torch.float32)
+        accelerated = ptuning_fast.accelerate(copy.deepcopy(peft_model))
         ids = torch.randint(3, base.config.vocab_size, (shape["batch"], shape["seq"]),
                             generator=torch.Generator().manual_seed(2))
         mask = torch.ones_like(ids)
-        check_mixed_against_peft(kind, peft_model, native, names, ids, mask, shape["new"], torch.float32)
+        check_mixed_against_peft(kind, peft_model, native, names, ids, mask, shape["new"], torch.float32, accelerated)
     forward = workloads(peft_model, native, names, ids, mask, shape["new"])["ptuning_fast_mixed"][0]
     logits = benchmark.pedantic(torch.no_grad()(forward), rounds=2, iterations=1)
     assert logits.shape == (shape["batch"], shape["seq"], base.config.vocab_size)

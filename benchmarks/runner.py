@@ -1,4 +1,5 @@
-"""Benchmark runner: ``python -m benchmarks`` (or ``ptuning-fast bench``).
+"""Benchmark runner: ``python -m benchmarks`` (or ``ptuning-fast bench``; options in
+:func:`ptuning_fast.cli.bench_parser`).
 
 Runs every component's ``measure(device, quick)`` (modules ``benchmarks/bench_*.py``), each of
 which checks its output against PEFT before timing, then prints one table, writes a JSON file with
@@ -7,7 +8,6 @@ per case, and time over the floor).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib
 import json
@@ -119,16 +119,42 @@ def plot(rows: list[dict], out_prefix: Path) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small shapes (what CPU runs by default)")
-    parser.add_argument("--only", nargs="*", choices=discover(), help="components to run (default: all)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and PNG results")
-    parser.add_argument("--tag", default=None, help="name of the result files (default: device + date)")
-    parser.add_argument("--no-plots", action="store_true")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+# Rows allowed below PEFT eager, with the reason the README gives: (component, case prefix) -> reason.
+KNOWN_BELOW_PEFT = {}
+
+
+def below_peft(rows: list[dict]) -> list[dict]:
+    """This package's rows slower than PEFT eager in the same case, each with its stated reason or None."""
+    out = []
+    for r in rows:
+        if r["impl"].startswith("ptuning_fast") and r.get("x_vs_peft") is not None and r["x_vs_peft"] < 1.0:
+            reason = next((why for (component, prefix), why in KNOWN_BELOW_PEFT.items()
+                           if r["component"] == component and r["case"].startswith(prefix)), None)
+            out.append({"component": r["component"], "case": r["case"], "impl": r["impl"],
+                        "x_vs_peft": r["x_vs_peft"], "reason": reason})
+    return out
+
+
+def check(path: Path) -> int:
+    """Exit status 1 when the results file has rows below PEFT without a reason (printed)."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    unexplained = [b for b in below_peft(ratios(rows)) if b["reason"] is None]
+    for b in below_peft(rows):
+        mark = "UNEXPLAINED" if b["reason"] is None else f"known: {b['reason']}"
+        print(f"below PEFT: {b['component']} | {b['case']} | {b['impl']} | {b['x_vs_peft']:.2f}x | {mark}")
+    print(f"{path}: {len(unexplained)} row(s) below 1.0x PEFT without a reason")
+    return 1 if unexplained else 0
+
+
+def run(args) -> int:
+    """Run the components ``args`` (from :func:`ptuning_fast.cli.bench_parser`) asks for."""
+    if args.check:
+        return check(Path(args.check))
+    unknown = sorted(set(args.only or []) - set(discover()))
+    if unknown:
+        print(f"unknown components {unknown}; choose from {discover()}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick or device.type == "cpu"
     env = environment(device)
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
@@ -146,15 +172,27 @@ def main(argv=None) -> int:
             print(f"   FAILED: {failures[name]}", flush=True)
     rows = ratios(rows)
     print(format_table(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
+    below = below_peft(rows)
+    for b in below:
+        print(f"BELOW PEFT: {b['component']} | {b['case']} | {b['impl']} | {b['x_vs_peft']:.2f}x"
+              + (f" | known: {b['reason']}" if b["reason"] else " | no stated reason"))
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"{device.type}-{datetime.date.today().isoformat()}"
-    json_path = args.out / f"{tag}.json"
-    json_path.write_text(json.dumps({"environment": env, "rows": rows, "failures": failures}, indent=1))
+    json_path = out / f"{tag}.json"
+    json_path.write_text(json.dumps({"environment": env, "rows": rows, "failures": failures, "below_peft": below},
+                                    indent=1))
     print(f"wrote {json_path}")
     if not args.no_plots and rows:
-        for p in plot(rows, args.out / tag):
+        for p in plot(rows, out / tag):
             print(f"wrote {p}")
     return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    from ptuning_fast.cli import bench_parser
+
+    return run(bench_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,42 @@ import sys
 SUBCOMMANDS = {
     "train": ("ptuning_fast.train", "main", "P-tune a Hugging Face model (default: MiniLM-L6 on built-in data)"),
     "demo": ("ptuning_fast.demo", "main", "compare with PEFT, accelerate a PEFT model, run a short training job"),
-    "bench": ("benchmarks.runner", "main", "benchmark every component vs PEFT (run from a source checkout)"),
+    "bench": ("ptuning_fast.cli", "bench", "benchmark every component vs PEFT (the suite of a source checkout)"),
 }
+
+
+def bench_parser():
+    """The options of ``ptuning-fast bench`` / ``python -m benchmarks`` (the runner in the source
+    checkout's ``benchmarks/`` folder parses with this too)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="ptuning-fast bench",
+        description="Benchmark every component against PEFT eager and torch.compile of PEFT (checked against "
+                    "PEFT before timing), print a table, write JSON and plots. Runs the suite in a source "
+                    "checkout's benchmarks/ folder (it is not shipped in the wheel).")
+    parser.add_argument("--device", default=None, help="cuda when available, else cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes (what CPU runs by default)")
+    parser.add_argument("--only", nargs="*", metavar="COMPONENT", help="components to run (default: all), e.g. "
+                        "host mask multitask prefix_kv prompt_mlp train_step generate")
+    parser.add_argument("--out", default=None, help="folder for JSON and PNG results (default: benchmarks/results)")
+    parser.add_argument("--tag", default=None, help="name of the result files (default: device + date)")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    parser.add_argument("--check", metavar="RESULTS_JSON", default=None,
+                        help="time nothing: check a results file for rows below PEFT without a stated reason")
+    return parser
+
+
+def bench(argv) -> int:
+    """``ptuning-fast bench``: the benchmark runner of a source checkout (``--help`` works anywhere)."""
+    args = bench_parser().parse_args(argv)
+    try:
+        from benchmarks.runner import run
+    except ImportError:
+        print("ptuning-fast bench: the benchmark suite is the benchmarks/ folder of a source checkout (it is not "
+              "installed with the package); run it there: python -m benchmarks", file=sys.stderr)
+        return 2
+    return run(args)
 
 
 def _usage() -> str:

@@ -1,9 +1,8 @@
 """Configs: PEFT's own classes, subclassed so that PEFT accepts ours and we accept PEFT's.
 
 ``PromptEncoderConfig`` is a ``peft.PromptEncoderConfig`` (same fields, defaults and
-``peft_type``), with two fixes: ``encoder_reparameterization_type`` given as a string is
-normalised to the enum (PEFT crashes on ``"MLP"`` with ``encoder_num_layers != 2``), and an
-unknown type fails when the config is made, with PEFT's error text.
+``peft_type``) whose ``encoder_reparameterization_type`` is normalised to the enum (a string
+works everywhere) and checked when the config is made, with PEFT's error text.
 """
 from __future__ import annotations
 
@@ -68,11 +67,8 @@ PREFIX_INIT_WEIGHTS = (None, "zero")
 
 @dataclass
 class PrefixTuningConfig(_PeftPrefixTuningConfig):
-    """``peft.PrefixTuningConfig`` (same fields, defaults and ``peft_type``) for P-Tuning v2.
-
-    One fix: ``init_weights`` other than ``None`` or ``"zero"`` fails when the config is made
-    (PEFT silently treats any other value as random init).
-    """
+    """``peft.PrefixTuningConfig`` (same fields, defaults and ``peft_type``) for P-Tuning v2;
+    ``init_weights`` is checked when the config is made (``None`` for random, or ``"zero"``)."""
 
     def __post_init__(self):
         super().__post_init__()
