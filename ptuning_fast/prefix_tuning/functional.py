@@ -189,6 +189,13 @@ def _prompt_lengths(cache_or_lengths):
                     f"{type(cache_or_lengths).__name__}")
 
 
+def _unpadded_mask(lengths, seq_len: int) -> torch.Tensor:
+    """The text mask of ``seq_len`` real tokens in every row (one row per per-row length, else one)."""
+    per_row = isinstance(lengths, torch.Tensor)
+    return torch.ones((lengths.shape[0] if per_row else 1, seq_len), dtype=torch.long,
+                      device=lengths.device if per_row else None)
+
+
 def _check_text_mask(attention_mask, batch: int, device, name: str = "attention_mask") -> None:
     check_tensor(attention_mask, name, ndim=2, device=device)
     if attention_mask.shape[0] != batch:
@@ -214,9 +221,7 @@ def prefix_attention_mask(attention_mask: Optional[torch.Tensor], cache,
             return None
         if seq_len is None:
             raise ValueError("rows have prefixes of different lengths: give `attention_mask` or `seq_len`")
-        batch = lengths.shape[0] if isinstance(lengths, torch.Tensor) else 1
-        device = lengths.device if isinstance(lengths, torch.Tensor) else None
-        attention_mask = torch.ones((batch, seq_len), dtype=torch.long, device=device)
+        attention_mask = _unpadded_mask(lengths, seq_len)
     if isinstance(lengths, torch.Tensor):
         _check_text_mask(attention_mask, lengths.shape[0], lengths.device)
     return prompt_padding_mask(attention_mask, lengths, num_prompt_columns=P)
@@ -250,9 +255,7 @@ def prefix_position_ids(attention_mask: Optional[torch.Tensor], cache, *, seq_le
         if seq_len is None:
             raise ValueError("give `attention_mask` or `seq_len`")
         check_positive_int(seq_len, "seq_len")
-        batch = lengths.shape[0] if isinstance(lengths, torch.Tensor) else 1
-        device = lengths.device if isinstance(lengths, torch.Tensor) else None
-        attention_mask = torch.ones((batch, seq_len), dtype=torch.long, device=device)
+        attention_mask = _unpadded_mask(lengths, seq_len)
     elif isinstance(lengths, torch.Tensor):
         _check_text_mask(attention_mask, lengths.shape[0], lengths.device)
     return build_prompt_position_ids(attention_mask, lengths, positions=positions)

@@ -8,17 +8,14 @@ from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder
 
 from ptuning_fast import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from ptuning_fast.reference import prompt_mlp_reference
+from tests.p_tuning import configs
 
 T, D, H = 7, 24, 20  # odd sizes on purpose
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2**-7: one bf16 ulp of a value of magnitude 1
 
 
 def make_config(kind="MLP", submodules=1, **kw):
-    base = dict(task_type="CAUSAL_LM", num_virtual_tokens=T, token_dim=D, encoder_hidden_size=H,
-                num_transformer_submodules=submodules, num_layers=2, num_attention_heads=2,
-                encoder_reparameterization_type=kind)
-    base.update(kw)
-    return PeftConfig(**base)
+    return configs.make_config(T, D, H, kind, submodules, **kw)
 
 
 def make_pair(config, seed=0):

@@ -12,16 +12,13 @@ import ptuning_fast
 from ptuning_fast import PromptEncoder
 
 from ptuning_fast.kernels import prompt_mlp as kernels  # Triton is a dependency: this must import
+from tests.p_tuning import configs
 
 T, D, H = 6, 40, 36  # odd sizes, not multiples of 16
 
 
 def make_config(kind="MLP", submodules=1, **kw):
-    base = dict(task_type="CAUSAL_LM", num_virtual_tokens=T, token_dim=D, encoder_hidden_size=H,
-                num_transformer_submodules=submodules, num_layers=2, num_attention_heads=2,
-                encoder_reparameterization_type=kind)
-    base.update(kw)
-    return PeftConfig(**base)
+    return configs.make_config(T, D, H, kind, submodules, **kw)
 
 
 def make_encoders(config, seed=0):
