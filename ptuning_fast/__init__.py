@@ -38,6 +38,8 @@ _LAZY = {
     "get_ptuning_model": "native.model",
     "load_adapter": "native.model",
     "save_adapter": "native.checkpoint",
+    "TextInit": "native.text_init",
+    "init_prompts_from_text": "native.text_init",
     "accelerate": "peft_route",
     "patch_peft": "peft_route",
     "peft_patched": "peft_route",
