@@ -40,6 +40,8 @@ _LAZY = {
     "save_adapter": "native.checkpoint",
     "TextInit": "native.text_init",
     "init_prompts_from_text": "native.text_init",
+    "Inspection": "inspect_prompts",
+    "inspect_adapter": "inspect_prompts",
     "accelerate": "peft_route",
     "patch_peft": "peft_route",
     "peft_patched": "peft_route",

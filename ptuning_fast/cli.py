@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("ptuning_fast.train", "main", "P-tune a Hugging Face model (default: MiniLM-L6 on built-in data)"),
     "demo": ("ptuning_fast.demo", "main", "compare with PEFT, accelerate a PEFT model, run a short training job"),
+    "inspect": ("ptuning_fast.inspect_prompts", "main", "plot a prompt adapter and find its nearest vocabulary tokens"),
     "bench": ("ptuning_fast.cli", "bench", "benchmark every component vs PEFT (the suite of a source checkout)"),
 }
 
