@@ -59,6 +59,9 @@ class Inspection:
 def read_prompts(checkpoint: str):
     """(config, the encoded prompts as float32: v1 (T_total, D); deep prompts (T, L, 2, token_dim),
     keys at [:, :, 0], values at [:, :, 1]) of an adapter folder."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"`checkpoint` must be a path to an adapter folder, got {type(checkpoint).__name__}")
+    checkpoint = os.fspath(checkpoint)
     config, _, _ = read_adapter_folder(checkpoint)
     path = os.path.join(checkpoint, WEIGHTS_NAME)
     weights = read_safetensors(path)
@@ -77,11 +80,11 @@ def read_prompts(checkpoint: str):
     return config, prompts
 
 
-def cosine_matrix(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def _cosine_matrix(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return F.normalize(rows.float(), dim=-1) @ F.normalize(columns.float(), dim=-1).T
 
 
-def panel_layers(num_layers: int) -> List[int]:
+def _panel_layers(num_layers: int) -> List[int]:
     """At most ``PANEL_LAYERS`` layers, first and last included, evenly spread."""
     count = min(num_layers, PANEL_LAYERS)
     return sorted({round(i * (num_layers - 1) / max(count - 1, 1)) for i in range(count)})
@@ -104,9 +107,9 @@ def _figure(rows: int, columns: int, panel_size: float):
     return figure, axes
 
 
-def plot_similarity(prompts: torch.Tensor, deep: bool, path: str, title: str) -> None:
+def _plot_similarity(prompts: torch.Tensor, deep: bool, path: str, title: str) -> None:
     if deep:
-        layers = panel_layers(prompts.shape[1])
+        layers = _panel_layers(prompts.shape[1])
         panels = [[(f"layer {l} keys", prompts[:, l, 0]) for l in layers],
                   [(f"layer {l} values", prompts[:, l, 1]) for l in layers]]
     else:
@@ -115,7 +118,7 @@ def plot_similarity(prompts: torch.Tensor, deep: bool, path: str, title: str) ->
     for row, panel_row in enumerate(panels):
         for column, (name, vectors) in enumerate(panel_row):
             ax = axes[row, column]
-            image = ax.imshow(cosine_matrix(vectors, vectors).numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+            image = ax.imshow(_cosine_matrix(vectors, vectors).numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0)
             ax.set_title(name)
             ax.set_xlabel("virtual token")
             ax.set_ylabel("virtual token")
@@ -124,7 +127,7 @@ def plot_similarity(prompts: torch.Tensor, deep: bool, path: str, title: str) ->
     figure.savefig(path, dpi=110)
 
 
-def plot_norms(prompts: torch.Tensor, deep: bool, path: str, title: str) -> None:
+def _plot_norms(prompts: torch.Tensor, deep: bool, path: str, title: str) -> None:
     if deep:
         figure, axes = _figure(1, 2, 4.2)
         for ax, (name, kv) in zip(axes[0], (("keys", 0), ("values", 1))):
@@ -155,7 +158,7 @@ def _local_folder(name) -> Optional[str]:
     return os.fspath(name) if isinstance(name, (str, os.PathLike)) and os.path.isdir(name) else None
 
 
-def resolve_base_model(model, config):
+def _resolve_base_model(model, config):
     """(the base model or None, the folder it came from or None): ``model`` (a folder,
     ``"minilm"``, or a loaded transformers model / prompt holder), else the config's
     ``base_model_name_or_path`` when it is a local folder."""
@@ -198,7 +201,7 @@ def _quiet_loading():
             logging.enable_progress_bar()
 
 
-def resolve_tokenizer(tokenizer, folder: Optional[str]):
+def _resolve_tokenizer(tokenizer, folder: Optional[str]):
     """``tokenizer`` (a tokenizer or a folder), else the one in the model's folder."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         if not callable(getattr(tokenizer, "convert_ids_to_tokens", None)):
@@ -215,7 +218,7 @@ def resolve_tokenizer(tokenizer, folder: Optional[str]):
         raise ValueError(f"`tokenizer`: cannot load a tokenizer from {source!r}: {exc}") from None
 
 
-def vocabulary_layer0_values(model) -> torch.Tensor:
+def _vocabulary_layer0_values(model) -> torch.Tensor:
     """(V, kv_heads * head_dim): the layer-0 values ``model`` computes for each vocabulary token
     alone at position 0 (only the embeddings and layer 0 run)."""
     embeddings = model.get_input_embeddings().weight
@@ -227,16 +230,16 @@ def vocabulary_layer0_values(model) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def nearest_tokens(prompts: torch.Tensor, deep: bool, model, tokenizer, top_k: int) -> List[dict]:
+def _nearest_tokens(prompts: torch.Tensor, deep: bool, model, tokenizer, top_k: int) -> List[dict]:
     """One entry per virtual token: its ``top_k`` nearest vocabulary tokens by cosine similarity."""
     if deep:
-        space, queries, vocabulary = "layer0_values", prompts[:, 0, 1], vocabulary_layer0_values(model)
+        space, queries, vocabulary = "layer0_values", prompts[:, 0, 1], _vocabulary_layer0_values(model)
     else:
         space, queries = "input_embeddings", prompts
         vocabulary = model.get_input_embeddings().weight.detach().float().cpu()
     if top_k > vocabulary.shape[0]:
         raise ValueError(f"`top_k` ({top_k}) is larger than the vocabulary ({vocabulary.shape[0]} tokens)")
-    scores, ids = cosine_matrix(queries, vocabulary).topk(top_k, dim=1)
+    scores, ids = _cosine_matrix(queries, vocabulary).topk(top_k, dim=1)
     entries = []
     for index, (row_scores, row_ids) in enumerate(zip(scores.tolist(), ids.tolist())):
         names = tokenizer.convert_ids_to_tokens(row_ids)
@@ -275,29 +278,27 @@ def inspect_adapter(checkpoint, output_dir, *, model=None, tokenizer=None, top_k
     ``tokenizer``: a tokenizer or a folder; default the model's folder. ``top_k``: nearest tokens
     per virtual token.
     """
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        raise TypeError(f"`checkpoint` must be a path to an adapter folder, got {type(checkpoint).__name__}")
+    config, prompts = read_prompts(checkpoint)
     if not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"`output_dir` must be a path, got {type(output_dir).__name__}")
     checkpoint, output_dir = os.fspath(checkpoint), os.fspath(output_dir)
     if os.path.isfile(output_dir):
         raise ValueError(f"`output_dir` ({output_dir}) is a file, not a directory")
     check_positive_int(top_k, "top_k")
-    config, prompts = read_prompts(checkpoint)
     deep = config.peft_type == PeftType.PREFIX_TUNING
 
-    base, folder = resolve_base_model(model, config)  # before writing anything: a bad `model` fails first
+    base, folder = _resolve_base_model(model, config)  # before writing anything: a bad `model` fails first
     nearest = None
     if base is not None:
         check_config_fits_model(config, base, os.path.join(checkpoint, CONFIG_NAME))
-        nearest = nearest_tokens(prompts, deep, base, resolve_tokenizer(tokenizer, folder), top_k)
+        nearest = _nearest_tokens(prompts, deep, base, _resolve_tokenizer(tokenizer, folder), top_k)
 
     os.makedirs(output_dir, exist_ok=True)
     kind = "deep prompts (PREFIX_TUNING)" if deep else "v1 prompts (P_TUNING)"
     title = f"{os.path.basename(os.path.abspath(checkpoint))}: {kind}, {prompts.shape[0]} virtual tokens"
     similarity, norms = os.path.join(output_dir, SIMILARITY_FILE), os.path.join(output_dir, NORMS_FILE)
-    plot_similarity(prompts, deep, similarity, title)
-    plot_norms(prompts, deep, norms, title)
+    _plot_similarity(prompts, deep, similarity, title)
+    _plot_norms(prompts, deep, norms, title)
     nearest_path = None
     if nearest is not None:
         nearest_path = os.path.join(output_dir, NEAREST_FILE)
@@ -331,4 +332,4 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["Inspection", "inspect_adapter", "main", "nearest_tokens", "read_prompts"]
+__all__ = ["Inspection", "inspect_adapter", "main", "read_prompts"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -33,6 +34,7 @@ import torch
 from peft import PeftType
 from transformers.cache_utils import DynamicCache
 
+from .._validation import INDEX_DTYPES, check_tensor
 from ..hf.compat import CACHE_KWARG
 from ..hf.introspection import prefix_geometry
 from .adapters import encoded_prompt_table
@@ -81,8 +83,9 @@ def _token_ids(text, tokenizer, vocab_size: int) -> list:
             raise TypeError(f"`text` as a tensor must be 1-D token ids of an integer dtype, got shape "
                             f"{tuple(text.shape)} and dtype {text.dtype}")
         ids = text.tolist()
-    elif isinstance(text, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in text):
-        ids = list(text)
+    elif (isinstance(text, Sequence) and not isinstance(text, (bytes, bytearray))
+          and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in text)):
+        ids = [int(i) for i in text]
     else:
         raise TypeError(f"`text` must be a str, a sequence of token ids (ints) or a 1-D integer tensor, got "
                         f"{type(text).__name__}")
@@ -94,7 +97,7 @@ def _token_ids(text, tokenizer, vocab_size: int) -> list:
     return ids
 
 
-def repeat_to_length(ids: list, length: int) -> list:
+def _repeat_to_length(ids: list, length: int) -> list:
     """``ids`` cut, or repeated then cut, to ``length`` tokens (PEFT's PROMPT_TUNING text init)."""
     if len(ids) < length:
         ids = ids * math.ceil(length / len(ids))
@@ -104,6 +107,8 @@ def repeat_to_length(ids: list, length: int) -> list:
 @contextlib.contextmanager
 def eval_mode(module: torch.nn.Module):
     """``module`` in eval mode (no dropout) inside the block; every submodule's mode is restored after."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -133,6 +138,7 @@ def layer_key_values(model, input_ids: torch.Tensor, *, first_layer_only: bool =
     """The keys and values ``model`` (frozen, eval mode) computes for ``input_ids`` (B, S), as its
     cache holds them (keys after RoPE): ``(L, 2, B, kv_heads, S, head_dim)``; with
     ``first_layer_only`` only layer 0 is run and ``L`` is 1."""
+    check_tensor(input_ids, "input_ids", ndim=2, dtypes=INDEX_DTYPES)
     with eval_mode(model):
         if first_layer_only:
             cache = _FirstLayerCache()
@@ -238,9 +244,9 @@ def _fit(encoder, config, target: torch.Tensor, words: Optional[torch.Tensor]) -
     """Fit a float32 copy of ``encoder`` (eval mode) to ``target``, then write its values into
     ``encoder``'s parameters in place.
 
-    v1 starts from the words' input embeddings (``words``, rescaled) as the virtual tokens' embeddings: the
-    MLP then gives a repeated word one hidden row, so a text shorter than the prompt needs only as
-    many independent rows as it has distinct words. Then variable projection: at every Adam step
+    v1 starts from the words' input embeddings (``words``, rescaled) as the virtual tokens'
+    embeddings: the MLP then gives a repeated word one hidden row, so a text shorter than the
+    prompt needs only as many independent rows as it has distinct words. Then variable projection: at every Adam step
     the last layer is the least-squares optimum for the current hidden activations, and Adam moves
     the parameters before it (with the last layer at its optimum, the gradient is that optimum's
     loss gradient). This converges where plain Adam on all parameters stalls.
@@ -265,7 +271,7 @@ def _fit(encoder, config, target: torch.Tensor, words: Optional[torch.Tensor]) -
             solution = _least_squares(hidden, target).to(hidden)
             encoded = hidden @ solution
             error = _relative_error(encoded.detach(), target)
-            if error < best_error:  # Adam can step past its best point: keep that point
+            if best is None or error < best_error:  # Adam can step past its best point: keep that point
                 _write_last_layer(last, solution)
                 best_error, best = error, {k: v.detach().clone() for k, v in work.state_dict().items()}
             if error <= FIT_DONE:
@@ -311,7 +317,7 @@ def init_prompts_from_text(model, text, tokenizer=None, *, adapter_name: Optiona
     ids = _token_ids(text, tokenizer, embeddings.weight.shape[0])
     deep = config.peft_type == PeftType.PREFIX_TUNING
     length = config.num_virtual_tokens * (1 if deep else config.num_transformer_submodules)
-    ids = repeat_to_length(ids, length)
+    ids = _repeat_to_length(ids, length)
     id_tensor = torch.tensor(ids, dtype=torch.long, device=embeddings.weight.device)
 
     with torch.no_grad():
@@ -331,4 +337,4 @@ def init_prompts_from_text(model, text, tokenizer=None, *, adapter_name: Optiona
     return TextInit(adapter_name, tuple(ids), method, error)
 
 
-__all__ = ["TextInit", "eval_mode", "init_prompts_from_text", "layer_key_values", "repeat_to_length"]
+__all__ = ["TextInit", "eval_mode", "init_prompts_from_text", "layer_key_values"]

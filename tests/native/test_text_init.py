@@ -21,6 +21,8 @@ def relative_error(got, expected):
 def wrap(route, base, config):
     if route == "native":
         return get_ptuning_model(base, config)
+    if route == "peft_plain":  # PEFT's own encoders: any holder works
+        return get_peft_model(base, config)
     return ptuning_fast.accelerate(get_peft_model(base, config))
 
 
@@ -62,7 +64,7 @@ def case(name, kind, route, seed, config=None):
     return model, bare
 
 
-@pytest.mark.parametrize("route", ["native", "peft"])
+@pytest.mark.parametrize("route", ["native", "peft", "peft_plain"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_a_prompt_from_a_text_gives_the_logits_of_that_text(name, kind, route):
@@ -220,7 +222,7 @@ def test_errors_name_the_argument():
     for outside in ([3, VOCAB], torch.tensor([-1, 4])):
         with pytest.raises(ValueError, match=r"`text` holds token ids outside the vocabulary \[0, 61\)"):
             init_prompts_from_text(model, outside)
-    for wrong in (torch.tensor([1.0, 2.0]), torch.tensor([[3, 4]]), [True, False], [3, 4.0], {"a": 1}, None):
+    for wrong in (torch.tensor([1.0, 2.0]), torch.tensor([[3, 4]]), [True, False], [3, 4.0], b"\x03", {"a": 1}, None):
         with pytest.raises(TypeError, match="`text`"):
             init_prompts_from_text(model, wrong)
     with pytest.raises(ValueError, match=r"`adapter_name`: unknown adapter 'other'; known: \['default'\]"):
