@@ -88,6 +88,36 @@ def encoded_prompt_table(encoder, config) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Holders
+# ---------------------------------------------------------------------------------------------
+def check_not_other_peft_types(model) -> None:
+    """A PeftModel of other adapter types (LoRA...) cannot hold prompt adapters: say so, naming them."""
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and configs and getattr(model, "_is_prompt_learning", True) is False:
+        kinds = {name: getattr(c.peft_type, "value", str(c.peft_type)) for name, c in configs.items()}
+        raise ValueError(f"`model` is a PeftModel holding {kinds} adapters, not prompt-learning ones (P_TUNING / "
+                         "PREFIX_TUNING), which PEFT does not mix in one model: load the prompt adapter into the "
+                         "base model instead (ptuning_fast.load_adapter(base_model, ...))")
+
+
+def check_holder(model) -> None:
+    """``model`` holds prompt adapters (a PTuningModel or a PeftModel of prompt adapters), or raise."""
+    check_not_other_peft_types(model)
+    if not isinstance(getattr(model, "prompt_encoder", None), torch.nn.ModuleDict) or not hasattr(model, "peft_config"):
+        raise TypeError(f"`model` must be a PTuningModel or a peft.PeftModel, got {type(model).__name__}")
+
+
+def adapter_parts(model, adapter_name: Optional[str]):
+    """(encoder, config, options, name) of ``adapter_name`` in a PTuningModel or PeftModel."""
+    check_holder(model)
+    adapter_name = model.active_adapter if adapter_name is None else adapter_name
+    if not isinstance(adapter_name, str) or adapter_name not in model.prompt_encoder:
+        raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; known: {sorted(model.prompt_encoder)}")
+    options = getattr(model, "prompt_options", {}).get(adapter_name, PromptOptions())
+    return model.prompt_encoder[adapter_name], model.peft_config[adapter_name], options, adapter_name
+
+
+# ---------------------------------------------------------------------------------------------
 # Rows
 # ---------------------------------------------------------------------------------------------
 class Rows:
@@ -210,6 +240,7 @@ def prompt_tables(holder, rows: Rows, batch_size: int, device):
     return torch.cat(tables), offsets[rows.index]
 
 
-__all__ = ["PROMPT_TYPES", "Rows", "check_adapter_name", "check_config_fits_model", "encoded_prompt_table", "make_encoder", "prefix_weights",
+__all__ = ["PROMPT_TYPES", "Rows", "adapter_parts", "check_adapter_name", "check_config_fits_model", "check_holder",
+           "check_not_other_peft_types", "encoded_prompt_table", "make_encoder", "prefix_weights",
            "prepare_config", "prompt_lengths", "prompt_tables", "resolve_rows", "rows_kind", "rows_options",
            "task_of"]

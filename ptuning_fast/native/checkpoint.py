@@ -35,7 +35,8 @@ from peft import PeftConfig, PeftType
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapters import PROMPT_TYPES, check_config_fits_model, encoded_prompt_table, make_encoder
+from .adapters import (PROMPT_TYPES, adapter_parts, check_config_fits_model, check_holder, encoded_prompt_table,
+                       make_encoder)
 from .options import PromptOptions
 
 CONFIG_NAME = "adapter_config.json"
@@ -103,32 +104,6 @@ def read_json(path: str):
 # ---------------------------------------------------------------------------------------------
 # The holder's adapter
 # ---------------------------------------------------------------------------------------------
-def check_not_other_peft_types(model) -> None:
-    """A PeftModel of other adapter types (LoRA...) cannot hold prompt adapters: say so, naming them."""
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict) and configs and getattr(model, "_is_prompt_learning", True) is False:
-        kinds = {name: getattr(c.peft_type, "value", str(c.peft_type)) for name, c in configs.items()}
-        raise ValueError(f"`model` is a PeftModel holding {kinds} adapters, not prompt-learning ones (P_TUNING / "
-                         "PREFIX_TUNING), which PEFT does not mix in one model: load the prompt adapter into the "
-                         "base model instead (ptuning_fast.load_adapter(base_model, ...))")
-
-
-def _check_holder(model) -> None:
-    check_not_other_peft_types(model)
-    if not isinstance(getattr(model, "prompt_encoder", None), torch.nn.ModuleDict) or not hasattr(model, "peft_config"):
-        raise TypeError(f"`model` must be a PTuningModel or a peft.PeftModel, got {type(model).__name__}")
-
-
-def _parts(model, adapter_name: Optional[str]):
-    """(encoder, config, options, name) of ``adapter_name`` in a PTuningModel or PeftModel."""
-    _check_holder(model)
-    adapter_name = model.active_adapter if adapter_name is None else adapter_name
-    if not isinstance(adapter_name, str) or adapter_name not in model.prompt_encoder:
-        raise ValueError(f"`adapter_name`: unknown adapter {adapter_name!r}; known: {sorted(model.prompt_encoder)}")
-    options = getattr(model, "prompt_options", {}).get(adapter_name, PromptOptions())
-    return model.prompt_encoder[adapter_name], model.peft_config[adapter_name], options, adapter_name
-
-
 def encoded_prompts(encoder, config) -> torch.Tensor:
     """What PEFT saves as ``prompt_embeddings`` (the encoder's output for the canonical tokens),
     detached, on the encoder's device."""
@@ -216,7 +191,7 @@ def save_adapter(model, save_directory: str, adapter_name: Optional[str] = None,
     ``save_encoder=True`` also writes the whole encoder (and ``optimizer``'s state, if given), which
     loading with ``is_trainable=True`` needs to resume training.
     """
-    encoder, config, options, adapter_name = _parts(model, adapter_name)
+    encoder, config, options, adapter_name = adapter_parts(model, adapter_name)
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"`save_directory` must be a path, got {type(save_directory).__name__}")
     if os.path.isfile(save_directory):
@@ -340,7 +315,7 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     """Load the adapter folder ``model_id`` into ``holder`` (a ``PTuningModel`` or ``PeftModel``) as
     ``adapter_name``: added when it does not exist, else its weights are copied into its parameters
     in place. Returns ``holder``. See :func:`ptuning_fast.native.model.load_adapter`."""
-    _check_holder(holder)
+    check_holder(holder)
     config, options, _ = read_adapter_folder(model_id, is_trainable=is_trainable, adapter_name=adapter_name,
                                              optimizer=optimizer)
     model_id = os.fspath(model_id)
@@ -368,6 +343,6 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     return holder
 
 
-__all__ = ["adapter_directory", "check_not_other_peft_types", "encoded_prompts", "freeze_adapter", "load_adapter_into", "load_optimizer",
+__all__ = ["adapter_directory", "encoded_prompts", "freeze_adapter", "load_adapter_into", "load_optimizer",
            "optimizer_state_from_file", "prompt_embeddings_to_save", "read_adapter_folder", "read_json",
            "read_safetensors", "save_adapter", "save_optimizer", "write_json", "write_safetensors"]

@@ -28,9 +28,9 @@ from peft import PeftType
 from .._validation import INDEX_DTYPES, check_tensor, check_token_tensor
 from ..hf.compat import get_cache
 from ..hf.heads import check_per_token_inputs
-from .adapters import check_adapter_name, make_encoder, prepare_config, resolve_rows, task_of
-from .checkpoint import (check_not_other_peft_types, freeze_adapter, load_adapter_into, read_adapter_folder,
-                         save_adapter)
+from .adapters import (check_adapter_name, check_not_other_peft_types, make_encoder, prepare_config, resolve_rows,
+                       task_of)
+from .checkpoint import freeze_adapter, load_adapter_into, read_adapter_folder, save_adapter
 from .forward import prompt_forward
 from .generate import prompt_generate
 from .options import PromptOptions

@@ -37,8 +37,7 @@ from transformers.cache_utils import DynamicCache
 from .._validation import INDEX_DTYPES, check_tensor
 from ..hf.compat import CACHE_KWARG
 from ..hf.introspection import prefix_geometry
-from .adapters import encoded_prompt_table
-from .checkpoint import _parts
+from .adapters import adapter_parts, encoded_prompt_table
 
 FIT_STEPS = 400  # Adam steps of the fallback fit (a few hundred small matrix products)
 FIT_LR = 3e-2
@@ -306,7 +305,7 @@ def init_prompts_from_text(model, text, tokenizer=None, *, adapter_name: Optiona
     """
     if adapter_name is not None and not isinstance(adapter_name, str):
         raise TypeError(f"`adapter_name` must be a str or None, got {type(adapter_name).__name__}")
-    encoder, config, _, adapter_name = _parts(model, adapter_name)  # a holder, and one of its adapters
+    encoder, config, _, adapter_name = adapter_parts(model, adapter_name)  # a holder, and one of its adapters
     if not callable(getattr(model, "get_base_model", None)):
         raise TypeError(f"`model` must be a PTuningModel or a peft.PeftModel (a holder of prompt adapters with "
                         f"`get_base_model()`), got {type(model).__name__}")
