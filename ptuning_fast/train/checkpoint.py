@@ -27,7 +27,7 @@ import torch
 
 from ..native.checkpoint import load_optimizer, read_json, read_safetensors, save_optimizer, write_json, \
     write_safetensors
-from .config import TrainConfig
+from .config import TrainConfig, check_config
 from .model import trainable_parameters
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -49,12 +49,16 @@ _CHECKPOINT = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(?P<step>\d+)")
 # ------------------------------------------------------------------------------------------------
 # The output folder
 # ------------------------------------------------------------------------------------------------
+def _check_path(path, name: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"`{name}` must be a path, got {path!r}")
+    return Path(path)
+
+
 def check_output_dir(path) -> Path:
     """Create ``path`` if needed and make sure files can be written in it; raise a ValueError
     naming it otherwise (a file, a folder under a file, no permission, a read-only disk)."""
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise TypeError(f"`output_dir` must be a path, got {path!r}")
-    folder = Path(path)
+    folder = _check_path(path, "output_dir")
     try:
         existing = folder
         while not existing.exists() and existing != existing.parent:
@@ -111,7 +115,7 @@ def atomic_folder(folder):
     """Yield a temporary sibling of ``folder`` to fill; when the block ends without error, sync it
     to disk and rename it to ``folder`` (replacing a folder of that name). Killed before the
     rename, ``folder`` is as it was; the next write removes the leftovers."""
-    folder = Path(folder)
+    folder = _check_path(folder, "folder")
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     _tidy(parent)
@@ -140,16 +144,18 @@ def atomic_folder(folder):
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 def checkpoint_folder(output_dir, step: int) -> Path:
-    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    """``OUTPUT_DIR/checkpoint-STEP``."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"`step` must be a non-negative int, got {step!r}")
+    return _check_path(output_dir, "output_dir") / f"{CHECKPOINT_PREFIX}{step}"
 
 
 def latest_checkpoint(output_dir) -> Path:
     """The complete ``checkpoint-STEP`` folder with the largest STEP in ``output_dir`` (a complete
     one moved aside by a save killed while replacing it counts, under its hidden name)."""
-    if not isinstance(output_dir, (str, os.PathLike)):
-        raise TypeError(f"`output_dir` must be a path, got {output_dir!r}")
+    output_dir = _check_path(output_dir, "output_dir")
     found = {}
-    entries = sorted(Path(output_dir).iterdir()) if Path(output_dir).is_dir() else []
+    entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
     for path in entries:
         match = _CHECKPOINT.fullmatch(path.name)
         if match and all((path / name).is_file() for name in CHECKPOINT_FILES):
@@ -168,14 +174,13 @@ def latest_checkpoint(output_dir) -> Path:
 def save_trainable_state(model, path) -> None:
     """Every trained tensor of ``model`` (by its name in the model) into one safetensors file."""
     state = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable_parameters(model).items()}
-    write_safetensors(state, str(path))
+    write_safetensors(state, str(_check_path(path, "path")))
 
 
 def save_checkpoint(folder, peft_model, optimizer, step: int, config: TrainConfig, labels: list) -> None:
     """PEFT adapter + full trainable state + optimizer, RNG, step, options and labels, written
     whole into ``folder`` (main process only)."""
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
+    check_config(config)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -190,7 +195,8 @@ def save_checkpoint(folder, peft_model, optimizer, step: int, config: TrainConfi
 
 def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: list) -> int:
     """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
-    folder = Path(folder)
+    check_config(config)
+    folder = _check_path(folder, "folder")
     for name in CHECKPOINT_FILES:
         if not (folder / name).is_file():
             raise ValueError(f"`resume`: {str(folder)!r} is not a checkpoint of this job (no {name})")

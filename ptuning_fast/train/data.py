@@ -9,16 +9,14 @@ from typing import Optional
 import torch
 
 from ..data import read_examples, sentiment_examples
-from .config import TrainConfig
+from .config import TrainConfig, check_config
 
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
 def load_examples(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     """(train, eval) examples: the files given, or the embedded dataset's train/test splits."""
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
-    if config.data is None:
+    if check_config(config).data is None:
         return sentiment_examples("train"), sentiment_examples("test")
     train = read_examples(config.data, config.text_column, config.label_column)
     if config.eval_data is not None:
@@ -36,7 +34,7 @@ def label_of(example: dict) -> str:
     "1" of a CSV file (or of another JSONL line) are one class."""
     label = example["label"]
     if isinstance(label, bool) or not isinstance(label, (str, int)):
-        raise TypeError(f"labels must be str or int, got {label!r}")
+        raise TypeError(f"`label` values must be str or int, got {label!r}")
     return str(label)
 
 
@@ -45,11 +43,16 @@ def _label_order(label: str):
     return (0, int(label), label) if _INTEGER.fullmatch(label) else (1, 0, label)
 
 
+def _check_examples(examples, name: str, keys: tuple = ("label",)) -> None:
+    if not isinstance(examples, (list, tuple)) or not all(isinstance(e, dict) and all(k in e for k in keys)
+                                                          for e in examples):
+        raise TypeError(f"`{name}` must be a list of dicts with keys {list(keys)}")
+
+
 def label_names(train: list[dict], evaluation: list[dict]) -> list[str]:
     """The sorted distinct labels (str) of the train set; eval labels must be among them."""
-    for name, examples in (("train", train), ("evaluation", evaluation)):
-        if not isinstance(examples, (list, tuple)) or not all(isinstance(e, dict) and "label" in e for e in examples):
-            raise TypeError(f"`{name}` must be a list of dicts with a 'label' key")
+    _check_examples(train, "train")
+    _check_examples(evaluation, "evaluation")
     labels = sorted({label_of(e) for e in train}, key=_label_order)
     if len(labels) < 2:
         raise ValueError(f"the training data needs at least 2 distinct labels, got {labels}")
@@ -92,7 +95,14 @@ def pool(parts: dict) -> Encoded:
 
 def encode_examples(examples: list[dict], labels: list, tokenizer, config: TrainConfig) -> Encoded:
     """Tokenise once, up front; batches are padded later."""
+    check_config(config)
+    _check_examples(examples, "examples", ("text", "label"))
+    if not isinstance(labels, (list, tuple)) or not labels:
+        raise TypeError(f"`labels` must be a non-empty list, got {labels!r}")
     index = {str(label): i for i, label in enumerate(labels)}
+    unknown = {label_of(e) for e in examples} - set(index)
+    if unknown:
+        raise ValueError(f"`examples` hold labels {sorted(unknown)} that are not in `labels` {list(labels)}")
     targets = [index[label_of(e)] for e in examples]
     if config.task == "classification":
         ids = tokenizer([e["text"] for e in examples], truncation=True, max_length=config.max_length)["input_ids"]
@@ -110,6 +120,8 @@ def encode_examples(examples: list[dict], labels: list, tokenizer, config: Train
 
 def label_token_ids(labels: list, tokenizer) -> list[list[int]]:
     """Token ids of each label word as it follows the prompt (with a leading space)."""
+    if not isinstance(labels, (list, tuple)) or not labels:
+        raise TypeError(f"`labels` must be a non-empty list, got {labels!r}")
     words = [tokenizer(" " + str(label), add_special_tokens=False)["input_ids"] for label in labels]
     firsts = [w[0] if w else None for w in words]
     if None in firsts or len(set(firsts)) != len(firsts):
@@ -121,6 +133,13 @@ def label_token_ids(labels: list, tokenizer) -> list[list[int]]:
 def make_batch(encoded: Encoded, indices: list[int], pad_id: int, device: torch.device, *,
                pad_to: int, left_pad: bool = False) -> dict:
     """Pad the examples at ``indices`` to ``pad_to`` tokens and move them to ``device``."""
+    if not isinstance(encoded, Encoded):
+        raise TypeError(f"`encoded` must be an Encoded, got {type(encoded).__name__}")
+    if not indices:
+        raise ValueError("`indices` must name at least one example")
+    longest = max(len(encoded.ids[i]) for i in indices)
+    if pad_to < longest:
+        raise ValueError(f"`pad_to` ({pad_to}) is shorter than the longest example ({longest} tokens)")
     rows = len(indices)
     input_ids = torch.full((rows, pad_to), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((rows, pad_to), dtype=torch.long)
@@ -143,6 +162,8 @@ def make_batch(encoded: Encoded, indices: list[int], pad_id: int, device: torch.
 
 def count_targets(encoded: Encoded, indices: list[int], task: str) -> int:
     """How many loss terms these examples contribute: one per example, or one per label token."""
+    if task not in ("classification", "causal-lm"):
+        raise ValueError(f"`task` must be 'classification' or 'causal-lm', got {task!r}")
     if task == "classification":
         return len(indices)
     return sum(len(encoded.ids[i]) - encoded.prompt_lengths[i] for i in indices)
@@ -151,15 +172,21 @@ def count_targets(encoded: Encoded, indices: list[int], task: str) -> int:
 def epoch_order(num_examples: int, epoch: int, seed: int) -> list[int]:
     """The shuffled example order of an epoch: a pure function of (seed, epoch), so a resumed
     run sees the same batches as an uninterrupted one."""
+    _check_counts(num_examples=num_examples, epoch=epoch, seed=seed)
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def _check_counts(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be a non-negative int, got {value!r}")
 
 
 def global_batch(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Example indices of optimizer step ``step`` (0-based); incomplete last batches are dropped."""
-    for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("step", step), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
-            raise ValueError(f"`{name}` must be a {'positive' if name == 'batch_size' else 'non-negative'} int, "
-                             f"got {value!r}")
+    _check_counts(num_examples=num_examples, step=step, seed=seed)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     per_epoch = num_examples // batch_size
     if per_epoch == 0:
         raise ValueError(f"`batch_size` ({batch_size}) is larger than `num_examples` ({num_examples})")

@@ -13,7 +13,7 @@ import torch
 from ..backend import resolve_backend
 from ..hf.introspection import is_decoder_only
 from .checkpoint import check_output_dir, checkpoint_folder, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, check_config
 from .data import (Encoded, count_targets, encode_examples, global_batch, label_names, label_token_ids, load_examples,
                    make_batch, pool)
 from .loss import row_losses
@@ -34,9 +34,7 @@ class Job:
     training_set = "the training set"  # how errors name the training data
 
     def __init__(self, config: TrainConfig):
-        if not isinstance(config, TrainConfig):
-            raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = check_config(config)
         if config.output_dir is not None:  # before any loading: a bad folder fails in a second, not after training
             check_output_dir(config.output_dir)
         self.dist = setup_distributed(config)
@@ -192,6 +190,8 @@ class Job:
 
     def train_step(self, step: int) -> None:
         """One optimizer step on global batch ``step``; this rank computes its slice of it."""
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.total_steps:
+            raise ValueError(f"`step` must be an int in [0, {self.total_steps}), got {step!r}")
         config, dist_info = self.config, self.dist
         t0 = time.perf_counter()
         indices = global_batch(len(self.train_data), config.batch_size, step, config.seed)

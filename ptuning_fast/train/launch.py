@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..backend import use_backend
-from .config import TrainConfig, parse_args
+from .config import TrainConfig, check_config, parse_args
 from .job import Job
 from .multitask import MultiTaskJob
 from .processes import destroy_process_group
@@ -21,8 +21,7 @@ class TrainResult:
 
 def run(config: TrainConfig) -> TrainResult:
     """Run the training job described by ``config`` (see :mod:`ptuning_fast.train`)."""
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
+    check_config(config)
     with use_backend(config.backend):  # the caller's choice comes back afterwards
         job = MultiTaskJob(config) if config.tasks else Job(config)
         job.train()

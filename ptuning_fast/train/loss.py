@@ -12,6 +12,14 @@ import torch
 import torch.nn.functional as F
 
 
+_BATCH_KEYS = ("input_ids", "attention_mask", "targets", "answer_starts")
+
+
+def _check_batch(batch) -> None:
+    if not isinstance(batch, dict) or any(k not in batch for k in _BATCH_KEYS):
+        raise TypeError(f"`batch` must be a dict with {list(_BATCH_KEYS)} (see ptuning_fast.train.data.make_batch)")
+
+
 def row_losses(logits: torch.Tensor, batch: dict, task: str, label_words: Optional[list[list[int]]] = None):
     """Per row of ``batch``: (summed loss, number of loss terms, whether it is correct).
 
@@ -19,6 +27,7 @@ def row_losses(logits: torch.Tensor, batch: dict, task: str, label_words: Option
     (B, C). A v1 PEFT model's logits also hold the prompt columns in front: the last S are the
     text's.
     """
+    _check_batch(batch)
     if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
         raise TypeError(f"`logits` must be a (B, C) or (B, S, V) tensor, got {getattr(logits, 'shape', logits)!r}")
     logits = logits.float()
@@ -46,6 +55,7 @@ def row_losses(logits: torch.Tensor, batch: dict, task: str, label_words: Option
 def loss_sum_and_correct(model, batch: dict, task: str, label_words: Optional[list[list[int]]] = None):
     """Summed loss over the batch's loss terms, and the number of correctly classified examples,
     of ``model`` on ``batch`` (what the single-task job optimises)."""
+    _check_batch(batch)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     losses, _, correct = row_losses(out.logits, batch, task, label_words)
     return losses.sum(), correct.sum()

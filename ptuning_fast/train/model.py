@@ -11,7 +11,7 @@ import torch
 
 from ..hf.introspection import check_position_range
 from ..peft_route import accelerate
-from .config import DEFAULT_MODEL, TrainConfig
+from .config import DEFAULT_MODEL, TrainConfig, check_config
 
 PROMPT_MODULE = "prompt_encoder"  # where PEFT models and PTuningModels keep their prompt adapters
 
@@ -45,7 +45,7 @@ def resolve_model(name: str) -> tuple[str, bool]:
 def load_tokenizer(config: TrainConfig):
     """The model's tokenizer, with a pad token (the EOS token when it has none)."""
     from transformers import AutoTokenizer
-    path, local = resolve_model(config.model)
+    path, local = resolve_model(check_config(config).model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
@@ -57,7 +57,7 @@ def load_tokenizer(config: TrainConfig):
 def peft_config_for(config: TrainConfig):
     """The PEFT config for ``--prompt`` (v1: ``PromptEncoderConfig``, v2: ``PrefixTuningConfig``)."""
     from peft import PrefixTuningConfig, PromptEncoderConfig, TaskType
-    task_type = TaskType.SEQ_CLS if config.task == "classification" else TaskType.CAUSAL_LM
+    task_type = TaskType.SEQ_CLS if check_config(config).task == "classification" else TaskType.CAUSAL_LM
     if config.prompt == "v1":
         return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens,
                                    encoder_reparameterization_type=config.encoder_type,
@@ -72,7 +72,7 @@ def load_base_model(config: TrainConfig, tokenizer, num_labels: Optional[int]):
     classification), its pad token set from the tokenizer when the model has none."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path, local = resolve_model(config.model)
+    path, local = resolve_model(check_config(config).model)
     if config.task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=local)
     else:
@@ -99,6 +99,9 @@ def build_model(config: TrainConfig, tokenizer, num_labels: Optional[int]):
 def check_prompt_fits(model, config: TrainConfig) -> None:
     """Refuse, before training, prompts plus ``--max-length`` text tokens beyond the model's learned
     positions (BERT, GPT-2...): the check the forwards make, asked once up front."""
+    check_config(config)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     longest = config.num_virtual_tokens + config.max_length
     try:
         check_position_range(model, longest - 1, config.num_virtual_tokens, config.max_length)
@@ -117,6 +120,8 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
 def is_prompt_parameter(name: str) -> bool:
     """Whether a trainable parameter (by its name in the model) belongs to a prompt adapter,
     rather than to the task head."""
+    if not isinstance(name, str):
+        raise TypeError(f"`name` must be a str, got {name!r}")
     return PROMPT_MODULE in name.split(".")
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, check_config
 
 
 @dataclass
@@ -31,6 +31,8 @@ class Distributed:
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` over the ranks in place (``op``: 'sum' or 'max'); alone: unchanged."""
+        if op not in ("sum", "max"):
+            raise ValueError(f"`op` must be 'sum' or 'max', got {op!r}")
         if self.enabled:
             import torch.distributed as dist
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
@@ -44,8 +46,7 @@ class Distributed:
 
 def setup_distributed(config: TrainConfig) -> Distributed:
     """Join the process group started by ``torchrun`` (its env variables), or run alone."""
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
+    check_config(config)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -78,8 +79,16 @@ def destroy_process_group() -> None:
             dist.destroy_process_group()
 
 
+def _check_device(device) -> torch.device:
+    if not isinstance(device, torch.device):
+        raise TypeError(f"`device` must be a torch.device, got {device!r}")
+    return device
+
+
 def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
     """bf16 autocast: asked for, or ``auto`` on CUDA."""
+    check_config(config)
+    _check_device(device)
     return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
 
@@ -92,7 +101,7 @@ def autocast(config: TrainConfig, device: torch.device):
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, what was measured): CUDA's peak allocation, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
+    if _check_device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
     import resource  # Unix only; the job runs on Linux machines
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
@@ -104,6 +113,8 @@ def shard_frozen_blocks(model, dist_info: Distributed) -> int:
     The prompt parameters stay replicated outside the sharded blocks; their gradients are
     all-reduced by the training loop. Returns the number of sharded blocks.
     """
+    if not isinstance(dist_info, Distributed) or not dist_info.enabled:
+        raise ValueError(f"`dist_info` must be a Distributed of several processes, got {dist_info!r}")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     block_names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
@@ -124,6 +135,8 @@ def shard_frozen_blocks(model, dist_info: Distributed) -> int:
 
 def all_reduce_gradients(params, world_size: int) -> None:
     """Average the trainable gradients over the ranks (one flat all-reduce; they are small)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"`world_size` must be a positive int, got {world_size!r}")
     import torch.distributed as dist
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads])
