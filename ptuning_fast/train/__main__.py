@@ -3,4 +3,5 @@ import sys
 
 from .launch import main
 
-main(sys.argv[1:])
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -26,30 +26,29 @@ def _save_tokenizer(folder):
     return tokenizer
 
 
+def _tiny_model(tmp_path_factory, name: str, build) -> str:
+    """A folder with the tokenizer and ``build(tokenizer)``'s model, initialised from seed 0."""
+    folder = tmp_path_factory.mktemp(name)
+    tokenizer = _save_tokenizer(folder)
+    torch.manual_seed(0)
+    build(tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     from transformers import BertConfig, BertModel
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = _save_tokenizer(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(folder)
-    return str(folder)
+    return _tiny_model(tmp_path_factory, "tiny_bert", lambda tokenizer: BertModel(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = _save_tokenizer(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
+    return _tiny_model(tmp_path_factory, "tiny_llama", lambda tokenizer: LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)))
 
 
 @pytest.fixture(scope="module")

@@ -174,41 +174,52 @@ def test_killed_runs_resume_to_the_adapter_of_an_uninterrupted_run(tiny_bert, sm
     flags = ["--model", tiny_bert, "--data", data, "--eval-data", eval_data, "--batch-size", "8", "--steps",
              str(STEPS), "--save-every", "1", "--num-virtual-tokens", "3", "--encoder-hidden-size", "16", "--lr",
              "1e-2", "--max-length", "24", "--eval-every", "0", "--device", "cpu", "--no-progress"]
-    log = open(tmp_path / "log.txt", "ab")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two runs at once on small machines: no oversubscription
+    log_path = tmp_path / "log.txt"
+    processes = []
 
     def launch(pause, out, *extra):
-        return subprocess.Popen([sys.executable, str(runner), str(pause), *flags, "--output-dir", str(out), *extra],
-                                stdout=log, stderr=log, env=env)
+        with open(log_path, "ab") as log:
+            processes.append(subprocess.Popen(
+                [sys.executable, str(runner), str(pause), *flags, "--output-dir", str(out), *extra],
+                stdout=log, stderr=log, env=env))
+        return processes[-1]
 
-    reference = launch(0, tmp_path / "reference")  # meanwhile, the interrupted runs
-    out = tmp_path / "killed"
-    rng = random.Random(20240607)
-    # A save lasts over 0.2 s (7 files, 0.03 s each): the first kill lands in one whatever the load.
-    kills = [("save", 0.0), ("step", rng.uniform(0.0, 0.4)), ("save", rng.uniform(0.0, 0.1)),
-             ("step", rng.uniform(0.0, 0.4))]
-    killed_in_a_save = 0
-    for where, delay in kills:
-        done = _complete_steps(out) if out.exists() else set()
-        if STEPS in done:
-            break
-        process = launch(0.03, out, *(["--resume"] if done else []))
-        in_save = lambda: any(out.glob(f".checkpoint-*.tmp-{process.pid}"))  # noqa: E731
-        if where == "save":  # inside the next save
-            reached = _wait(in_save, process)
-        else:  # past start-up: once a new checkpoint is complete, at a random moment
-            reached = _wait(lambda: len(_complete_steps(out)) > len(done), process)
-        if reached:
-            time.sleep(delay)
-            process.kill()  # SIGKILL: no clean-up runs
-        process.wait()
-        killed_in_a_save += where == "save" and in_save()  # its half-built folder is still there
-        _complete_steps(out)  # every checkpoint-STEP left behind is complete
-    assert killed_in_a_save >= 1
-    while STEPS not in _complete_steps(out):
-        process = launch(0, out, *(["--resume"] if _complete_steps(out) else []))
-        assert process.wait() == 0, (tmp_path / "log.txt").read_text()[-3000:]
-    assert reference.wait() == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    def finished(process) -> bool:
+        return process.wait() == 0 or pytest.fail(log_path.read_text()[-3000:])
+
+    try:
+        reference = launch(0, tmp_path / "reference")  # meanwhile, the interrupted runs
+        out = tmp_path / "killed"
+        rng = random.Random(20240607)
+        # A save lasts over 0.2 s (7 files, 0.03 s each): the first kill lands in one whatever the load.
+        kills = [("save", 0.0), ("step", rng.uniform(0.0, 0.4)), ("save", rng.uniform(0.0, 0.1)),
+                 ("step", rng.uniform(0.0, 0.4))]
+        killed_in_a_save = 0
+        for where, delay in kills:
+            done = _complete_steps(out) if out.exists() else set()
+            if STEPS in done:
+                break
+            process = launch(0.03, out, *(["--resume"] if done else []))
+            in_save = lambda: any(out.glob(f".checkpoint-*.tmp-{process.pid}"))  # noqa: E731
+            if where == "save":  # inside the next save
+                reached = _wait(in_save, process)
+            else:  # past start-up: once a new checkpoint is complete, at a random moment
+                reached = _wait(lambda: len(_complete_steps(out)) > len(done), process)
+            if reached:
+                time.sleep(delay)
+                process.kill()  # SIGKILL: no clean-up runs
+            process.wait()
+            killed_in_a_save += where == "save" and in_save()  # its half-built folder is still there
+            _complete_steps(out)  # every checkpoint-STEP left behind is complete
+        assert killed_in_a_save >= 1
+        while STEPS not in _complete_steps(out):
+            assert finished(launch(0, out, *(["--resume"] if _complete_steps(out) else [])))
+        assert finished(reference)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
     assert not _hidden(out)  # the leftovers of the killed saves were removed
 
     expected = load_file(tmp_path / "reference" / f"checkpoint-{STEPS}" / train.TRAINABLE_FILE)

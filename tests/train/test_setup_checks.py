@@ -143,6 +143,17 @@ def test_help_shows_defaults_only_where_they_read_right(capsys):
         train.parse_args("--help")
 
 
+def test_python_m_runs_the_job(capsys, monkeypatch):
+    """``python -m ptuning_fast.train`` (and ``torchrun -m``, which runs modules the same way)."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["ptuning_fast.train", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("ptuning_fast.train", run_name="__main__")
+    assert exit_info.value.code == 0 and "usage: ptuning-fast train" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------
 # The building blocks name their bad arguments
 # ------------------------------------------------------------------------------------------------
