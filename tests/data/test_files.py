@@ -11,7 +11,8 @@ EXAMPLES = [{"text": "déjà vu, très bien", "label": "positive"}, {"text": "na
 
 @pytest.mark.parametrize("suffix, content", [
     (".csv", "text,label\r\n\"déjà vu, très bien\",positive\r\nnaïve plot,negative\r\n"),
-    (".jsonl", '{"text": "déjà vu, très bien", "label": "positive"}\n{"text": "naïve plot", "label": "negative"}\n'),
+    (".jsonl", '{"text": "déjà vu, très bien", "label": "positive"}\n'
+               '{"text": "naïve plot", "label": "negative"}\n'),
 ])
 def test_a_byte_order_mark_is_skipped(tmp_path, suffix, content):
     plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
