@@ -1,7 +1,9 @@
 """Reading and writing (text, label) examples as JSONL or CSV files."""
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -24,11 +26,25 @@ def _check_column(column, name: str) -> str:
     return column
 
 
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8, with or without the byte-order mark spreadsheets write in front."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        offset = err.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        line = raw[:offset].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 text: byte {offset} (line {line}) is {raw[offset:offset + 1]!r}; save "
+                         "the file as UTF-8") from None
+
+
 def read_examples(path, text_column: str = "text", label_column: str = "label") -> list[dict]:
-    """Read ``[{"text": ..., "label": ...}]`` from a JSONL (one object a line) or CSV file.
+    """Read ``[{"text": ..., "label": ...}]`` from a JSONL (one object a line) or CSV file, in UTF-8
+    (a leading byte-order mark is skipped).
 
     The columns to read are named by ``text_column`` and ``label_column``; other columns are
-    ignored. Texts must be non-empty strings; labels are kept as they are (str, or int in JSONL).
+    ignored. Texts must be non-empty strings; labels are kept as they are (str, or int in JSONL;
+    the training job reads them all as str, so 1 and "1" are one label).
     """
     path = _check_path(path, "path")
     text_column = _check_column(text_column, "text_column")
@@ -37,7 +53,7 @@ def read_examples(path, text_column: str = "text", label_column: str = "label") 
         raise ValueError(f"`path` {str(path)!r} does not exist or is not a file")
 
     rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
+    with io.StringIO(_read_text(path), newline="") as handle:  # newline="": as open() for the csv module
         if path.suffix.lower() == ".csv":
             reader = csv.DictReader(handle)
             for line, row in enumerate(reader, start=2):

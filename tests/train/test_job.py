@@ -14,80 +14,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from tests.train.tiny import tiny_config, trainable_state
 
 import ptuning_fast
 from ptuning_fast import cli, train
 from ptuning_fast.data import LABELS, read_examples, sentiment_examples, write_examples
 from ptuning_fast.train import TrainConfig
-
-
-# ------------------------------------------------------------------------------------------------
-# Tiny models on disk
-# ------------------------------------------------------------------------------------------------
-def _vocabulary() -> list[str]:
-    words = set()
-    for split in ("train", "test"):
-        for e in sentiment_examples(split):
-            words.update(e["text"].replace(".", " ").replace(",", " ").replace("!", " ").replace(":", " ")
-                         .replace("?", " ").split())
-    words.update(LABELS)
-    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", ":", "?"] + sorted(words) + ["sentiment"]
-
-
-def _save_tokenizer(folder):
-    from transformers import BertTokenizer
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(_vocabulary())})
-    assert tokenizer("the film")["input_ids"][1] != tokenizer.unk_token_id
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = _save_tokenizer(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = _save_tokenizer(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
-
-
-def tiny_config(model, **overrides) -> TrainConfig:
-    # CPU even where CUDA exists: exact comparisons, and two ranks cannot share one GPU under NCCL.
-    options = dict(model=model, batch_size=8, eval_batch_size=64, steps=3, num_virtual_tokens=3,
-                   encoder_hidden_size=16, lr=1e-2, eval_every=0, progress=False, max_length=24, device="cpu")
-    options.update(overrides)
-    return TrainConfig(**options)
-
-
-def trainable_state(model) -> dict:
-    return {k: v.detach().clone() for k, v in train.trainable_parameters(model).items()}
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """160 train / 64 eval examples: evaluation stays cheap."""
-    folder = tmp_path_factory.mktemp("data")
-    write_examples(sentiment_examples("train")[:160], folder / "train.jsonl")
-    write_examples(sentiment_examples("test")[:64], folder / "test.csv")
-    return str(folder / "train.jsonl"), str(folder / "test.csv")
 
 
 # ------------------------------------------------------------------------------------------------

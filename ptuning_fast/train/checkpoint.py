@@ -1,0 +1,228 @@
+"""The job's files: the output folder, and its resumable checkpoints.
+
+``OUTPUT_DIR/checkpoint-STEP/`` holds, written with safetensors and JSON only (nothing is pickled):
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the PEFT adapter
+  (``PeftModel.from_pretrained`` loads it);
+- ``trainable_state.safetensors``: every trained tensor (the full prompt encoder, which PEFT's
+  adapter lacks, and the classifier head);
+- ``optimizer.safetensors``: the optimizer's state tensors, its param groups as JSON metadata;
+- ``rng_state.safetensors``: the RNG states, as uint8 tensors;
+- ``training_state.json``: the step, the job's options and its labels.
+
+A checkpoint is built whole in a hidden sibling folder, synced to disk, then renamed into place,
+so a process killed at any moment leaves every earlier checkpoint loadable and no half-written
+``checkpoint-STEP``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..native.checkpoint import load_optimizer, read_json, read_safetensors, save_optimizer, write_json, \
+    write_safetensors
+from .config import TrainConfig, check_config
+from .model import trainable_parameters
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINABLE_FILE = "trainable_state.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng_state.safetensors"
+TRAINING_STATE_FILE = "training_state.json"
+CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINING_STATE_FILE)
+FORMAT_VERSION = 1
+# Options that must match between a checkpoint and the job resuming from it.
+RESUME_MUST_MATCH = ("model", "task", "prompt", "num_virtual_tokens", "encoder_type", "encoder_hidden_size",
+                     "prefix_projection", "batch_size", "seed", "data", "text_column", "label_column", "head_steps")
+# Hidden siblings of a folder being written: ".NAME.tmp-PID" (incomplete) and ".NAME.old-PID" (a
+# complete folder of the same name, moved aside while its replacement is renamed into place).
+_SIBLING = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-\d+")
+_CHECKPOINT = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(?P<step>\d+)")
+
+
+# ------------------------------------------------------------------------------------------------
+# The output folder
+# ------------------------------------------------------------------------------------------------
+def _check_path(path, name: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"`{name}` must be a path, got {path!r}")
+    return Path(path)
+
+
+def check_output_dir(path) -> Path:
+    """Create ``path`` if needed and make sure files can be written in it; raise a ValueError
+    naming it otherwise (a file, a folder under a file, no permission, a read-only disk)."""
+    folder = _check_path(path, "output_dir")
+    try:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing == folder and not folder.is_dir():
+            raise ValueError(f"`output_dir` {str(folder)!r} is a file, not a folder")
+        if not existing.is_dir():
+            raise ValueError(f"`output_dir` {str(folder)!r} cannot be created: {str(existing)!r} is a file")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # the one reliable test of writability (ACLs, read-only mounts)
+            pass
+    except OSError as err:
+        raise ValueError(f"`output_dir` {str(folder)!r} is not writable: {err.strerror or err}") from None
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# Folders written whole
+# ------------------------------------------------------------------------------------------------
+def _sync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a folder (Windows) cannot sync one either
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tidy(parent: Path) -> None:
+    """Remove what killed writes left in ``parent``: incomplete folders, and moved-aside complete
+    ones whose replacement exists (one whose replacement never arrived is moved back)."""
+    for entry in parent.iterdir():
+        match = _SIBLING.fullmatch(entry.name)
+        if match is None or not entry.is_dir():
+            continue
+        if match["kind"] == "old" and not (parent / match["name"]).exists():
+            os.rename(entry, parent / match["name"])
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder):
+    """Yield a temporary sibling of ``folder`` to fill; when the block ends without error, sync it
+    to disk and rename it to ``folder`` (replacing a folder of that name). Killed before the
+    rename, ``folder`` is as it was; the next write removes the leftovers."""
+    folder = _check_path(folder, "folder")
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _tidy(parent)
+    temporary = parent / f".{folder.name}.tmp-{os.getpid()}"
+    temporary.mkdir()
+    try:
+        yield temporary
+        for root, _, files in os.walk(temporary):
+            for name in files:
+                _sync_file(os.path.join(root, name))
+            _sync_folder(root)
+        if folder.exists():  # no atomic swap of two folders: move the old one aside, complete, first
+            aside = parent / f".{folder.name}.old-{os.getpid()}"
+            os.rename(folder, aside)
+            os.rename(temporary, folder)
+            _sync_folder(parent)
+            shutil.rmtree(aside)
+        else:
+            os.rename(temporary, folder)
+            _sync_folder(parent)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)  # only left there on error
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+def checkpoint_folder(output_dir, step: int) -> Path:
+    """``OUTPUT_DIR/checkpoint-STEP``."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"`step` must be a non-negative int, got {step!r}")
+    return _check_path(output_dir, "output_dir") / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def latest_checkpoint(output_dir) -> Path:
+    """The complete ``checkpoint-STEP`` folder with the largest STEP in ``output_dir`` (a complete
+    one moved aside by a save killed while replacing it counts, under its hidden name)."""
+    output_dir = _check_path(output_dir, "output_dir")
+    found = {}
+    entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
+    for path in entries:
+        match = _CHECKPOINT.fullmatch(path.name)
+        if match and all((path / name).is_file() for name in CHECKPOINT_FILES):
+            found[int(match["step"])] = path
+    for path in entries:
+        sibling = _SIBLING.fullmatch(path.name)
+        match = sibling and sibling["kind"] == "old" and _CHECKPOINT.fullmatch(sibling["name"])
+        if match and int(match["step"]) not in found and all((path / n).is_file() for n in CHECKPOINT_FILES):
+            found[int(match["step"])] = path
+    if not found:
+        raise ValueError(f"`resume`: no checkpoint ({CHECKPOINT_PREFIX}STEP with {TRAINING_STATE_FILE}) in "
+                         f"{str(output_dir)!r}")
+    return found[max(found)]
+
+
+def save_trainable_state(model, path) -> None:
+    """Every trained tensor of ``model`` (by its name in the model) into one safetensors file."""
+    state = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable_parameters(model).items()}
+    write_safetensors(state, str(_check_path(path, "path")))
+
+
+def save_checkpoint(folder, peft_model, optimizer, step: int, config: TrainConfig, labels: list) -> None:
+    """PEFT adapter + full trainable state + optimizer, RNG, step, options and labels, written
+    whole into ``folder`` (main process only)."""
+    check_config(config)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    with atomic_folder(folder) as temporary:
+        peft_model.save_pretrained(str(temporary))
+        save_trainable_state(peft_model, temporary / TRAINABLE_FILE)
+        save_optimizer(optimizer, str(temporary / OPTIMIZER_FILE))
+        write_safetensors(rng, str(temporary / RNG_FILE))
+        write_json({"format": FORMAT_VERSION, "step": step, "config": config.to_dict(), "labels": labels},
+                   str(temporary / TRAINING_STATE_FILE))
+
+
+def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: list) -> int:
+    """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
+    check_config(config)
+    folder = _check_path(folder, "folder")
+    for name in CHECKPOINT_FILES:
+        if not (folder / name).is_file():
+            raise ValueError(f"`resume`: {str(folder)!r} is not a checkpoint of this job (no {name})")
+    saved = read_json(str(folder / TRAINING_STATE_FILE))
+    mismatched = [k for k in RESUME_MUST_MATCH if saved["config"].get(k) != config.to_dict()[k]]
+    if mismatched:
+        raise ValueError("`resume`: the checkpoint was made with different options: " + ", ".join(
+            f"{k}={saved['config'].get(k)!r} (now {config.to_dict()[k]!r})" for k in mismatched))
+    if [str(label) for label in saved["labels"]] != list(labels):
+        raise ValueError(f"`resume`: the checkpoint's labels {saved['labels']} differ from the data's {labels}")
+    params = trainable_parameters(peft_model)
+    state = read_safetensors(str(folder / TRAINABLE_FILE))
+    if set(state) != set(params):
+        raise ValueError(f"`resume`: the checkpoint's trainable tensors {sorted(set(state) ^ set(params))} do not "
+                         "match this model's")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
+    load_optimizer(optimizer, str(folder / OPTIMIZER_FILE))
+    rng = read_safetensors(str(folder / RNG_FILE))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return int(saved["step"])
+
+
+__all__ = ["CHECKPOINT_FILES", "CHECKPOINT_PREFIX", "OPTIMIZER_FILE", "RNG_FILE", "TRAINABLE_FILE",
+           "TRAINING_STATE_FILE", "atomic_folder", "check_output_dir", "checkpoint_folder", "latest_checkpoint",
+           "load_checkpoint", "save_checkpoint", "save_trainable_state"]
