@@ -140,7 +140,9 @@ def prompt_forward(holder, rows: Rows, input_ids, attention_mask, inputs_embeds,
                                                  for key in ("start_positions", "end_positions")}
     _check_positions_fit(holder, rows, layout, prefix)
     if rows_kind(holder, rows) == PeftType.P_TUNING:
-        kwargs["attention_mask"] = layout.attention_mask
+        # The 4D mask in one pass where the model reads one (skips its own mask building).
+        fused = fused_prefix_mask(model, layout.attention_mask, 0)
+        kwargs["attention_mask"] = layout.attention_mask if fused is None else fused
         if task != TaskType.SEQ_2_SEQ_LM and layout.position_ids is not None and accepts(model, "position_ids"):
             kwargs["position_ids"] = layout.position_ids
         out = model(return_dict=True, **kwargs)

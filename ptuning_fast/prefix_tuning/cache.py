@@ -146,17 +146,19 @@ class PrefixKVLayer(DynamicLayer):
         """Append ``S`` new keys/values; return the layer's keys/values ``(B, Hkv, length, Dh)``."""
         self._check_states(key_states, value_states)
         S = key_states.shape[-2]
-        if _in_backward():
-            replay = self._replay(key_states, value_states)
-            if replay is not None:
-                return replay
         start, end = self.length, self.length + S
-        grad_inputs = key_states.requires_grad or value_states.requires_grad or self.buffer.requires_grad
-        track = torch.is_grad_enabled() and grad_inputs
-        if track and any(with_grad for _, _, with_grad in self._segments):
-            raise ValueError(
-                "PrefixKVCache: this cache already took part in a forward that needs gradients; gradients "
-                "cannot flow through a second one. Build a new cache (build_prefix_cache) for each training step.")
+        track = False
+        if torch.is_grad_enabled():  # (generation runs without: one check, then the plain append)
+            if _in_backward():
+                replay = self._replay(key_states, value_states)
+                if replay is not None:
+                    return replay
+            track = key_states.requires_grad or value_states.requires_grad or self.buffer.requires_grad
+            if track and any(with_grad for _, _, with_grad in self._segments):
+                raise ValueError(
+                    "PrefixKVCache: this cache already took part in a forward that needs gradients; gradients "
+                    "cannot flow through a second one. Build a new cache (build_prefix_cache) for each training "
+                    "step.")
         if end > self.capacity:
             self._grow(end)
         if track:
