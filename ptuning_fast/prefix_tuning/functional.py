@@ -38,7 +38,7 @@ from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_p
 from ..hf.compat import CACHE_KWARG
 from ..hf.heads import check_per_token_inputs
 from ..hf.introspection import (accepts, check_position_range, infer_task_type, model_dtype, prefix_geometry,
-                                seq2seq_prefix_geometry, text_config)
+                                seq2seq_prefix_geometry)
 from ..ops.mask import build_prompt_position_ids, check_positions, prompt_padding_mask
 from ..ops.prefix_cache import PrefixKVBuffer
 from ..ops.prefix_kv import PrefixWeights, check_adapter_index
@@ -134,7 +134,7 @@ def prefix_cache_for(model, weights: List[PrefixWeights], adapter_index: Optiona
     check_positive_int(max_new_tokens, "max_new_tokens", allow_zero=True)
     if dtype is None:
         dtype = model_dtype(model)
-    if getattr(text_config(model), "is_encoder_decoder", False):
+    if getattr(getattr(model, "config", model), "is_encoder_decoder", False):
         return _seq2seq_prefix_cache(model, weights, adapter_index, batch_size, dtype)
     buffer = PrefixKVBuffer(weights, prefix_geometry(model), batch_size, adapter_index=adapter_index,
                             capacity=seq_len + max_new_tokens, dtype=dtype)
