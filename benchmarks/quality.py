@@ -19,7 +19,8 @@ each from random prompts and from ``--init-text "Sentiment of the review:"``, ov
 (mean and sample standard deviation; 32 examples make single runs noisy), at their own budget.
 
 Writes ``quality.json`` (settings, rows, few-shot rows, environment) and ``quality.png`` to
-``--out`` (default ``benchmarks/results/``).
+``--out`` (default ``benchmarks/results/``). One torch thread by default (``--threads``): on a
+shared 2-core machine two threads waiting on each other ran 4x slower than one.
 """
 from __future__ import annotations
 
@@ -309,6 +310,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=d.seeds, help="few-shot seeds per method and init")
     p.add_argument("--train-limit", type=int, default=None, help="first N train examples only (quick checks)")
     p.add_argument("--eval-limit", type=int, default=None, help="first N test examples only (quick checks)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (on a busy CPU, 2+ threads that wait on each other run slower)")
     p.add_argument("--out", default=str(RESULTS), help="folder of quality.json and quality.png")
     return p
 
@@ -320,18 +323,22 @@ def main(argv=None) -> int:
 
     args = parser().parse_args(argv)
     options = vars(args)
-    out = options.pop("out")
+    out, threads = options.pop("out"), options.pop("threads")
     budget = Budget(**options)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = environment(device)
-    env["command"] = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks.quality",
-                                                        *(sys.argv[1:] if argv is None else argv)])
-    verbosity = hf_logging.get_verbosity()
+    if threads < 1:
+        raise ValueError(f"`threads` must be >= 1, got {threads}")
+    verbosity, previous_threads = hf_logging.get_verbosity(), torch.get_num_threads()
     hf_logging.set_verbosity_error()  # the classifier's "newly initialized" report, once per row
+    torch.set_num_threads(threads)
     try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        env = environment(device)  # records the thread count
+        env["command"] = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks.quality",
+                                                            *(sys.argv[1:] if argv is None else argv)])
         results = measure(budget)
     finally:
         hf_logging.set_verbosity(verbosity)
+        torch.set_num_threads(previous_threads)
     print(format_table(results))
     for path in write(results, env, out):
         print(f"wrote {path}")

@@ -71,6 +71,7 @@ def test_bad_arguments_are_named():
         (lambda: quality.plot({}, "x.png"), TypeError, "`results` must be the dict"),
         (lambda: quality.write({}, None, "out"), TypeError, "`environment` must be a dict"),
         (lambda: quality.PlainModelJob(None, "yes"), TypeError, "`all_weights` must be a bool"),
+        (lambda: quality.main(["--threads", "0"]), ValueError, "`threads` must be >= 1"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
