@@ -20,6 +20,9 @@ are trained; the base model is frozen. What the job does:
   :mod:`ptuning_fast.train.checkpoint`).
 - ``--head-steps N`` (classification) trains only the new classifier head for the first N steps,
   with the prompts frozen, then both.
+- ``--init-text TEXT`` starts every prompt adapter as those words
+  (:func:`ptuning_fast.init_prompts_from_text`) before the first step; a resumed run keeps its
+  checkpoint's prompts.
 - Under ``torchrun`` it trains data-parallel: DDP (default), or ``--strategy fsdp``, which shards
   the frozen transformer blocks of a large base model and all-reduces the prompt gradients.
   The global batch (``--batch-size``) is split over the ranks and the loss is normalised by the

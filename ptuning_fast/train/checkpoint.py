@@ -39,7 +39,8 @@ CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINING_STATE_FIL
 FORMAT_VERSION = 1
 # Options that must match between a checkpoint and the job resuming from it.
 RESUME_MUST_MATCH = ("model", "task", "prompt", "num_virtual_tokens", "encoder_type", "encoder_hidden_size",
-                     "prefix_projection", "batch_size", "seed", "data", "text_column", "label_column", "head_steps")
+                     "prefix_projection", "batch_size", "seed", "data", "text_column", "label_column", "head_steps",
+                     "init_text")
 # Hidden siblings of a folder being written: ".NAME.tmp-PID" (incomplete) and ".NAME.old-PID" (a
 # complete folder of the same name, moved aside while its replacement is renamed into place).
 _SIBLING = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-\d+")

@@ -44,6 +44,7 @@ class TrainConfig:
     encoder_type: str = "MLP"
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
+    init_text: Optional[str] = None  # the words every prompt adapter starts as (init_prompts_from_text)
     batch_size: int = 32
     eval_batch_size: int = 128
     epochs: float = 1.0
@@ -102,6 +103,11 @@ class TrainConfig:
             _check_float(self.lr, "lr", low=0.0, low_open=True)
         if not isinstance(self.prefix_projection, bool) or not isinstance(self.progress, bool):
             raise TypeError("`prefix_projection` and `progress` must be bools")
+        if self.init_text is not None:
+            if not isinstance(self.init_text, str):
+                raise TypeError(f"`init_text` must be a str or None, got {type(self.init_text).__name__}")
+            if not self.init_text.strip():
+                raise ValueError(f"`init_text` must hold words to initialise the prompts from, got {self.init_text!r}")
         if self.task == "causal-lm" and "{text}" not in self.template:
             raise ValueError(f"`template` must contain '{{text}}', got {self.template!r}")
         if self.head_steps and self.task != "classification":
@@ -236,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="v1 encoder / v2 projection width (default: the model's hidden size)")
     g.add_argument("--prefix-projection", action="store_true",
                    help="v2: reparameterise prefixes with an MLP (off unless given)")
+    g.add_argument("--init-text", default=d.init_text, metavar="TEXT",
+                   help="start every prompt adapter as these words (v1: the encoded prompts equal their input "
+                        "embeddings; v2: each layer's prefix equals their keys/values); default: random")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="train file, JSONL or CSV with text and label columns "
                    "(default: the embedded sentiment dataset)")

@@ -17,7 +17,8 @@ from .config import TrainConfig, check_config
 from .data import (Encoded, count_targets, encode_examples, global_batch, label_names, label_token_ids, load_examples,
                    make_batch, pool)
 from .loss import row_losses
-from .model import build_model, check_prompt_fits, is_prompt_parameter, load_tokenizer, trainable_parameters
+from .model import build_model, check_prompt_fits, init_prompts, is_prompt_parameter, load_tokenizer, \
+    trainable_parameters
 from .optim import learning_rate_at, make_optimizer
 from .processes import all_reduce_gradients, autocast, peak_memory, setup_distributed, shard_frozen_blocks, uses_bf16
 
@@ -69,6 +70,9 @@ class Job:
         check_prompt_fits(self.peft_model, config)
         self.left_pad = self.uses_left_padding()
         self.peft_model.to(self.device).train()
+        self.text_init = None
+        if config.init_text is not None and config.resume is None:  # resumed: the checkpoint's prompts win
+            self.init_prompts_from_text(tokenizer)
         self.groups = self.parameter_groups()
         self.params = [p for group in self.groups.values() for p in group]
         self.prompt_params = [p for n, p in trainable_parameters(self.peft_model).items() if is_prompt_parameter(n)]
@@ -109,6 +113,13 @@ class Job:
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """The trained parameters, in groups that gradient clipping treats as one."""
         return {"trainable": list(trainable_parameters(self.peft_model).values())}
+
+    def init_prompts_from_text(self, tokenizer) -> None:
+        """Start every prompt adapter as ``--init-text``'s words, and log how well each matches them."""
+        self.text_init = init_prompts(self.peft_model, self.config.init_text, tokenizer)
+        for name, result in self.text_init.items():
+            self.log(f"prompts of adapter {name!r} initialised from {self.config.init_text!r}: {result.method}, "
+                     f"max relative error {result.max_relative_error:.1e}")
 
     def wrap_for_processes(self) -> None:
         """DDP, or FSDP on the frozen blocks plus our own gradient all-reduce; nothing on one process."""
@@ -294,6 +305,10 @@ class Job:
             "world_size": self.dist.world_size, "strategy": self.strategy, "sharded_blocks": self.sharded_blocks,
             "precision": "bf16" if uses_bf16(config, self.device) else "fp32",
             **self.summary_fields(),
+            "init_text": config.init_text,
+            "text_init": None if self.text_init is None else {
+                name: {"method": r.method, "max_relative_error": r.max_relative_error, "token_ids": list(r.token_ids)}
+                for name, r in self.text_init.items()},
             "steps": self.total_steps, "head_steps": config.head_steps, "resumed_from_step": self.start_step,
             "batch_size": config.batch_size,
             "trainable_parameters": sum(p.numel() for p in self.params), "train_seconds": self.train_seconds,

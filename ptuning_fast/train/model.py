@@ -96,6 +96,23 @@ def build_model(config: TrainConfig, tokenizer, num_labels: Optional[int]):
     return accelerate(peft_model), "ptuning_fast"
 
 
+def init_prompts(model, text: str, tokenizer) -> dict:
+    """Initialise every prompt adapter of ``model`` (a PeftModel or a PTuningModel) from ``text``
+    with :func:`~ptuning_fast.native.text_init.init_prompts_from_text`; returns adapter name ->
+    its :class:`~ptuning_fast.native.text_init.TextInit`."""
+    from ..native.text_init import init_prompts_from_text
+
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"`text` must hold words to initialise the prompts from, got {text!r}")
+    adapters = getattr(model, PROMPT_MODULE, None)
+    if not isinstance(adapters, torch.nn.ModuleDict) or not len(adapters):
+        raise TypeError(f"`model` must hold prompt adapters (a PeftModel or a PTuningModel), got "
+                        f"{type(model).__name__}")
+    return {name: init_prompts_from_text(model, text, tokenizer, adapter_name=name) for name in adapters}
+
+
 def check_prompt_fits(model, config: TrainConfig) -> None:
     """Refuse, before training, prompts plus ``--max-length`` text tokens beyond the model's learned
     positions (BERT, GPT-2...): the check the forwards make, asked once up front."""
@@ -125,5 +142,5 @@ def is_prompt_parameter(name: str) -> bool:
     return PROMPT_MODULE in name.split(".")
 
 
-__all__ = ["build_model", "check_prompt_fits", "default_model_path", "is_prompt_parameter", "load_base_model",
-           "load_tokenizer", "peft_config_for", "resolve_model", "trainable_parameters"]
+__all__ = ["build_model", "check_prompt_fits", "default_model_path", "init_prompts", "is_prompt_parameter",
+           "load_base_model", "load_tokenizer", "peft_config_for", "resolve_model", "trainable_parameters"]
