@@ -3,9 +3,11 @@
 Every launch a launcher can make on a chip is listed by the family's ``launch_variants(chip)``
 (the launchers themselves run on ``meta`` tensors under :func:`~._common.planning`). Each such
 :class:`~._common.KernelCall` is specialised as Triton's JIT specialises it at launch (the same
-binder: an int equal to 1 becomes a constant, 16-byte multiples get divisibility hints), compiled
-for the chip's target by Triton's bundled toolchain (no driver, no GPU) and its cubin's resource
-usage read with the bundled ``cuobjdump``. :func:`violations` holds that usage against the chip.
+binder: an int equal to 1 becomes a constant, ints that are multiples of 16 and 16-byte aligned
+pointers get divisibility hints; meta tensors count as aligned, as the CUDA caching allocator's
+blocks are), compiled for the chip's target by Triton's bundled toolchain (no driver, no GPU) and
+its cubin's resource usage read with the bundled ``cuobjdump``. :func:`violations` holds that
+usage against the chip.
 
 Run it as ``python -m ptuning_fast.kernels.aot --chip 80 --chip 90 --jobs 2 --out FILE.json``
 (the compile check, tests/kernels/test_gpu_compile.py, does), in a process without
@@ -72,10 +74,12 @@ def _specialization(call: KernelCall, chip: Chip):
 
 
 def facts(call: KernelCall) -> dict:
-    """The variant as plain data: kernel, pointer dtypes, constexpr arguments, warps and stages."""
+    """The variant as plain data: kernel, pointer dtypes, int arguments (sizes and strides, as
+    specialised), constexpr arguments, warps and stages."""
     constants = {k: getattr(v, "name", v) for k, v in call.kwargs.items() if k not in ("num_warps", "num_stages")}
     return {"kernel": call.kernel.__name__,
             "pointers": [str(a.dtype).replace("torch.", "") for a in call.args if hasattr(a, "data_ptr")],
+            "ints": {name: a for name, a in zip(call.kernel.arg_names, call.args) if isinstance(a, int)},
             "constexprs": constants,
             "num_warps": call.kwargs.get("num_warps", 4),
             "num_stages": call.kwargs.get("num_stages", 3)}  # Triton's CUDA defaults

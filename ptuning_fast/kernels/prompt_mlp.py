@@ -493,8 +493,10 @@ _TWIN_NUMERICS = (_FP16, _FP16_AUTOCAST)
 # with fp32 loads of 16-bit products).
 _FLAG_NUMERICS = (_FP32, _TF32, _BF16, _FP16_AUTOCAST)
 # Rows T: one per row block of the fused backward (16, 32, 64, 128), and T > 128 (tiled backward).
+# At T = 8 the heuristic's pick alone: a config's tiles at 16 rows are half its tiles at 32.
 _FUSED_ROWS = (8, 20, 64, 100)
 _TILED_ROWS = 200
+_DEFAULT_ONLY_ROWS = (8,)
 _FLAG_ROWS = (20, _TILED_ROWS)  # the flag combinations: at T = 20 (PEFT's usual) and tiled
 _WIDTH = 1024  # a multiple of 16, as every model width; _ODD_WIDTH exercises unaligned rows
 _ODD_WIDTH = 1000
@@ -565,7 +567,8 @@ def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCa
     the bias row sum, tiled dA with the gate), at each row block (T = 8, 20, 64, 100: the fused
     backward; T = 200: the tiled one):
     every config the launcher may pick on the chip in fp32, fp32 with TF32, bf16 and fp32
-    parameters under bf16 autocast; the heuristic's pick in fp16 and under fp16 autocast. The
+    parameters under bf16 autocast (at T = 8 the heuristic's pick: the same configs at 16 rows
+    hold half the tiles of T = 20's); the heuristic's pick in fp16 and under fp16 autocast. The
     same on a 1000-wide head with a strided input (rows load element by element), at T = 100 and
     200 in fp32, TF32 and fp32 parameters under bf16 autocast.
     Every other reachable flag combination (no bias, frozen layers, no input gradient, a single
@@ -577,7 +580,7 @@ def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCa
     calls = []
     for rows in _FUSED_ROWS + (_TILED_ROWS,):
         for numerics in _CONFIG_NUMERICS + _TWIN_NUMERICS:
-            every_config = numerics in _CONFIG_NUMERICS and not defaults_only
+            every_config = numerics in _CONFIG_NUMERICS and rows not in _DEFAULT_ONLY_ROWS and not defaults_only
             calls += [c for c in _plan_head(chip, _HEAVY_HEAD, numerics, rows, not every_config) if _is_heavy(c)]
             if rows in _UNALIGNED_ROWS and numerics in _UNALIGNED_NUMERICS:
                 calls += [c for c in _plan_head(chip, _UNALIGNED_HEAD, numerics, rows, defaults_only) if _is_heavy(c)]
