@@ -37,10 +37,9 @@ KERNELS = {"_linear_kernel", "_linear_backward_kernel", "_prefix_hidden_kernel",
 
 
 def compile_variants(chip: int, out: Path, cache: Path) -> list[dict]:
-    """Rows of ``python -m ptuning_fast.kernels.aot`` for one chip, over this machine's cores
-    (shared with the other pytest-xdist workers)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    jobs = max(1, (os.cpu_count() or 1) // workers)
+    """Rows of ``python -m ptuning_fast.kernels.aot`` for one chip, over every core of the machine:
+    the other pytest-xdist workers may be done long before, and the compiles are the long pole."""
+    jobs = os.cpu_count() or 1
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(cache), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-m", "ptuning_fast.kernels.aot", "--chip", str(chip), "--jobs", str(jobs),
