@@ -1,8 +1,31 @@
 #!/usr/bin/env bash
 # The test command: installs what it needs, then runs the whole suite (CPU: Triton kernels under
 # TRITON_INTERPRET=1; GPU tests run only where CUDA is available). Extra args go to pytest.
+#
+# Without extra args a second stage follows: the GPU machine runs Triton 3.6 while this suite
+# installs the newest, so the Triton kernel tests (under 3.6's interpreter) and the
+# ahead-of-time compile check (3.6's compiler) run again in .venv-triton36: the same torch, from
+# the pip cache, with triton==3.6.0 and numpy<2.3 (3.6's interpreter fails on numpy 2.4). It
+# reuses the C++ extension the first stage built in the source tree.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
-exec "$PY" -m pytest -n "${PTUNING_FAST_TEST_WORKERS:-2}" -q "$@"
+WORKERS="${PTUNING_FAST_TEST_WORKERS:-2}"
+if [ $# -gt 0 ]; then
+    exec "$PY" -m pytest -n "$WORKERS" -q "$@"
+fi
+status=0
+"$PY" -m pytest -n "$WORKERS" -q || status=$?
+
+echo "== second stage: Triton 3.6 (the GPU machine's version)"
+TRITON36_TESTS=(tests/ops/test_prompt_mlp.py tests/ops/test_prefix_kv.py tests/p_tuning/test_encoder_kernels.py
+                tests/prefix_tuning/test_cache.py tests/kernels)
+(
+    export PTUNING_FAST_VENV="$ROOT/.venv-triton36" PTUNING_FAST_EXTRAS=test PTUNING_FAST_NO_EXTENSION=1
+    export PTUNING_FAST_PINS="triton==3.6.0 numpy<2.3"
+    source "$ROOT/scripts/bootstrap.sh"
+    "$PY" -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
+    "$PY" -m pytest -n "$WORKERS" -q "${TRITON36_TESTS[@]}"
+) || status=$?
+exit "$status"

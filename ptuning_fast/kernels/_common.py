@@ -1,9 +1,13 @@
-"""What the Triton kernel families share: dtype mapping, rounding, the dot-product numerics and
-host-side block-size helpers. Kernels and launchers live in one file per family beside this one."""
+"""What the Triton kernel families share: dtype mapping, rounding, the dot-product numerics,
+host-side block-size helpers, the chips the launchers size their blocks for, and the record of one
+kernel launch. Kernels and launchers live in one file per family beside this one."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import os
-from typing import NamedTuple
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -47,6 +51,20 @@ def dot_numerics(compute_dtype: torch.dtype) -> DotNumerics:
     return DotNumerics(compute_dtype, tl_dtype, tl.float32 if widen else tl_dtype, "tf32" if tf32 else "ieee")
 
 
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """``torch.backends.cuda.matmul.allow_tf32 = allowed`` inside the block (what
+    :func:`dot_numerics` reads), restored after it."""
+    if not isinstance(allowed, bool):
+        raise TypeError(f"`allowed` must be a bool, got {type(allowed).__name__}")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 # Host-side integer helpers in plain Python (triton.cdiv & co. are slower constexpr functions).
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -57,5 +75,95 @@ def pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
 
 
-__all__ = ["INTERPRETING", "KERNEL_DTYPES", "TORCH_TO_TL", "DotNumerics", "cast_rtne", "cdiv", "dot_numerics",
-           "pow2_block"]
+# --------------------------------------------------------------------------------------------
+# Chips and launches
+# --------------------------------------------------------------------------------------------
+class Chip(NamedTuple):
+    """What a launcher needs to know about the GPU it sizes blocks for."""
+
+    capability: int  # compute capability as major * 10 + minor: 80 (A100), 90 (H100 / H200)
+    shared_bytes: int  # shared memory one block may use (the opt-in limit Triton checks at load)
+    sm_count: int
+
+
+# The chips the ahead-of-time compile check builds for (tests/kernels/test_gpu_compile.py).
+# Per-block opt-in shared memory: 163 KiB on sm_80 (of 164 KiB per SM), 227 KiB on sm_90.
+CHIPS = {80: Chip(80, 166912, 108), 90: Chip(90, 232448, 132)}
+REGISTERS_PER_SM = 65536
+MAX_REGISTERS_PER_THREAD = 255
+
+
+@functools.lru_cache(maxsize=None)
+def device_chip(device_index: int) -> Chip:
+    """The :class:`Chip` of CUDA device ``device_index``, read from the device."""
+    if not isinstance(device_index, int) or device_index < 0:
+        raise ValueError(f"`device_index` must be an int >= 0, got {device_index!r}")
+    props = torch.cuda.get_device_properties(device_index)
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
+    return Chip(props.major * 10 + props.minor, int(shared), props.multi_processor_count)
+
+
+def chip_of(device: torch.device) -> Chip:
+    """The :class:`Chip` of a CUDA ``device`` (the current one when it has no index)."""
+    if not isinstance(device, torch.device) or device.type != "cuda":
+        raise ValueError(f"`device` must be a CUDA torch.device, got {device!r}")
+    return device_chip(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class KernelCall(NamedTuple):
+    """One launch, fully described: what a launcher runs, and what the ahead-of-time compile
+    check (:mod:`ptuning_fast.kernels.aot`) compiles in its place."""
+
+    kernel: Any  # a triton.JITFunction
+    grid: tuple
+    args: tuple  # the runtime arguments (tensors and ints), as the launcher passes them
+    kwargs: dict  # constexpr arguments, num_warps and num_stages
+
+    def launch(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+class _Plan(NamedTuple):
+    chip: Chip
+    calls: List[KernelCall]
+    defaults_only: bool
+
+
+_PLAN: contextvars.ContextVar[Optional[_Plan]] = contextvars.ContextVar("ptuning_fast_kernel_plan", default=None)
+
+
+@contextlib.contextmanager
+def planning(chip: Chip, *, defaults_only: bool = False) -> Iterator[List[KernelCall]]:
+    """Inside this block the launchers launch nothing: each records every :class:`KernelCall` it
+    could make on ``chip`` (one per launch configuration it may pick there; with
+    ``defaults_only``, the heuristic's pick alone) into the yielded list. Tensors may live on the
+    ``meta`` device. GPU code paths only: not under TRITON_INTERPRET."""
+    if not isinstance(chip, Chip):
+        raise TypeError(f"`chip` must be a Chip, got {type(chip).__name__}")
+    if INTERPRETING:
+        raise RuntimeError("planning() lists GPU launches; it cannot run under TRITON_INTERPRET=1")
+    plan = _Plan(chip, [], bool(defaults_only))
+    token = _PLAN.set(plan)
+    try:
+        yield plan.calls
+    finally:
+        _PLAN.reset(token)
+
+
+def dispatch(call: Callable[[Any], KernelCall], configs: Callable[[Chip], Sequence[Any]],
+             choose: Callable[[], Any]) -> None:
+    """Launch ``call(choose())``; while :func:`planning`, record instead the call of every
+    config the launcher may pick on the plan's chip, ``configs(chip)``, its default first."""
+    if not (callable(call) and callable(configs) and callable(choose)):
+        raise TypeError("`call`, `configs` and `choose` must be callables")
+    plan = _PLAN.get()
+    if plan is not None:
+        choices = configs(plan.chip)
+        plan.calls.extend(call(config) for config in (choices[:1] if plan.defaults_only else choices))
+        return
+    call(choose()).launch()
+
+
+__all__ = ["CHIPS", "INTERPRETING", "KERNEL_DTYPES", "MAX_REGISTERS_PER_THREAD", "REGISTERS_PER_SM", "TORCH_TO_TL",
+           "Chip", "DotNumerics", "KernelCall", "cast_rtne", "cdiv", "chip_of", "device_chip", "dispatch",
+           "dot_numerics", "planning", "pow2_block", "tf32_allowed"]

@@ -24,11 +24,14 @@ matmuls follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default: exact 
 """
 from __future__ import annotations
 
+from typing import List, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, KERNEL_DTYPES, cast_rtne, cdiv, dot_numerics, pow2_block
+from ._common import (INTERPRETING, KERNEL_DTYPES, Chip, DotNumerics, KernelCall, cast_rtne, cdiv, dispatch,
+                      dot_numerics, planning, pow2_block, tf32_allowed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +178,46 @@ def _prefix_grad_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _num_warps(block_elems: int) -> int:
-    return 8 if block_elems >= 128 * 64 else 4
+# Block sizes follow the shapes (no tuning): one config per launch, the same on every chip; the
+# compile check (tests/kernels/test_gpu_compile.py) holds each against sm_80 and sm_90.
+def _num_warps(block_elems: int, fma: bool = False) -> int:
+    """8 warps for large tiles; fp32 products without TF32 (FMA units, whose operand layouts
+    take more registers) from half the size: 32 x 128 spilled on sm_80 with 4."""
+    return 8 if block_elems >= (64 * 64 if fma else 128 * 64) else 4
+
+
+def _hidden_blocks(T: int, D: int, HH: int) -> tuple:
+    """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps) of ``_prefix_hidden_kernel``."""
+    interp = INTERPRETING
+    block_t = pow2_block(T, 16, 64)
+    # Narrow column blocks on the GPU: Hh is small (~512), so wide blocks would leave most SMs idle.
+    block_h = pow2_block(HH, 16, 128 if interp else 32)
+    block_d = pow2_block(D, 16, 64 if interp else 32)
+    return block_t, block_h, block_d, _num_warps(block_t * block_h)
+
+
+def _write_blocks(T: int, J: int, HH: int, numerics: DotNumerics, project: bool) -> tuple:
+    """(BLOCK_T, BLOCK_J, BLOCK_K, num_warps) of ``_prefix_write_kernel``."""
+    interp = INTERPRETING
+    block_t = pow2_block(T, 16, 64)
+    block_j = pow2_block(J, 16, 256 if interp else 128)
+    block_k = pow2_block(HH, 16, 64 if (interp or numerics.dtype != torch.float32) else 32)
+    fma = project and numerics.dtype == torch.float32 and numerics.precision == "ieee"
+    return block_t, block_j, block_k, _num_warps(block_t * block_j, fma)
+
+
+def _grad_blocks(P: int, JL: int) -> tuple:
+    """(BLOCK_P, BLOCK_J, num_warps) of ``_prefix_grad_kernel``."""
+    interp = INTERPRETING
+    # One layer's slice is only Hkv * Dh columns wide: small position blocks keep enough programs.
+    block_p = pow2_block(P, 16 if interp else 8, 64 if interp else 8)
+    block_j = pow2_block(JL, 16, 256 if interp else 128)
+    return block_p, block_j, _num_warps(block_p * block_j)
+
+
+def _launch(call, config) -> None:
+    """Launch ``call(config)``, or list it while planning (one config on every chip)."""
+    dispatch(call, lambda chip: (config,), lambda: config)
 
 
 def prefix_hidden_triton(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
@@ -185,20 +226,17 @@ def prefix_hidden_triton(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Te
     HH = w1.shape[0]
     hidden = torch.empty((T, HH), dtype=torch.float32, device=embedding.device)
     numerics = dot_numerics(torch.promote_types(embedding.dtype, w1.dtype))
-    interp = INTERPRETING
-    BLOCK_T = pow2_block(T, 16, 64)
-    # Narrow column blocks on the GPU: Hh is small (~512), so wide blocks would leave most SMs idle.
-    BLOCK_H = pow2_block(HH, 16, 128 if interp else 32)
-    BLOCK_D = pow2_block(D, 16, 64 if interp else 32)
-    grid = (cdiv(HH, BLOCK_H), cdiv(T, BLOCK_T))
-    _prefix_hidden_kernel[grid](
-        embedding, w1, b1, hidden, T, D, HH,
-        embedding.stride(0), embedding.stride(1), w1.stride(0), w1.stride(1),
-        COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
-        EMULATE_RTNE=interp,
-        BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
-        num_warps=_num_warps(BLOCK_T * BLOCK_H),
-    )
+
+    def call(config) -> KernelCall:
+        block_t, block_h, block_d, num_warps = config
+        return KernelCall(_prefix_hidden_kernel, (cdiv(HH, block_h), cdiv(T, block_t)), (
+            embedding, w1, b1, hidden, T, D, HH,
+            embedding.stride(0), embedding.stride(1), w1.stride(0), w1.stride(1)), dict(
+            COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
+            EMULATE_RTNE=INTERPRETING,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps))
+
+    _launch(call, _hidden_blocks(T, D, HH))
     return hidden
 
 
@@ -239,23 +277,21 @@ def prefix_write_triton(
         numerics = dot_numerics(torch.float32)  # no product: a copy, rounded once to the cache dtype
         w2 = b2 = source  # unused by the kernel
         stride_wj = stride_wk = 0
-    interp = INTERPRETING
-    BLOCK_T = pow2_block(T, 16, 64)
-    BLOCK_J = pow2_block(J, 16, 256 if interp else 128)
-    BLOCK_K = pow2_block(HH, 16, 64 if (interp or numerics.dtype != torch.float32) else 32)
-    grid = (cdiv(J, BLOCK_J), cdiv(T, BLOCK_T))
-    _prefix_write_kernel[grid](
-        source, w2, b2, out, order, row_ptr,
-        adapter, T, J, HH, p_start,
-        source.stride(0), source.stride(1), stride_wj, stride_wk,
-        out.stride(2), _merged_layer_kv_stride(out, "out"), out.stride(3), out.stride(4), out.stride(5),
-        HKV=HKV, DH=DH,
-        PROJECT=project, COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype,
-        INPUT_PRECISION=numerics.precision,
-        EMULATE_RTNE=interp,
-        BLOCK_T=BLOCK_T, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
-        num_warps=_num_warps(BLOCK_T * BLOCK_J),
-    )
+    out_strides = (out.stride(2), _merged_layer_kv_stride(out, "out"), out.stride(3), out.stride(4), out.stride(5))
+
+    def call(config) -> KernelCall:
+        block_t, block_j, block_k, num_warps = config
+        return KernelCall(_prefix_write_kernel, (cdiv(J, block_j), cdiv(T, block_t)), (
+            source, w2, b2, out, order, row_ptr,
+            adapter, T, J, HH, p_start,
+            source.stride(0), source.stride(1), stride_wj, stride_wk, *out_strides), dict(
+            HKV=HKV, DH=DH,
+            PROJECT=project, COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype,
+            INPUT_PRECISION=numerics.precision,
+            EMULATE_RTNE=INTERPRETING,
+            BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_K=block_k, num_warps=num_warps))
+
+    _launch(call, _write_blocks(T, J, HH, numerics, project))
 
 
 def prefix_grad_triton(
@@ -280,18 +316,92 @@ def prefix_grad_triton(
         stride_ls = 0
         stride_b, stride_h, stride_p, stride_d = grad.stride()
         JL = HKV * DH
-    interp = INTERPRETING
-    # One layer's slice is only Hkv * Dh columns wide: small position blocks keep enough programs.
-    BLOCK_P = pow2_block(P, 16 if interp else 8, 64 if interp else 8)
-    BLOCK_J = pow2_block(JL, 16, 256 if interp else 128)
-    grid = (cdiv(JL, BLOCK_J), cdiv(P, BLOCK_P), N)
-    _prefix_grad_kernel[grid](
-        grad, g, order, row_ptr, starts,
-        P, JL, J, col0,
-        stride_b, stride_ls, stride_h, stride_p, stride_d,
-        HKV=HKV, DH=DH, BLOCK_P=BLOCK_P, BLOCK_J=BLOCK_J,
-        num_warps=_num_warps(BLOCK_P * BLOCK_J),
-    )
+
+    def call(config) -> KernelCall:
+        block_p, block_j, num_warps = config
+        return KernelCall(_prefix_grad_kernel, (cdiv(JL, block_j), cdiv(P, block_p), N), (
+            grad, g, order, row_ptr, starts,
+            P, JL, J, col0,
+            stride_b, stride_ls, stride_h, stride_p, stride_d), dict(
+            HKV=HKV, DH=DH, BLOCK_P=block_p, BLOCK_J=block_j, num_warps=num_warps))
+
+    _launch(call, _grad_blocks(P, JL))
 
 
-__all__ = ["KERNEL_DTYPES", "prefix_grad_triton", "prefix_hidden_triton", "prefix_write_triton"]
+# --------------------------------------------------------------------------------------------
+# Every launch, for the ahead-of-time compile check (ptuning_fast.kernels.aot)
+# --------------------------------------------------------------------------------------------
+class _Geometry(NamedTuple):
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden: int  # Hh of the projection
+
+    @property
+    def width(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim
+
+
+_LLAMA_7B = _Geometry(32, 32, 128, 512)
+# Other head layouts and a tiny one (every block below its cap): covered at bf16 alone, since
+# they change only the constant divisors of the column index and the edge blocks.
+_OTHER_GEOMETRIES = (_Geometry(32, 8, 128, 512), _Geometry(12, 12, 64, 512), _Geometry(2, 3, 5, 11))
+# (parameter dtype, TF32 allowed, cache dtype): fp32 parameters under a model of each dtype, and
+# parameters in the model's dtype.
+_NUMERICS = ((torch.float32, False, torch.float32), (torch.float32, True, torch.float32),
+             (torch.float32, False, torch.bfloat16), (torch.float32, False, torch.float16),
+             (torch.bfloat16, False, torch.bfloat16), (torch.float16, False, torch.float16))
+_TOKENS = (8, 20, 64)  # one per token block (16, 32, 64)
+_BATCH = 8
+
+
+def _plan_prefix(chip: Chip, geometry: _Geometry, tokens: int, param_dtype: torch.dtype, tf32: bool,
+                 cache_dtype: torch.dtype, adapter: int) -> List[KernelCall]:
+    """The launches of one prefix build (with and without projection) and its backward (whole
+    cache gradient and one layer's), on meta tensors, as ``ptuning_fast.ops.prefix_kv`` makes them."""
+    L, HKV, DH, HH = geometry
+    J, D = geometry.width, HKV * DH
+    params = dict(device="meta", dtype=param_dtype)
+    index = dict(device="meta", dtype=torch.int32)
+    out = torch.empty(L, 2, _BATCH, HKV, tokens + 16, DH, device="meta", dtype=cache_dtype)
+    order, row_ptr, starts = (torch.empty(_BATCH, **index), torch.empty(adapter + 2, **index),
+                              torch.empty(adapter + 1, **index))
+    g = torch.empty(adapter + 1, tokens, J, device="meta", dtype=torch.float32)
+    with tf32_allowed(tf32), planning(chip) as calls:
+        hidden = prefix_hidden_triton(torch.empty(tokens, D, **params), torch.empty(HH, D, **params),
+                                      torch.empty(HH, **params))
+        prefix_write_triton(out, hidden, torch.empty(J, HH, **params), torch.empty(J, **params), order, row_ptr,
+                            adapter, 0)
+        prefix_write_triton(out, torch.empty(tokens, J, **params), None, None, order, row_ptr, adapter, 0)
+        prefix_grad_triton(torch.empty_like(out), g, order, row_ptr, starts, 0)
+        prefix_grad_triton(torch.empty(_BATCH, HKV, tokens + 16, DH, device="meta", dtype=cache_dtype), g, order,
+                           row_ptr, starts, 2 * HKV * DH)
+    return calls
+
+
+def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCall]:
+    """The launches :func:`prefix_hidden_triton`, :func:`prefix_write_triton` and
+    :func:`prefix_grad_triton` can make on ``chip``, for the ahead-of-time compile check
+    (:mod:`ptuning_fast.kernels.aot`); duplicates included. Each launch has one config (block
+    sizes follow the shapes), so ``defaults_only`` changes nothing.
+
+    Covered: Llama-7B's layout (32 layers, 32 KV heads of 128, Hh = 512) x (parameters, cache) in
+    (fp32, fp32), (fp32 with TF32, fp32), (fp32, bf16), (fp32, fp16), (bf16, bf16), (fp16, fp16)
+    x T = 8, 20, 64 (each token block) x projection or not x the whole or one layer's gradient,
+    for the first adapter; at T = 20 with bf16 parameters and cache, the second adapter (its index
+    a JIT constant) and three other layouts (8 KV heads; 12 heads of 64; a tiny one below every
+    block cap).
+    Other pairs combine loads and stores of widths covered here."""
+    if not isinstance(chip, Chip):
+        raise TypeError(f"`chip` must be a Chip, got {type(chip).__name__}")
+    calls = []
+    for param_dtype, tf32, cache_dtype in _NUMERICS:
+        for tokens in _TOKENS:
+            calls += _plan_prefix(chip, _LLAMA_7B, tokens, param_dtype, tf32, cache_dtype, 0)
+    calls += _plan_prefix(chip, _LLAMA_7B, 20, torch.bfloat16, False, torch.bfloat16, 1)
+    for geometry in _OTHER_GEOMETRIES:
+        calls += _plan_prefix(chip, geometry, 20, torch.bfloat16, False, torch.bfloat16, 0)
+    return calls
+
+
+__all__ = ["KERNEL_DTYPES", "launch_variants", "prefix_grad_triton", "prefix_hidden_triton", "prefix_write_triton"]

@@ -35,15 +35,15 @@ while a stream is being captured).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, DotNumerics, cast_rtne, cdiv, dot_numerics, pow2_block
+from ._common import (INTERPRETING, Chip, DotNumerics, KernelCall, cast_rtne, cdiv, chip_of, dispatch, dot_numerics,
+                      planning, pow2_block, tf32_allowed)
 
 # Rows handled by one program of the fused backward; beyond it the backward takes the tiled path.
 FUSED_BACKWARD_MAX_ROWS = 128
@@ -169,56 +169,146 @@ def _row_block(m: int) -> int:
     return pow2_block(m, 16, FUSED_BACKWARD_MAX_ROWS)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-# (block along the program dimension, block along the loop dimension, num_warps, num_stages)
+# A config is (block along the program dimension, block along the loop dimension, num_warps,
+# num_stages): for "linear" (BLOCK_N, BLOCK_K, ...), for "backward" (BLOCK_K, BLOCK_N, ...).
+#
+# Which configs fit in registers depends on how a launch's products run ("path") and whether its
+# operands load as 16-byte vectors. 16-bit operands ("mma16") and fp32 with TF32 ("tf32") run on
+# the tensor cores; fp32 without TF32 ("fma", the default for fp32, as in PyTorch) runs on the
+# FMA units, whose operand layouts hold several times the registers. Rows whose strides or widths
+# are not multiples of 16 elements load element by element, with an address per element. Both
+# take "narrow" configs: 8 warps and tiles of bounded volume. The rules keep every config a
+# launcher may pick free of spills on sm_80 and sm_90, which the compile check
+# (tests/kernels/test_gpu_compile.py) proves for every launch.
 _LINEAR_CANDIDATES = ((16, 128, 4, 4), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3))
 _BACKWARD_CANDIDATES = ((16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2))
+_HEURISTIC_BLOCKS = (64, 32, 16)  # program blocks the heuristic picks from, widest first
+# Tensor-core fused backward: live tile elements per thread (the input tile and its gradient,
+# the grad tile, the dW tile). Measured on sm_80: 16-bit spilled at 224 (255 registers at 176),
+# TF32 spilled at 144.
+_BACKWARD_TILE_BUDGET = {"mma16": 160, "tf32": 128}
+# Narrow configs: linear tiles up to 2^17 products per loop step (BLOCK_M x BLOCK_N x BLOCK_K),
+# the fused backward on 16-wide loop blocks with BLOCK_M x BLOCK_K <= 4096.
+_NARROW_LINEAR_VOLUME = 1 << 17
+_NARROW_BACKWARD_AREA = 4096
 _INTERPRETER_CONFIG = (32, 32, 1, 1)  # small blocks: the tests' odd sizes cross block edges
 _tuned: dict = {}
 
 
-def _heuristic(kind: str, programs_along: int, other_programs: int, device: torch.device, wide: bool) -> tuple:
-    """The widest program block that still gives every SM a program (weight streaming wants
-    many programs in flight), and a loop block sized for the dtype's register budget."""
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    block = 16
-    for candidate in (64, 32):
-        if cdiv(programs_along, candidate) * other_programs >= sms:
-            block = candidate
-            break
-    if kind == "linear":
-        return (block, 128 if wide else 64, 4, 3)
+def _path(numerics: DotNumerics) -> str:
+    if numerics.dtype != torch.float32:
+        return "mma16"
+    return "tf32" if numerics.precision == "tf32" else "fma"
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Every 2-D operand has a unit-stride dimension whose length, and the other dimension's
+    stride, are multiples of 16 elements: what Triton needs to load it in 16-byte vectors."""
+    for t in tensors:
+        inner = 0 if t.stride(0) == 1 and t.shape[0] > 1 else 1
+        if t.stride(inner) != 1 or t.shape[inner] % 16 or t.stride(1 - inner) % 16:
+            return False
+    return True
+
+
+def _heuristic_config(kind: str, block: int, block_m: int, path: str, aligned: bool) -> Optional[tuple]:
+    """The heuristic's config for a program block (None: that block does not fit)."""
+    if path == "fma" or not aligned:
+        if kind == "linear":
+            return (block, min(64, _NARROW_LINEAR_VOLUME // (block_m * block)), 8, 3)
+        return (block, 16, 8, 2) if block_m * block <= _NARROW_BACKWARD_AREA else None
+    if kind == "linear":  # a loop block sized for the operands: 16-bit ones take half the registers
+        return (block, 128 if path == "mma16" else 64, 4, 3)
     return (block, 64, 4, 2)
 
 
-def _config(kind: str, key: tuple, launch, programs_along: int, other_programs: int,
-            device: torch.device, wide: bool) -> tuple:
-    """Launch config for ``launch(config)``: tuned on first use per (kind, shape, dtypes) key by
-    timing each candidate with CUDA events (variants of a kernel that differ only in epilogue
-    flags share the result), or the heuristic where tuning is off (PTUNING_FAST_AUTOTUNE=0) or
-    impossible (while a CUDA graph is being captured)."""
+def _shared_estimate(kind: str, config: tuple, block_m: int, operand_bytes: Tuple[int, int]) -> int:
+    """Shared memory of a config, an upper bound of what Triton allocates (the compile check
+    holds it against the compiler's number): ``num_stages`` pipelined operand tiles in the
+    loaded dtypes, plus fp32 tiles for layout changes (linear: the epilogue's; backward: the
+    input tile, the transposed grad tile and the dW tile)."""
+    block, loop, _, stages = config
+    pipelined = stages * loop * (block_m * operand_bytes[0] + block * operand_bytes[1])
+    if kind == "linear":
+        return pipelined + 4 * block_m * block
+    return pipelined + 4 * (block_m * block + block_m * loop + loop * block)
+
+
+def _fits_registers(kind: str, config: tuple, block_m: int, path: str) -> bool:
+    """Held to the tensor-core fused backward's tile budget (no tensor-core config of the linear
+    lists spilled; narrow configs are sized by construction)."""
+    if kind == "linear" or config[2] == 8:
+        return True
+    block, loop, num_warps, _ = config
+    live = (2 * block_m * block + block_m * loop + loop * block) / (32 * num_warps)
+    return live <= _BACKWARD_TILE_BUDGET[path]
+
+
+def launch_configs(kind: str, chip: Chip, block_m: int, operand_bytes: Tuple[int, int], path: str,
+                   aligned: bool = True) -> tuple:
+    """Every config the launcher may pick for one launch on ``chip``: the heuristic's picks and
+    the tuning candidates, less those that would not fit the registers or the shared memory.
+    Never empty.
+
+    ``kind``: "linear" (``_linear_kernel``) or "backward" (``_linear_backward_kernel``);
+    ``block_m``: rows per program; ``operand_bytes``: element sizes of the two operands streamed
+    in the loop (linear: a, b; backward: grad, weight); ``path``: "mma16", "tf32" or "fma";
+    ``aligned``: the operands load as 16-byte vectors (see ``_aligned``)."""
+    if kind not in ("linear", "backward"):
+        raise ValueError(f"`kind` must be 'linear' or 'backward', got {kind!r}")
+    if path not in ("mma16", "tf32", "fma"):
+        raise ValueError(f"`path` must be 'mma16', 'tf32' or 'fma', got {path!r}")
+    picks = [_heuristic_config(kind, b, block_m, path, aligned) for b in _HEURISTIC_BLOCKS]
+    if path == "fma" or not aligned:
+        candidates = ()
+    else:
+        candidates = _LINEAR_CANDIDATES if kind == "linear" else _BACKWARD_CANDIDATES
+    every = tuple(dict.fromkeys([c for c in picks if c is not None] + list(candidates)))
+    fitting = tuple(c for c in every if _fits_registers(kind, c, block_m, path)
+                    and _shared_estimate(kind, c, block_m, operand_bytes) <= chip.shared_bytes)
+    # Nothing fits (a chip far smaller than sm_80): the smallest config, which then fails loudly.
+    return fitting or (min(every, key=lambda c: _shared_estimate(kind, c, block_m, operand_bytes)),)
+
+
+def _heuristic(kind: str, choices: Sequence[tuple], programs_along: int, other_programs: int, sms: int,
+               block_m: int, path: str, aligned: bool) -> tuple:
+    """The widest program block that still gives every SM a program (weight streaming wants
+    many programs in flight), or the next narrower one that fits the chip."""
+    preferred = next((b for b in _HEURISTIC_BLOCKS[:-1] if cdiv(programs_along, b) * other_programs >= sms),
+                     _HEURISTIC_BLOCKS[-1])
+    for block in _HEURISTIC_BLOCKS[_HEURISTIC_BLOCKS.index(preferred):]:
+        config = _heuristic_config(kind, block, block_m, path, aligned)
+        if config in choices:
+            return config
+    return choices[0]
+
+
+def _config(kind: str, key: tuple, call: Callable[[tuple], KernelCall], configs: Callable[[Chip], tuple],
+            device: torch.device) -> tuple:
+    """Launch config of ``call``: tuned on first use per (kind, shape, dtypes) key by timing the
+    heuristic's pick and the tuning candidates among ``configs(chip)`` with CUDA events (variants
+    of a kernel that differ only in epilogue flags share the result), or the heuristic's pick
+    where tuning is off (PTUNING_FAST_AUTOTUNE=0) or impossible (while a CUDA graph is being
+    captured)."""
     if INTERPRETING or device.type != "cuda":
         return _INTERPRETER_CONFIG
     config = _tuned.get(key)
     if config is not None:
         return config
-    default = _heuristic(kind, programs_along, other_programs, device, wide)
+    choices = configs(chip_of(device))
+    default = choices[0]
     if os.environ.get("PTUNING_FAST_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
         return default
-    candidates = _LINEAR_CANDIDATES if kind == "linear" else _BACKWARD_CANDIDATES
     timings = {}
-    for config in dict.fromkeys((default,) + candidates):
+    for config in choices:  # the heuristic's pick first
+        launch = call(config).launch
         try:
-            launch(config)  # compiles; raises if the config does not fit the chip
+            launch()  # compiles; raises if the config does not fit the chip after all
             torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(10):
-                launch(config)
+                launch()
             end.record()
             end.synchronize()
             timings[config] = start.elapsed_time(end)
@@ -226,6 +316,14 @@ def _config(kind: str, key: tuple, launch, programs_along: int, other_programs: 
             continue
     _tuned[key] = config = min(timings, key=timings.get) if timings else default
     return config
+
+
+def _choices(kind: str, chip: Chip, block_m: int, operand_bytes: Tuple[int, int], path: str, aligned: bool,
+             programs_along: int, other_programs: int) -> tuple:
+    """``launch_configs`` with the heuristic's pick for this launch first."""
+    choices = launch_configs(kind, chip, block_m, operand_bytes, path, aligned)
+    default = _heuristic(kind, choices, programs_along, other_programs, chip.sm_count, block_m, path, aligned)
+    return (default,) + tuple(c for c in choices if c != default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,20 +340,23 @@ def _launch_linear(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, numerics: 
     strides = (*a.stride(), *b.stride(), bias.stride(0) if bias is not None else 0,
                *(gate.stride() if gate is not None else (0, 0)), *c.stride())
 
-    def launch(config):
+    def call(config) -> KernelCall:
         block_n, block_k, num_warps, num_stages = config
-        _linear_kernel[(cdiv(N, block_n), grid_m)](
+        return KernelCall(_linear_kernel, (cdiv(N, block_n), grid_m), (
             a, b, bias if bias is not None else c, gate if gate is not None else c, c,
             row_sum if row_sum is not None else c,
-            M, N, K, *strides,
+            M, N, K, *strides), dict(
             HAS_BIAS=bias is not None, RELU=relu, HAS_GATE=gate is not None, ROW_SUM=row_sum is not None,
             COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
             EMULATE_RTNE=INTERPRETING,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-        )
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages))
+
+    def configs(chip: Chip) -> tuple:
+        return _choices("linear", chip, block_m, (a.element_size(), b.element_size()), _path(numerics),
+                        _aligned(a, b), N, grid_m)
 
     key = ("linear", M, N, K, numerics.dtype, a.dtype, b.dtype, c.dtype, a.device)
-    launch(_config("linear", key, launch, N, grid_m, a.device, numerics.dtype != torch.float32))
+    dispatch(call, configs, lambda: _config("linear", key, call, configs, a.device))
 
 
 def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, numerics: DotNumerics, *,
@@ -264,28 +365,32 @@ def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch
     """All gradients of one layer in one launch (M <= FUSED_BACKWARD_MAX_ROWS rows)."""
     M, N = grad.shape
     K = inp.shape[1]
+    block_m = _row_block(M)
     unused = grad  # stands in for outputs that are not needed (never written)
     strides = (*grad.stride(), *inp.stride(), *weight.stride(),
                *(grad_weight.stride() if grad_weight is not None else (0, 0)),
                *(grad_inp.stride() if grad_inp is not None else (0, 0)))
 
-    def launch(config):
+    def call(config) -> KernelCall:
         block_k, block_n, num_warps, num_stages = config
-        _linear_backward_kernel[(cdiv(K, block_k),)](
+        return KernelCall(_linear_backward_kernel, (cdiv(K, block_k),), (
             grad, inp, weight,
             grad_weight if grad_weight is not None else unused,
             grad_bias if grad_bias is not None else unused,
             grad_inp if grad_inp is not None else unused,
-            M, N, K, *strides,
+            M, N, K, *strides), dict(
             NEED_GRAD_WEIGHT=grad_weight is not None, NEED_GRAD_BIAS=grad_bias is not None,
             NEED_GRAD_INPUT=grad_inp is not None, GATE_GRAD_INPUT=gate,
             COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
             EMULATE_RTNE=INTERPRETING,
-            BLOCK_M=_row_block(M), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-        )
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages))
+
+    def configs(chip: Chip) -> tuple:
+        return _choices("backward", chip, block_m, (grad.element_size(), weight.element_size()), _path(numerics),
+                        _aligned(grad, inp, weight), K, 1)
 
     key = ("backward", M, N, K, numerics.dtype, grad.dtype, inp.dtype, weight.dtype, grad.device)
-    launch(_config("backward", key, launch, K, 1, grad.device, numerics.dtype != torch.float32))
+    dispatch(call, configs, lambda: _config("backward", key, call, configs, grad.device))
 
 
 def _on_device(device: torch.device):
@@ -372,4 +477,117 @@ def _backward_layers(grad_out, x, weights, biases, hidden, compute_dtype, need_g
     return grad_x, grad_weights, grad_biases
 
 
-__all__ = ["FUSED_BACKWARD_MAX_ROWS", "mlp_backward", "mlp_forward"]
+# --------------------------------------------------------------------------------------------
+# Every launch, for the ahead-of-time compile check (ptuning_fast.kernels.aot)
+# --------------------------------------------------------------------------------------------
+# (compute dtype, dtype of the parameters and input, TF32 allowed): one dtype throughout, or fp32
+# parameters and input under bf16 / fp16 autocast.
+_FP32, _TF32 = (torch.float32, torch.float32, False), (torch.float32, torch.float32, True)
+_BF16, _FP16 = (torch.bfloat16, torch.bfloat16, False), (torch.float16, torch.float16, False)
+_BF16_AUTOCAST, _FP16_AUTOCAST = (torch.bfloat16, torch.float32, False), (torch.float16, torch.float32, False)
+# fp16 takes bf16's tiles, layouts and instruction shapes (both 16-bit, same configs): every
+# config is compiled for bf16; fp16 at the heuristic's pick.
+_CONFIG_NUMERICS = (_FP32, _TF32, _BF16, _BF16_AUTOCAST)
+_TWIN_NUMERICS = (_FP16, _FP16_AUTOCAST)
+# The flag combinations: on each product path (FMA; TF32; tensor cores with 16-bit loads, and
+# with fp32 loads of 16-bit products).
+_FLAG_NUMERICS = (_FP32, _TF32, _BF16, _FP16_AUTOCAST)
+# Rows T: one per row block of the fused backward (16, 32, 64, 128), and T > 128 (tiled backward).
+# At T = 8 the heuristic's pick alone: a config's tiles at 16 rows are half its tiles at 32.
+_FUSED_ROWS = (8, 20, 64, 100)
+_TILED_ROWS = 200
+_DEFAULT_ONLY_ROWS = (8,)
+_FLAG_ROWS = (20, _TILED_ROWS)  # the flag combinations: at T = 20 (PEFT's usual) and tiled
+_WIDTH = 1024  # a multiple of 16, as every model width; _ODD_WIDTH exercises unaligned rows
+_ODD_WIDTH = 1000
+
+
+class _Head(NamedTuple):
+    """One input class of the head: widths, biases, which gradients are wanted, x's layout."""
+
+    dims: Tuple[int, ...]
+    bias: bool = True
+    need_x: bool = True
+    frozen: Tuple[int, ...] = ()  # layers whose weight and bias need no gradient
+    frozen_weights: Tuple[int, ...] = ()  # layers whose weight alone needs no gradient
+    strided_x: bool = False
+
+
+# The heaviest launches (every flag set): compiled in every config the launcher may pick, on
+# aligned rows and (at 128 rows, the most registers) on unaligned ones with fp32 loads.
+_HEAVY_HEAD = _Head((_WIDTH,) * 4)
+_UNALIGNED_HEAD = _Head((_ODD_WIDTH,) * 4, strided_x=True)
+_UNALIGNED_ROWS = (100, _TILED_ROWS)
+_UNALIGNED_NUMERICS = (_FP32, _TF32, _BF16_AUTOCAST)
+# Every other reachable combination of the kernels' flags, at the heuristic's pick: a flag only
+# removes loads, products and stores, but the compiler may still allocate differently.
+_FLAG_HEADS = (
+    _Head((_WIDTH,) * 3, bias=False),  # no bias: forward without bias, backward without db
+    _Head((_WIDTH,) * 3, bias=False, need_x=False),  # first layer: dW only
+    _Head((_WIDTH,) * 4, need_x=False, frozen=(1,)),  # a frozen middle layer: dA only
+    _Head((_WIDTH,) * 3, frozen=(0,)),  # frozen first layer under a trained x
+    _Head((_WIDTH,) * 3, frozen_weights=(0, 1)),  # biases alone: db (tiled: a row sum into scratch)
+    _Head((_WIDTH,) * 3, need_x=False, frozen_weights=(0, 1)),
+    _Head((_WIDTH,), need_x=True),  # one layer: no ReLU anywhere
+    _Head((_ODD_WIDTH,) * 3, strided_x=True),  # unaligned rows and a strided input, every flag
+)
+
+
+def _plan_head(chip: Chip, head: _Head, numerics: tuple, rows: int, defaults_only: bool) -> List[KernelCall]:
+    """The launches of one forward and backward of ``head`` (on meta tensors) on ``chip``."""
+    compute, dtype, tf32 = numerics
+    meta = dict(device="meta", dtype=dtype)
+    x = (torch.empty(rows, 2 * head.dims[0], **meta)[:, ::2] if head.strided_x
+         else torch.empty(rows, head.dims[0], **meta))
+    weights = [torch.empty(d_out, d_in, **meta) for d_in, d_out in zip(head.dims[:-1], head.dims[1:])]
+    biases = [torch.empty(w.shape[0], **meta) if head.bias else None for w in weights]
+    need_w = [i not in head.frozen and i not in head.frozen_weights for i in range(len(weights))]
+    need_b = [i not in head.frozen for i in range(len(weights))]
+    with tf32_allowed(tf32), planning(chip, defaults_only=defaults_only) as calls:
+        out, hidden = mlp_forward(x, weights, biases, compute)
+        mlp_backward(torch.empty_like(out), x, weights, biases, hidden, compute, head.need_x, need_w, need_b)
+    return calls
+
+
+def _is_heavy(call: KernelCall) -> bool:
+    """Every flag of its call site set: forward with bias and ReLU, the tiled dW with the bias
+    row sum, the tiled dA with the ReLU gate, the fused backward with all four."""
+    k = call.kwargs
+    if call.kernel is _linear_kernel:
+        return (k["HAS_BIAS"] and k["RELU"]) or k["ROW_SUM"] or k["HAS_GATE"]
+    return k["NEED_GRAD_WEIGHT"] and k["NEED_GRAD_BIAS"] and k["NEED_GRAD_INPUT"] and k["GATE_GRAD_INPUT"]
+
+
+def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCall]:
+    """The launches :func:`mlp_forward` and :func:`mlp_backward` can make on ``chip``, for the
+    ahead-of-time compile check (:mod:`ptuning_fast.kernels.aot`); duplicates included.
+
+    Covered, on a head 1024 -> 1024 -> 1024 -> 1024 with every flag of each call site set
+    (forward with bias and ReLU; fused backward with dW, db, dx and the ReLU gate; tiled dW with
+    the bias row sum, tiled dA with the gate), at each row block (T = 8, 20, 64, 100: the fused
+    backward; T = 200: the tiled one):
+    every config the launcher may pick on the chip in fp32, fp32 with TF32, bf16 and fp32
+    parameters under bf16 autocast (at T = 8 the heuristic's pick: the same configs at 16 rows
+    hold half the tiles of T = 20's); the heuristic's pick in fp16 and under fp16 autocast. The
+    same on a 1000-wide head with a strided input (rows load element by element), at T = 100 and
+    200 in fp32, TF32 and fp32 parameters under bf16 autocast.
+    Every other reachable flag combination (no bias, frozen layers, no input gradient, a single
+    layer, biases alone; a 1000-wide head with a strided input), at the heuristic's pick, at
+    T = 20 and T = 200, in fp32, fp32 with TF32, bf16 and fp32 parameters under fp16 autocast
+    (each product path and load width). ``defaults_only``: the heuristic's picks alone."""
+    if not isinstance(chip, Chip):
+        raise TypeError(f"`chip` must be a Chip, got {type(chip).__name__}")
+    calls = []
+    for rows in _FUSED_ROWS + (_TILED_ROWS,):
+        for numerics in _CONFIG_NUMERICS + _TWIN_NUMERICS:
+            every_config = numerics in _CONFIG_NUMERICS and rows not in _DEFAULT_ONLY_ROWS and not defaults_only
+            calls += [c for c in _plan_head(chip, _HEAVY_HEAD, numerics, rows, not every_config) if _is_heavy(c)]
+            if rows in _UNALIGNED_ROWS and numerics in _UNALIGNED_NUMERICS:
+                calls += [c for c in _plan_head(chip, _UNALIGNED_HEAD, numerics, rows, defaults_only) if _is_heavy(c)]
+            if rows in _FLAG_ROWS and numerics in _FLAG_NUMERICS:
+                for head in _FLAG_HEADS:
+                    calls += _plan_head(chip, head, numerics, rows, True)
+    return calls
+
+
+__all__ = ["FUSED_BACKWARD_MAX_ROWS", "launch_configs", "launch_variants", "mlp_backward", "mlp_forward"]
