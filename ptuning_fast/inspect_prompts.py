@@ -94,6 +94,11 @@ def _panel_layers(num_layers: int) -> List[int]:
 # Plots (matplotlib's object API and Agg canvas: headless, and the caller's pyplot backend is left alone)
 # ---------------------------------------------------------------------------------------------
 def _figure(rows: int, columns: int, panel_size: float):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("`ptuning-fast inspect` draws its plots with matplotlib: pip install 'ptuning_fast[inspect]' "
+                          "(or matplotlib)") from None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator

@@ -7,7 +7,8 @@
 # machine with an NVIDIA GPU gets `torch` from the index; a CPU-only machine gets
 # $PTUNING_FAST_TORCH_SPEC (default torch==2.13.0, the CPU build available here).
 # PTUNING_FAST_EXTRAS: the package's extras to install (default test,bench,demo);
-# PTUNING_FAST_PINS: more requirement specs installed with it (e.g. "triton==3.6.0 numpy<2.3").
+# PTUNING_FAST_PINS: more requirement specs installed with it (e.g. "triton==3.6.0 numpy<2.3");
+# PTUNING_FAST_CONSTRAINTS: the constraints file (default scripts/constraints.txt, the pinned versions).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PTUNING_FAST_VENV:-$ROOT/.venv}"
@@ -30,12 +31,13 @@ fi
 STAMP="$VENV/.ptuning_fast_stamp"
 EXTRAS="${PTUNING_FAST_EXTRAS:-test,bench,demo}"
 read -r -a PINS <<<"${PTUNING_FAST_PINS:-}"
-HASH="$( (cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/scripts/constraints.txt" "$ROOT"/csrc/* 2>/dev/null
+CONSTRAINTS="${PTUNING_FAST_CONSTRAINTS:-scripts/constraints.txt}"
+HASH="$( (cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/$CONSTRAINTS" "$ROOT"/csrc/* 2>/dev/null
           echo "$EXTRAS ${PINS[*]} ${PTUNING_FAST_NO_EXTENSION:-}") | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$HASH" ] || ! "$PY" -c "import ptuning_fast" >/dev/null 2>&1; then
     # --no-build-isolation: build the extension against the torch above instead of a fresh one;
     # -c: the dependency versions the suite is checked against.
     pip_install setuptools wheel
-    (cd "$ROOT" && pip_install --no-build-isolation -c scripts/constraints.txt -e ".[$EXTRAS]" ${PINS[@]+"${PINS[@]}"})
+    (cd "$ROOT" && pip_install --no-build-isolation -c "$CONSTRAINTS" -e ".[$EXTRAS]" ${PINS[@]+"${PINS[@]}"})
     echo "$HASH" > "$STAMP"
 fi
