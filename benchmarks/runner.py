@@ -137,9 +137,9 @@ def below_peft(rows: list[dict]) -> list[dict]:
 
 def check(path: Path) -> int:
     """Exit status 1 when the results file has rows below PEFT without a reason (printed)."""
-    rows = json.loads(Path(path).read_text())["rows"]
-    unexplained = [b for b in below_peft(ratios(rows)) if b["reason"] is None]
-    for b in below_peft(rows):
+    below = below_peft(ratios(json.loads(Path(path).read_text())["rows"]))
+    unexplained = [b for b in below if b["reason"] is None]
+    for b in below:
         mark = "UNEXPLAINED" if b["reason"] is None else f"known: {b['reason']}"
         print(f"below PEFT: {b['component']} | {b['case']} | {b['impl']} | {b['x_vs_peft']:.2f}x | {mark}")
     print(f"{path}: {len(unexplained)} row(s) below 1.0x PEFT without a reason")

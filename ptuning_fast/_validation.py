@@ -32,9 +32,9 @@ def check_index_range(indices: torch.Tensor, upper: int, name: str) -> None:
     """Raise ValueError if any index is outside [0, upper). One host sync on accelerators."""
     if indices.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = torch.aminmax(indices.reshape(-1))
-    if bool(((lo < 0) | (hi >= upper)).item()):
-        raise ValueError(f"`{name}` holds indices outside [0, {upper}): min {int(lo)}, max {int(hi)}")
+    lo, hi = torch.stack(torch.aminmax(indices)).tolist()
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"`{name}` holds indices outside [0, {upper}): min {lo}, max {hi}")
 
 
 def check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:

@@ -110,8 +110,9 @@ def _padded_on_side(attention_mask: torch.Tensor, pad_left: bool) -> bool:
     if attention_mask.shape[1] < 2 or torch.compiler.is_compiling():
         return attention_mask.shape[1] < 2
     real = attention_mask != 0
-    before, after = (real[:, :-1], real[:, 1:]) if pad_left else (real[:, 1:], real[:, :-1])
-    return not bool((before & ~after).any())
+    # a real token before a pad (left padding) or after one (right padding): True > False
+    first, second = (real[:, :-1], real[:, 1:]) if pad_left else (real[:, 1:], real[:, :-1])
+    return not bool(torch.gt(first, second).any())
 
 
 def _front_layout(attention_mask, prompt_lengths, longest, positions, position_ids, cache_prompt_lengths) -> PromptLayout:
@@ -128,6 +129,9 @@ def _front_layout(attention_mask, prompt_lengths, longest, positions, position_i
             # every column counted, after a uniform prefix: what the model computes itself
             return PromptLayout(attention_mask=mask, position_ids=None, width=width, text_length=text_length,
                                 shift=longest, outputs_in_layout=True)
+        if positions == "continue" and position_ids is None:  # the mask alone gives the positions
+            return PromptLayout(attention_mask=mask, width=width, text_length=text_length, shift=longest,
+                                position_ids=build_prompt_position_ids(mask, cache_prompt_lengths))
     lengths = _per_row(prompt_lengths, batch, device)
     k = torch.arange(longest, device=device).expand(batch, -1)
     live = k < lengths[:, None]

@@ -86,20 +86,24 @@ def reduce_prefix_grad_reference(grad: torch.Tensor, g: torch.Tensor, adapter_in
     ``grad``: the whole cache gradient ``(L, 2, B, Hkv, C, Dh)``, or one layer's key or value
     gradient ``(B, Hkv, C, Dh)`` whose columns start at ``col0``; only its first ``P`` positions
     are read. ``g``: ``(N, P, J)``, accumulated in its own dtype."""
-    P = g.shape[1]
-    part = grad[..., :P, :].to(g.dtype)
-    if part.dim() == 6:  # (L, 2, B, Hkv, P, Dh) -> (B, P, J)
-        rows = part.permute(2, 4, 0, 1, 3, 5).reshape(part.shape[2], P, -1)
-    else:  # (B, Hkv, P, Dh) -> (B, P, Hkv * Dh)
-        rows = part.permute(0, 2, 1, 3).reshape(part.shape[0], P, -1)
-    if adapter_index is None:
-        sums = rows.sum(0, keepdim=True)
-    else:
-        sums = torch.zeros((g.shape[0],) + rows.shape[1:], dtype=g.dtype, device=rows.device)
-        sums.index_add_(0, adapter_index, rows)
+    N, P, _ = g.shape
+    part = grad[..., :P, :]
+    if part.dim() == 6:  # (L, 2, B, Hkv, P, Dh): g[n] viewed as (L, 2, Hkv, P, Dh)
+        L, _, _, heads, _, head_dim = part.shape
+        target = g.view(N, P, L, 2, heads, head_dim).permute(0, 2, 3, 4, 1, 5)
+        batch_dim = 2
+    else:  # (B, Hkv, P, Dh): g[n]'s columns col0.. viewed as (Hkv, P, Dh)
+        _, heads, _, head_dim = part.shape
+        target = g[:, :, col0: col0 + heads * head_dim].view(N, P, heads, head_dim).transpose(1, 2)
+        batch_dim = 0
+    if adapter_index is None:  # one adapter: one reduction, written straight into g
+        torch.sum(part, batch_dim, dtype=g.dtype, out=target[0])
+        return
+    target.zero_()
+    target.index_add_(0, adapter_index, part.movedim(batch_dim, 0).to(g.dtype))
     for n, start in enumerate(starts):
-        sums[n, :start] = 0
-    g[:, :, col0: col0 + rows.shape[-1]] = sums
+        if start:
+            target[n].narrow(-2, 0, start).zero_()
 
 
 def encode_prefix_with_hidden_reference(embedding, w1=None, b1=None, w2=None, b2=None):
