@@ -13,7 +13,7 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
 import ptuning_fast
 from benchmarks import models
-from benchmarks.common import Row, floor_ms, make_row
+from benchmarks.common import Row, floor_ms, make_rows, size_of
 
 NEW_TOKENS = 16
 
@@ -29,10 +29,11 @@ def _generate_fn(model, ids, mask):
 
 def measure(device: torch.device, quick: bool) -> list[Row]:
     rows = []
+    size = size_of(device, quick)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for kind in ("p_tuning", "prefix"):
         torch.manual_seed(0)
-        base, shape = models.llm_model(quick)
+        base, shape = models.llm_model(size)
         base = base.to(device, dtype).eval()
         if kind == "p_tuning":
             config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=shape["tokens"],
@@ -49,9 +50,9 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
         floor = floor_ms(device, bytes_moved=weight_bytes * NEW_TOKENS,
                          launches=NEW_TOKENS * base.config.num_hidden_layers)
         case = f"{kind} B={shape['batch']} S={shape['seq']} T={shape['tokens']} new={NEW_TOKENS}"
-        for impl, model in (("peft_eager", peft_model), ("ptuning_fast", fast_model)):
-            rows.append(make_row("generate", case, impl, _generate_fn(model, ids, mask), device, floor,
-                                 warmup=1, reps=3 if quick else 5))
+        rows += make_rows("generate", case, {"peft_eager": _generate_fn(peft_model, ids, mask),
+                                             "ptuning_fast": _generate_fn(fast_model, ids, mask)}, device, floor,
+                          warmup=1, reps={"tiny": 10, "cpu": 6, "gpu": 10}[size])
         del peft_model, fast_model, base
     return rows
 
@@ -59,7 +60,7 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
 def test_bench_generate_tiny(benchmark):
     """CI: greedy generate of an accelerated prefix-tuned tiny LLM equals PEFT's tokens."""
     torch.manual_seed(0)
-    base, shape = models.llm_model(quick=True)
+    base, shape = models.llm_model("tiny")
     peft_model = get_peft_model(base.eval(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
     fast = ptuning_fast.accelerate(copy.deepcopy(peft_model)).eval()
     ids, mask = models.inputs(base, shape, torch.device("cpu"))

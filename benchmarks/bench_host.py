@@ -25,7 +25,7 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ptuning_fast
-from benchmarks.common import Row, floor_ms, make_row
+from benchmarks.common import Row, floor_ms, time_interleaved
 
 COMPONENT = "host"
 SHAPE = dict(batch=2, seq=32, tokens=8, hidden=64, layers=2, new=16)
@@ -163,8 +163,6 @@ def _measure(device: torch.device) -> list[Row]:
 
 def make_pair(case: str, fns: dict, device, floor: dict, *, reps: int, per: int) -> list[Row]:
     """Both implementations timed in alternation (the same machine state for both), per unit of work."""
-    from benchmarks.common import time_interleaved
-
     times = time_interleaved(fns, device, reps=reps)
     rows = []
     for impl, t in times.items():

@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, LlamaConfig, masking_utils
 
-from benchmarks.common import Row, floor_ms, make_row
+from benchmarks.common import Row, floor_ms, make_rows, size_of
 from ptuning_fast import build_prompt_attention_mask, build_prompt_position_ids, use_backend
 
 COMPONENT = "mask"
-FULL_CASES = [(32, 2048, 128), (8, 512, 20)]  # (B, S, P)
-QUICK_CASES = [(4, 256, 16), (2, 64, 8)]
+CASES = {"gpu": [(32, 2048, 128), (8, 512, 20)], "cpu": [(32, 512, 64), (8, 128, 20)],  # (B, S, P)
+         "tiny": [(4, 256, 16), (2, 64, 8)]}
 
 
 def make_inputs(batch, seq, prompt, device, *, seed=0):
@@ -79,18 +79,21 @@ def mask_fns(text_mask, cache, prompt, dtype):
 
 def measure(device: torch.device, quick: bool) -> list[Row]:
     rows = []
-    reps = 10 if device.type == "cpu" else 50
-    for batch, seq, prompt in QUICK_CASES if quick else FULL_CASES:
+    size = size_of(device, quick)
+    reps = 50 if size == "gpu" else 30
+    for batch, seq, prompt in CASES[size]:
         text_mask, cache = make_inputs(batch, seq, prompt, device)
         for dtype in (torch.bool, torch.bfloat16):
             case = f"B={batch} S={seq} P={prompt} {str(dtype).replace('torch.', '')}"
             out_bytes = batch * seq * (prompt + seq) * torch.empty((), dtype=dtype).element_size()
             floor = floor_ms(device, bytes_moved=out_bytes)
             ours, reference, theirs = mask_fns(text_mask, cache, prompt, dtype)
-            for impl, fn in (("ptuning_fast", ours), ("ptuning_fast_ref", reference), ("peft_eager", theirs)):
-                rows.append(make_row(COMPONENT, case, impl, fn, device, floor, warmup=3, reps=reps,
-                                     output_bytes=out_bytes, path="transformers create_causal_mask"
-                                     if impl == "peft_eager" else impl))
+            timed = make_rows(COMPONENT, case, {"ptuning_fast": ours, "ptuning_fast_ref": reference,
+                                                "peft_eager": theirs}, device, floor, warmup=3, reps=reps,
+                              output_bytes=out_bytes)
+            for row in timed:
+                row.extra["path"] = "transformers create_causal_mask" if row.impl == "peft_eager" else row.impl
+            rows += timed
         # positions of the same case
         ours_pos = lambda: build_prompt_position_ids(text_mask, prompt)  # noqa: E731
         theirs_pos = transformers_positions_fn(text_mask, prompt)
@@ -98,8 +101,8 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
             raise AssertionError(f"position ids differ from generate()'s for {tuple(text_mask.shape)}, P={prompt}")
         case = f"B={batch} S={seq} P={prompt} positions"
         floor = floor_ms(device, bytes_moved=batch * seq * 8)
-        for impl, fn in (("ptuning_fast", ours_pos), ("peft_eager", theirs_pos)):
-            rows.append(make_row(COMPONENT, case, impl, fn, device, floor, warmup=3, reps=reps))
+        rows += make_rows(COMPONENT, case, {"ptuning_fast": ours_pos, "peft_eager": theirs_pos}, device, floor,
+                          warmup=3, reps=reps)
     return rows
 
 

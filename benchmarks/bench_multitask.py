@@ -26,16 +26,18 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
 import ptuning_fast
 from benchmarks import models
-from benchmarks.common import Row, floor_ms, make_row
+from benchmarks.common import Row, floor_ms, make_rows, size_of
 
 TASK_COUNTS = (1, 4, 16)
 KINDS = ("p_tuning", "prefix")
 IMPLS = ("peft_eager", "ptuning_fast_separate", "ptuning_fast_mixed", "ptuning_fast_accelerated_mixed")
 
 
-def _shape(quick: bool) -> dict:
-    if quick:
+def _shape(size: str) -> dict:
+    if size == "tiny":
         return dict(batch=16, seq=16, tokens=8, new=8, encoder_hidden=32)
+    if size == "cpu":  # short requests on the CPU-sized Llama
+        return dict(batch=16, seq=16, tokens=20, new=8, encoder_hidden=128)
     return dict(batch=64, seq=256, tokens=32, new=16, encoder_hidden=512)
 
 
@@ -181,12 +183,13 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
 
 def _measure(device: torch.device, quick: bool) -> list[Row]:
     rows = []
+    size = size_of(device, quick)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = _shape(quick)
+    shape = _shape(size)
     for kind in KINDS:
         for num_tasks in TASK_COUNTS:
             torch.manual_seed(0)
-            base, _ = models.llm_model(quick)
+            base, _ = models.llm_model(size)
             base = base.to(device, dtype).eval()
             peft_model, native, names = build_models(kind, num_tasks, shape, base, device, dtype)
             accelerated = ptuning_fast.accelerate(copy.deepcopy(peft_model))
@@ -209,19 +212,20 @@ def _measure(device: torch.device, quick: bool) -> list[Row]:
                 case = f"{kind} {step} N={num_tasks} B={batch} S={shape['seq']} T={shape['tokens']}"
                 if step == "generate":
                     case += f" new={shape['new']}"
-                for impl in IMPLS:
-                    fn = work[impl][index]
-                    with torch.no_grad():
-                        row = make_row("multitask", case, impl, fn, device, floor, warmup=1 if step == "generate" else 2,
-                                       reps=5 if step == "generate" else 10, tasks=num_tasks,
-                                       batches=1 if impl.endswith("_mixed") else num_tasks,
-                                       threads=torch.get_num_threads())
-                        if device.type == "cpu":
-                            row.peak_bytes = cpu_peak_bytes(fn)
+                fns = {impl: work[impl][index] for impl in IMPLS}
+                reps = {"tiny": 10, "cpu": 5, "gpu": 20}[size]
+                with torch.no_grad():
+                    timed = make_rows("multitask", case, fns, device, floor, warmup=1, reps=reps,
+                                      tasks=num_tasks, threads=torch.get_num_threads())
+                for row in timed:
+                    row.extra["batches"] = 1 if row.impl.endswith("_mixed") else num_tasks
+                    if device.type == "cpu":
+                        with torch.no_grad():
+                            row.peak_bytes = cpu_peak_bytes(fns[row.impl])
                     seconds = row.median_ms / 1e3
                     row.extra["rows_per_s"] = batch / seconds
                     row.extra["tokens_per_s"] = batch * (shape["new"] if step == "generate" else shape["seq"]) / seconds
-                    rows.append(row)
+                rows += timed
             del peft_model, native, accelerated, base
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -232,7 +236,7 @@ def test_bench_multitask_tiny(benchmark):
     """CI: a mixed batch of 4 tasks equals PEFT per task (v1 and deep prompts), then one mixed forward is timed."""
     shape = dict(batch=8, seq=6, tokens=3, new=3, encoder_hidden=16)
     torch.manual_seed(0)
-    base, _ = models.llm_model(quick=True)
+    base, _ = models.llm_model("tiny")
     device = torch.device("cpu")
     for kind in KINDS:
         peft_model, native, names = build_models(kind, 4, shape, base.eval(), device, torch.float32)

@@ -34,7 +34,7 @@ from peft import PrefixTuningConfig, get_peft_model
 from peft.tuners.prefix_tuning import PrefixEncoder as PeftPrefixEncoder
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from benchmarks.common import Row, floor_ms, make_row
+from benchmarks.common import Row, floor_ms, make_rows, size_of
 from ptuning_fast import PrefixKVCache, prefix_forward
 from ptuning_fast.ops import PrefixGeometry, PrefixKVBuffer
 from ptuning_fast.prefix_tuning.encoder import prefix_weights_of
@@ -61,8 +61,11 @@ class Case(NamedTuple):
         return f"L={self.layers} Hkv={self.kv_heads} T={self.tokens} B={self.batch} S={self.text} {proj}"
 
 
-FULL_CASES = [Case(32, 32, 128, 64, 8, 512, 256), Case(32, 8, 128, 64, 8, 512, 256), Case(32, 8, 128, 64, 8, 0, 256)]
-QUICK_CASES = [Case(4, 2, 16, 8, 4, 32, 16), Case(4, 2, 16, 8, 4, 0, 16)]
+CASES = {
+    "gpu": [Case(32, 32, 128, 64, 8, 512, 256), Case(32, 8, 128, 64, 8, 512, 256), Case(32, 8, 128, 64, 8, 0, 256)],
+    "cpu": [Case(12, 12, 64, 20, 8, 512, 128), Case(12, 12, 64, 20, 8, 0, 128)],  # GPT-2 small's dims
+    "tiny": [Case(4, 2, 16, 8, 4, 32, 16), Case(4, 2, 16, 8, 4, 0, 16)],
+}
 MODEL_DTYPE = torch.bfloat16
 
 
@@ -182,8 +185,9 @@ def traffic(case: Case, encoder) -> dict:
 
 def measure_prefix(device: torch.device, quick: bool) -> list[Row]:
     rows = []
-    reps, warmup = (5, 2) if device.type == "cpu" else (50, 10)
-    for case in QUICK_CASES if quick else FULL_CASES:
+    size = size_of(device, quick)
+    reps, warmup = {"tiny": (50, 5), "cpu": (10, 2), "gpu": (50, 10)}[size]
+    for case in CASES[size]:
         check(case, device)
         encoder, config = make_encoder(case, device)
         try:
@@ -197,25 +201,29 @@ def measure_prefix(device: torch.device, quick: bool) -> list[Row]:
         floor = floor_ms(device, bytes_moved=info["bytes_floor"], flops=info["flops"], dtype=torch.float32,
                          launches=1)
         info["bytes_ours_over_floor"] = info["bytes_ours"] / info["bytes_floor"]
-        for impl, step in steps.items():
-            rows.append(make_row(COMPONENT, case.name(), impl, step, device, floor, warmup=warmup, reps=reps,
-                                 **case._asdict(), **info))
+        rows += make_rows(COMPONENT, case.name(), steps, device, floor, warmup=warmup, reps=reps,
+                          **case._asdict(), **info)
     return rows
 
 
 # ----------------------------------------------------------------------------- training step
-def small_llama(quick: bool):
-    if quick:
+def small_llama(size: str):
+    if size == "tiny":
         config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
         return config, dict(batch=2, seq=24, tokens=8, hidden=32)
+    if size == "cpu":
+        config = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+        return config, dict(batch=4, seq=128, tokens=20, hidden=128)
     config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                          num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048)
     return config, dict(batch=8, seq=512, tokens=64, hidden=512)
 
 
 def measure_train_step(device: torch.device, quick: bool) -> list[Row]:
-    config, shape = small_llama(quick)
+    size = size_of(device, quick)
+    config, shape = small_llama(size)
     dtype = torch.float32 if device.type == "cpu" else MODEL_DTYPE
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to(device, dtype)
@@ -251,12 +259,11 @@ def measure_train_step(device: torch.device, quick: bool) -> list[Row]:
     n_params = sum(p.numel() for p in base.parameters())
     tokens = shape["batch"] * shape["seq"]
     floor = floor_ms(device, flops=6 * n_params * tokens, dtype=dtype, launches=1)
-    reps, warmup = (3, 1) if device.type == "cpu" else (20, 5)
-    rows = []
-    for impl, step in (("ptuning_fast", ours), ("peft_eager", theirs)):
-        row = make_row(TRAIN_COMPONENT, case, impl, step, device, floor, warmup=warmup, reps=reps, **shape)
+    reps, warmup = {"tiny": (20, 3), "cpu": (8, 2), "gpu": (20, 5)}[size]
+    rows = make_rows(TRAIN_COMPONENT, case, {"ptuning_fast": ours, "peft_eager": theirs}, device, floor,
+                     warmup=warmup, reps=reps, **shape)
+    for row in rows:
         row.extra["tokens_per_s"] = tokens / (row.median_ms * 1e-3)
-        rows.append(row)
     return rows
 
 

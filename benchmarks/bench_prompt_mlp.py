@@ -10,6 +10,8 @@ every step, a synchronising copy that would cost both sides the same).
   three launches forward and three backward; the PyTorch reference path on CPU).
 - ``peft_eager``: ``peft.tuners.p_tuning.PromptEncoder``.
 - ``peft_compile``: ``torch.compile`` of PEFT's step (skipped, with a note, where it fails).
+- ``ptuning_fast_cuda_graph`` / ``peft_cuda_graph`` (CUDA only): each step captured once in a CUDA
+  graph and replayed, the step without its host overhead (every row also reports ``host_ms``).
 
 Correctness first: before anything is timed, our output and every gradient are checked against an
 fp64 copy of PEFT's encoder with the project's error rule (error <= 2 x PEFT's error in the same
@@ -24,15 +26,18 @@ import torch
 from peft import PromptEncoderConfig as PeftConfig
 from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder
 
-from benchmarks.common import Row, floor_ms, make_row
+from benchmarks.common import Row, cuda_graph_replay, floor_ms, make_rows, size_of
 from ptuning_fast import PromptEncoder
 
 COMPONENT = "prompt_mlp"
 BATCH = 8
 # (T, d = token_dim, h = encoder_hidden_size, autocast dtype or None)
-FULL_CASES = [(20, 768, 768, None), (20, 1024, 1024, None), (20, 4096, 4096, None),
-              (20, 1024, 1024, torch.bfloat16), (20, 4096, 4096, torch.bfloat16)]
-QUICK_CASES = [(8, 64, 64, None), (20, 96, 80, None)]
+CASES = {
+    "gpu": [(20, 768, 768, None), (20, 1024, 1024, None), (20, 4096, 4096, None),
+            (20, 1024, 1024, torch.bfloat16), (20, 4096, 4096, torch.bfloat16)],
+    "cpu": [(20, 384, 384, None), (20, 768, 768, None), (20, 1024, 1024, None), (20, 768, 768, torch.bfloat16)],
+    "tiny": [(8, 64, 64, None), (20, 96, 80, None)],
+}
 
 
 def make_encoders(tokens: int, dim: int, hidden: int, device: torch.device, *, seed: int = 0):
@@ -60,7 +65,8 @@ def step_fn(encoder, prompt_tokens, upstream, autocast_dtype, forward=None):
     def step(return_grads=False):
         for p in params:
             p.grad = None
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None,
+                            cache_enabled=False):  # no cast cache: the step may be captured in a CUDA graph
             out = forward(prompt_tokens)
         out.backward(upstream.to(out.dtype))
         if return_grads:
@@ -93,8 +99,9 @@ def step_bytes_and_flops(encoder, tokens: int) -> tuple:
 
 def measure(device: torch.device, quick: bool) -> list[Row]:
     rows = []
-    reps, warmup = (10, 3) if device.type == "cpu" else (100, 10)
-    for tokens, dim, hidden, autocast_dtype in QUICK_CASES if quick else FULL_CASES:
+    size = size_of(device, quick)
+    reps, warmup = {"tiny": (100, 10), "cpu": (30, 3), "gpu": (100, 10)}[size]
+    for tokens, dim, hidden, autocast_dtype in CASES[size]:
         case = f"T={tokens} d={dim} h={hidden} B={BATCH} " + (
             f"autocast-{str(autocast_dtype).replace('torch.', '')}" if autocast_dtype else "fp32")
         peft_enc, ours, oracle = make_encoders(tokens, dim, hidden, device)
@@ -108,10 +115,14 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
         floor = floor_ms(device, bytes_moved=moved, flops=flops,
                          dtype=autocast_dtype or torch.float32, launches=1)
         info = dict(tokens=tokens, dim=dim, hidden=hidden, batch=BATCH, bytes_moved=moved)
-        rows.append(make_row(COMPONENT, case, "ptuning_fast", ours_step, device, floor, warmup=warmup, reps=reps,
-                             **info))
-        rows.append(make_row(COMPONENT, case, "peft_eager", peft_step, device, floor, warmup=warmup, reps=reps,
-                             **info))
+        steps = {"ptuning_fast": ours_step, "peft_eager": peft_step}
+        # A step is a few microseconds of GPU work: host-bound. Under CUDA graph replay it costs
+        # the kernels alone (ours has no host sync while capturing; neither has PEFT's).
+        for impl, step in (("ptuning_fast_cuda_graph", ours_step), ("peft_cuda_graph", peft_step)):
+            replay = cuda_graph_replay(step, device)
+            if replay is not None:
+                steps[impl] = replay
+        rows += make_rows(COMPONENT, case, steps, device, floor, warmup=warmup, reps=reps, **info)
         try:
             compiled = torch.compile(lambda tokens: peft_enc(tokens).repeat(BATCH, 1, 1))
             compiled_step = step_fn(peft_enc, prompt_tokens, upstream, autocast_dtype, forward=compiled)
@@ -119,8 +130,8 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
         except Exception as exc:  # e.g. no working C++ compiler for inductor on this machine
             print(f"   peft_compile skipped for {case}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         else:
-            rows.append(make_row(COMPONENT, case, "peft_compile", compiled_step, device, floor, warmup=warmup,
-                                 reps=reps, **info))
+            rows += make_rows(COMPONENT, case, {"peft_compile": compiled_step}, device, floor, warmup=warmup,
+                              reps=reps, **info)
     return rows
 
 

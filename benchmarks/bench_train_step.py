@@ -15,7 +15,7 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
 import ptuning_fast
 from benchmarks import models
-from benchmarks.common import Row, floor_ms, make_row
+from benchmarks.common import Row, floor_ms, make_rows, size_of
 
 
 def _peft_model(base, kind: str, tokens: int, task: str):
@@ -51,7 +51,7 @@ def _step_fn(model, batch):
     return step
 
 
-def cases(quick: bool):
+def cases():
     for regime, build, task in (("nlu", models.nlu_model, "SEQ_CLS"), ("llm", models.llm_model, "CAUSAL_LM")):
         for kind in ("p_tuning", "prefix"):
             yield regime, build, task, kind
@@ -59,10 +59,11 @@ def cases(quick: bool):
 
 def measure(device: torch.device, quick: bool) -> list[Row]:
     rows = []
+    size = size_of(device, quick)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for regime, build, task, kind in cases(quick):
+    for regime, build, task, kind in cases():
         torch.manual_seed(0)
-        base, shape = build(quick)
+        base, shape = build(size)
         base = base.to(device, dtype)
         peft_model = _peft_model(base, kind, shape["tokens"], task)
         fast_model = ptuning_fast.accelerate(copy.deepcopy(peft_model))
@@ -75,13 +76,14 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
         tokens = shape["batch"] * (shape["seq"] + shape["tokens"])
         floor = floor_ms(device, flops=4 * models.frozen_params(base) * tokens, dtype=dtype)
         case = f"{regime} {kind} B={shape['batch']} S={shape['seq']} T={shape['tokens']}"
-        reps = 3 if quick else 10
-        for impl, model in (("peft_eager", peft_model), ("ptuning_fast", fast_model)):
+        for model in (peft_model, fast_model):
             model.train()
-            row = make_row("train_step", case, impl, _step_fn(model, batch), device, floor,
-                           warmup=1 if quick else 3, reps=reps)
+        pair = make_rows("train_step", case, {"peft_eager": _step_fn(peft_model, batch),
+                                              "ptuning_fast": _step_fn(fast_model, batch)}, device, floor,
+                         warmup=2, reps={"tiny": 10, "cpu": 8, "gpu": 20}[size])
+        for row in pair:
             row.extra["tokens_per_s"] = tokens / (row.median_ms * 1e-3)
-            rows.append(row)
+        rows += pair
         del peft_model, fast_model, base
     return rows
 
@@ -89,7 +91,7 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
 def test_bench_train_step_tiny(benchmark):
     """CI: a P-tuning v1 training step on the tiny LLM, accelerated, equals PEFT's loss."""
     torch.manual_seed(0)
-    base, shape = models.llm_model(quick=True)
+    base, shape = models.llm_model("tiny")
     model = ptuning_fast.accelerate(_peft_model(base, "p_tuning", shape["tokens"], "CAUSAL_LM"))
     batch = _batch(model, shape, torch.device("cpu"), "CAUSAL_LM")
     loss = benchmark(_step_fn(model, batch))

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ptuning_fast._timing import synchronize, time_fn, time_interleaved  # noqa: F401  (one timer for all)
+from ptuning_fast._timing import synchronize, time_fn, time_interleaved  # one timer for all
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -89,8 +89,46 @@ class Row:
         return asdict(self)
 
 
-def make_row(component: str, case: str, impl: str, fn: Callable[[], object], device: torch.device,
-             floor: dict, *, warmup: int = 5, reps: int = 20, **extra) -> Row:
-    t = time_fn(fn, device, warmup=warmup, reps=reps)
-    return Row(component, case, impl, t["median_ms"], t["p20_ms"], t["p80_ms"], floor["floor_ms"],
-               peak_memory(fn, device), {**floor, "host_ms": t["host_ms"], **extra})
+def make_rows(component: str, case: str, fns: Dict[str, Callable[[], object]], device: torch.device,
+              floor: dict, *, warmup: int = 5, reps: int = 20, **extra) -> List[Row]:
+    """One Row per implementation (``fns``: impl -> callable) of one case, timed in alternation so
+    that every implementation sees the same state of the machine; each row also gets its median
+    host time per call and its peak memory."""
+    times = time_interleaved(fns, device, warmup=warmup, reps=reps)
+    return [Row(component, case, impl, t["median_ms"], t["p20_ms"], t["p80_ms"], floor["floor_ms"],
+                peak_memory(fns[impl], device), {**floor, "host_ms": t["host_ms"], **extra})
+            for impl, t in times.items()]
+
+
+def cuda_graph_replay(fn: Callable[[], object], device: torch.device) -> Optional[Callable[[], object]]:
+    """``fn`` captured once in a CUDA graph, as a callable that replays it (what a host-bound
+    component costs without Python and launch overhead); None off CUDA or where capture fails
+    (the reason is printed). ``fn`` must not synchronise with the host."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        synchronize(device)
+    except Exception as exc:  # a sync inside fn, an op capture does not support, ...
+        print(f"   CUDA graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return None
+    return graph.replay
+
+
+# The shapes a run measures: ``tiny`` (``--quick``, and CI's pytest-benchmark tests), ``cpu``
+# (realistic model sizes that a CPU runs in minutes: the default on a machine without a GPU) and
+# ``gpu`` (the full sizes of the speed targets).
+SIZES = ("tiny", "cpu", "gpu")
+
+
+def size_of(device: torch.device, quick: bool) -> str:
+    return "tiny" if quick else ("gpu" if device.type == "cuda" else "cpu")

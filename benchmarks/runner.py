@@ -155,7 +155,7 @@ def run(args) -> int:
         print(f"unknown components {unknown}; choose from {discover()}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    quick = args.quick or device.type == "cpu"
+    quick = args.quick
     env = environment(device)
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"transformers {env['transformers']} | peft {env['peft']} | commit {env['commit']}")

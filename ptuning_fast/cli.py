@@ -28,7 +28,8 @@ def bench_parser():
                     "PEFT before timing), print a table, write JSON and plots. Runs the suite in a source "
                     "checkout's benchmarks/ folder (it is not shipped in the wheel).")
     parser.add_argument("--device", default=None, help="cuda when available, else cpu")
-    parser.add_argument("--quick", action="store_true", help="small shapes (what CPU runs by default)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds per component (default: realistic shapes, "
+                        "CPU-sized on a machine without a GPU)")
     parser.add_argument("--only", nargs="*", metavar="COMPONENT", help="components to run (default: all), e.g. "
                         "host mask multitask prefix_kv prompt_mlp train_step generate")
     parser.add_argument("--out", default=None, help="folder for JSON and PNG results (default: benchmarks/results)")

@@ -113,7 +113,10 @@ class PromptEncoder(_PeftPromptEncoder):
         For the LSTM encoder this is the bi-LSTM over that sequence, as PEFT feeds it.
         Computed on every call from the current parameters.
         """
-        return self._encode_sequences(self.embedding.weight.unsqueeze(0))[0]
+        weight = self.embedding.weight
+        if self.inference_mode or self.encoder_type == PromptEncoderReparameterizationType.MLP:
+            return self._encode_sequences(weight)  # row-wise: no batch dimension needed
+        return self._encode_sequences(weight.unsqueeze(0))[0]
 
     # ----------------------------------------------------------------------------------------
     def _check_indices(self, indices: torch.Tensor) -> bool:
@@ -128,8 +131,14 @@ class PromptEncoder(_PeftPromptEncoder):
         if indices.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
         total = self.total_virtual_tokens
-        lo, hi = torch.aminmax(indices.reshape(-1))
         row = indices[0]
+        # PeftModel's tokens, 0..T-1 over the batch, are in range by construction: one comparison.
+        # Only for wide dtypes, where arange(total) cannot wrap around.
+        if (row.shape[0] == total and indices.dtype in (torch.int64, torch.int32)
+                and (indices.shape[0] == 1 or indices.stride(0) == 0)
+                and torch.equal(row, torch.arange(total, device=row.device, dtype=row.dtype))):
+            return True
+        lo, hi = torch.aminmax(indices)
         if row.shape[0] == total:
             in_order = (row.long() == torch.arange(total, device=row.device)).all()
         else:

@@ -148,15 +148,16 @@ def test_index_check_runs_on_every_call(monkeypatch):
     """Index values are read on every call: nothing about an index tensor is remembered, so an
     in-place change (even one that bumps no version counter) is always seen."""
     _, ours, _ = make_encoders(make_config("MLP"), seed=8)
-    checks = []
-    aminmax = torch.aminmax
-    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: checks.append(1) or aminmax(*a, **k))
+    reads = []  # one entry per read of index values (the 0..T-1 fast check or the range check)
+    for name in ("equal", "aminmax"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
     prompt_tokens = torch.arange(T)
     indices = prompt_tokens.unsqueeze(0).expand(2, -1)
     with ptuning_fast.use_backend("triton"):
         first = ours(indices)
         second = ours(prompt_tokens.unsqueeze(0).expand(2, -1))
-        assert len(checks) == 2
+        assert reads == ["equal", "equal"]  # PeftModel's 0..T-1 rows: one comparison per call
         torch.testing.assert_close(first, second, rtol=0, atol=0)
         prompt_tokens.data[2] = T  # a write through .data: no version bump, still checked
         with pytest.raises(ValueError, match=rf"`indices` holds indices outside \[0, {T}\)"):
@@ -164,7 +165,7 @@ def test_index_check_runs_on_every_call(monkeypatch):
         prompt_tokens.data[2] = 0  # in range but out of order: the lookup path, PEFT's rows
         swapped = ours(indices)
         torch.testing.assert_close(swapped[:, 2], first[:, 0], rtol=0, atol=0)
-        assert len(checks) == 4
+        assert reads == ["equal", "equal"] + ["equal", "aminmax"] * 2
 
 
 def test_eval_with_kernels_encodes_from_the_current_weights():
@@ -279,3 +280,18 @@ def test_cuda_inductor_compile_matches_eager():
     ref = torch.autograd.grad(step(indices), params)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_narrow_index_dtype_never_takes_the_in_order_shortcut():
+    """A uint8 row of 300 entries that equals arange(300) cast to uint8 wraps at 256: those are
+    indices 0..255, 0..43, not 0..299, so the answer must come from the lookup."""
+    total = 300
+    config = configs.make_config(total, 8, 8, "MLP", 1)
+    _, ours, _ = make_encoders(config, seed=11)
+    for batch in (1, 2):
+        wrapped = torch.arange(total).to(torch.uint8).unsqueeze(0).expand(batch, -1)
+        with torch.no_grad():
+            got = ours(wrapped)
+            expected = ours(wrapped.long())  # the same values, read as int64
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(got[:, 256:], got[:, :44], rtol=0, atol=0)
