@@ -101,10 +101,11 @@ def _prefix_build(model, input_ids):
     """The KV cache of every layer's prefix, with its autograd graph, as each path builds it."""
     from peft import PeftModel
 
+    from ptuning_fast.peft_route import is_accelerated
     from ptuning_fast.prefix_tuning.functional import build_prefix_cache
 
     batch_size, text_length = input_ids.shape
-    if isinstance(model, PeftModel) and not ptuning_fast.peft_route.is_accelerated(model):
+    if isinstance(model, PeftModel) and not is_accelerated(model):
         return lambda: model.get_prompt(batch_size, max_cache_len=text_length + SHAPE["tokens"])
     encoder = model.prompt_encoder["default"]
     base = model.get_base_model()

@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -91,6 +92,8 @@ def plot(rows: list[dict], out_prefix: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     components = sorted({r["component"] for r in rows})
+    every_impl = sorted({r["impl"] for r in rows}, key=lambda i: (i != BASELINE, i))
+    colour = {impl: plt.get_cmap("tab10")(k % 10) for k, impl in enumerate(every_impl)}  # one colour per impl
     paths = []
     for metric, label, name in (("x_vs_peft", "speedup over PEFT eager (x)", "speedup"),
                                 ("x_of_floor", "time / floor (x, lower is better)", "floor")):
@@ -98,13 +101,13 @@ def plot(rows: list[dict], out_prefix: Path) -> list[Path]:
         for ax, comp in zip(axes[:, 0], components):
             sub = [r for r in rows if r["component"] == comp and r.get(metric)]
             cases = list(dict.fromkeys(r["case"] for r in sub))
-            impls = list(dict.fromkeys(r["impl"] for r in sub))
+            impls = sorted({r["impl"] for r in sub}, key=lambda i: (i != BASELINE, i))  # the baseline first
             width = 0.8 / max(len(impls), 1)
             for i, impl in enumerate(impls):
                 vals = [next((r[metric] for r in sub if r["case"] == c and r["impl"] == impl), 0) for c in cases]
-                ax.bar([j + i * width for j in range(len(cases))], vals, width, label=impl)
+                ax.bar([j + i * width for j in range(len(cases))], vals, width, label=impl, color=colour[impl])
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-            ax.set_xticklabels(cases, rotation=15, fontsize=7)
+            ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=7)
             ax.set_title(comp)
             ax.set_ylabel(label, fontsize=8)
             if metric == "x_of_floor":
@@ -119,19 +122,39 @@ def plot(rows: list[dict], out_prefix: Path) -> list[Path]:
     return paths
 
 
-# Rows allowed below PEFT eager, with the reason the README gives: (component, case prefix) -> reason.
-KNOWN_BELOW_PEFT = {}
+# Rows allowed below PEFT eager, with the reason the README gives:
+# (component, case prefix, impl) -> reason.
+KNOWN_BELOW_PEFT = {
+    ("host", "accelerate prefix train_step", "ptuning_fast"): (
+        "tiny deep-prompt train step (2 layers, T=8): the cache append and the prefix-gradient reduction "
+        "are Python autograd Functions per layer, about 0.1 ms more than PEFT's C++ autograd of expand "
+        "and cat; at realistic shapes the same path is ahead (train_step, prefix_kv)"),
+    ("host", "native prefix train_step", "ptuning_fast"): (
+        "as the accelerated deep-prompt train step: per-layer Python autograd Functions at 2 layers, T=8"),
+    ("mask", "", "ptuning_fast_ref"): (
+        "the pure-PyTorch oracle, run only where the C++ extension is not built; its additive mask is a "
+        "bool mask and then a where(), one more full-size pass than transformers' path"),
+}
+WITHIN_SPREAD = "within the run's spread: its p20-p80 range overlaps PEFT eager's"
+
+
+def _reason(row: dict, baseline: Optional[dict]) -> Optional[str]:
+    """Why ``row`` may sit below PEFT eager: a stated reason, or measurement spread, or None."""
+    stated = next((why for (component, prefix, impl), why in KNOWN_BELOW_PEFT.items()
+                   if row["component"] == component and row["case"].startswith(prefix) and row["impl"] == impl), None)
+    if stated is None and baseline is not None and row["p20_ms"] <= baseline["p80_ms"]:
+        return WITHIN_SPREAD
+    return stated
 
 
 def below_peft(rows: list[dict]) -> list[dict]:
-    """This package's rows slower than PEFT eager in the same case, each with its stated reason or None."""
+    """This package's rows slower than PEFT eager in the same case, each with its reason or None."""
+    base = {(r["component"], r["case"]): r for r in rows if r["impl"] == BASELINE}
     out = []
     for r in rows:
         if r["impl"].startswith("ptuning_fast") and r.get("x_vs_peft") is not None and r["x_vs_peft"] < 1.0:
-            reason = next((why for (component, prefix), why in KNOWN_BELOW_PEFT.items()
-                           if r["component"] == component and r["case"].startswith(prefix)), None)
             out.append({"component": r["component"], "case": r["case"], "impl": r["impl"],
-                        "x_vs_peft": r["x_vs_peft"], "reason": reason})
+                        "x_vs_peft": r["x_vs_peft"], "reason": _reason(r, base.get((r["component"], r["case"])))})
     return out
 
 

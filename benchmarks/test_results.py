@@ -1,0 +1,48 @@
+"""The committed CPU results: no row below PEFT eager without a reason (what `--check` enforces),
+and the rule that decides it."""
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import runner
+
+RESULTS = Path(__file__).parent / "results" / "cpu.json"
+
+
+def test_committed_cpu_results_have_no_unexplained_row_below_peft(capsys):
+    assert runner.main(["--check", str(RESULTS)]) == 0, capsys.readouterr().out
+
+
+def _rows(component, case, impl, ours, peft):
+    """A PEFT eager row and one of ours, each as (median, p20, p80) in ms."""
+    def row(name, t):
+        return {"component": component, "case": case, "impl": name, "median_ms": t[0], "p20_ms": t[1],
+                "p80_ms": t[2], "floor_ms": None}
+    return [row("peft_eager", peft), row(impl, ours)]
+
+
+@pytest.mark.parametrize("ours, expected", [
+    ((1.10, 1.05, 1.20), runner.WITHIN_SPREAD),  # 0.91x, but the p20-p80 ranges overlap
+    ((1.50, 1.40, 1.60), None),  # 0.67x and clearly apart: needs a stated reason
+])
+def test_below_peft_reason(ours, expected):
+    rows = runner.ratios(_rows("train_step", "llm prefix B=4", "ptuning_fast", ours, (1.0, 0.95, 1.08)))
+    (below,) = runner.below_peft(rows)
+    assert below["reason"] == expected and below["x_vs_peft"] < 1.0
+
+
+def test_stated_reason_wins_and_faster_rows_are_not_listed():
+    rows = runner.ratios(_rows("host", "native prefix train_step B=2", "ptuning_fast", (2.0, 1.9, 2.1), (1.0, 0.9, 1.1))
+                         + _rows("mask", "B=8 bool", "ptuning_fast", (0.5, 0.4, 0.6), (1.0, 0.9, 1.1)))
+    (below,) = runner.below_peft(rows)
+    assert below["case"].startswith("native prefix train_step")
+    assert below["reason"] == runner.KNOWN_BELOW_PEFT[("host", "native prefix train_step", "ptuning_fast")]
+
+
+def test_check_fails_on_an_unexplained_row(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    rows = _rows("prompt_mlp", "T=20 d=768", "ptuning_fast", (1.5, 1.4, 1.6), (1.0, 0.95, 1.05))
+    path.write_text(json.dumps({"rows": rows}))
+    assert runner.main(["--check", str(path)]) == 1
+    assert "UNEXPLAINED" in capsys.readouterr().out
