@@ -9,10 +9,10 @@
 # reuses the C++ extension the first stage built in the source tree.
 #
 # A third stage runs the suite on the newest transformers release (scripts/constraints-newest.txt)
-# in .venv-newest. There, tests whose oracle is plain PEFT's prompt learning, which PEFT 0.21.2
-# cannot run on transformers >= 5.24, are xfail with that reason (conftest.py), and
-# tests/test_peft_reference.py checks those cases against PEFT's numbers recorded on the pinned
-# versions.
+# in .venv-newest. There, the tests whose oracle is plain PEFT's prompt learning where PEFT 0.21.2
+# fails on transformers >= 5.24 (tests/fixtures/peft_fails_on_newest.txt) are strict xfail with
+# that reason (conftest.py), and tests/test_peft_reference.py checks those cases against PEFT's
+# numbers recorded on the pinned versions.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/bootstrap.sh"
