@@ -1,8 +1,12 @@
 """``generate()`` with a prompt: greedy decoding of a P-tuned and a prefix-tuned causal LM.
 
 PEFT eager vs the same PeftModel after ``ptuning_fast.accelerate``; the generated tokens must be
-identical before timing. Floor: every decoding step reads the frozen weights once
-(params x bytes x new tokens over copy bandwidth), plus one launch per layer per step.
+identical before timing. Also the native ``PTuningModel`` with the same prompt weights, as it runs
+by default (``ptuning_fast_native``: the prompts encoded from the current parameters on every
+call) and after ``freeze_prompts()`` (``ptuning_fast_native_frozen``: encoded once), whose ratio
+is what never reusing encoded prompts across calls costs; those two must generate the same tokens.
+Floor: every decoding step reads the frozen weights once (params x bytes x new tokens over copy
+bandwidth), plus one launch per layer per step.
 """
 from __future__ import annotations
 
@@ -46,14 +50,21 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
         ref, got = _generate_fn(peft_model, ids, mask)(), _generate_fn(fast_model, ids, mask)()
         if not torch.equal(ref, got):
             raise AssertionError(f"generate/{kind}: tokens differ from PEFT's")
+        native = ptuning_fast.get_ptuning_model(copy.deepcopy(base), config).eval()
+        native.prompt_encoder.load_state_dict(peft_model.prompt_encoder.state_dict())
+        frozen = copy.deepcopy(native)
+        frozen.freeze_prompts()
+        if not torch.equal(_generate_fn(native, ids, mask)(), _generate_fn(frozen, ids, mask)()):
+            raise AssertionError(f"generate/{kind}: freeze_prompts() changed the generated tokens")
         weight_bytes = models.frozen_params(base) * base.dtype.itemsize
         floor = floor_ms(device, bytes_moved=weight_bytes * NEW_TOKENS,
                          launches=NEW_TOKENS * base.config.num_hidden_layers)
         case = f"{kind} B={shape['batch']} S={shape['seq']} T={shape['tokens']} new={NEW_TOKENS}"
-        rows += make_rows("generate", case, {"peft_eager": _generate_fn(peft_model, ids, mask),
-                                             "ptuning_fast": _generate_fn(fast_model, ids, mask)}, device, floor,
-                          warmup=1, reps={"tiny": 10, "cpu": 6, "gpu": 10}[size])
-        del peft_model, fast_model, base
+        fns = {"peft_eager": peft_model, "ptuning_fast": fast_model, "ptuning_fast_native": native,
+               "ptuning_fast_native_frozen": frozen}
+        rows += make_rows("generate", case, {impl: _generate_fn(model, ids, mask) for impl, model in fns.items()},
+                          device, floor, warmup=1, reps={"tiny": 10, "cpu": 6, "gpu": 10}[size])
+        del peft_model, fast_model, native, frozen, base, fns
     return rows
 
 

@@ -27,9 +27,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "peft_eager"
 
 
+# The components with speed targets run first: a run cut short by a time limit still has them.
+FIRST = ("prompt_mlp", "prefix_kv", "mask", "train_step")
+
+
 def discover() -> list[str]:
-    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(benchmarks.__path__)
-                  if m.name.startswith("bench_"))
+    names = [m.name[len("bench_"):] for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_")]
+    return sorted(names, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n))
 
 
 def environment(device: torch.device) -> dict:
@@ -182,8 +186,22 @@ def run(args) -> int:
     env = environment(device)
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"transformers {env['transformers']} | peft {env['peft']} | commit {env['commit']}")
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{device.type}-{datetime.date.today().isoformat()}"
+    json_path = out / f"{tag}.json"
+    names = args.only or discover()
     rows, failures = [], {}
-    for name in args.only or discover():
+
+    def write(complete: bool) -> list[dict]:
+        """The results so far (rewritten after every component: a run stopped by a time limit
+        keeps what it measured; ``complete`` says whether every component ran)."""
+        measured = ratios(rows)
+        json_path.write_text(json.dumps({"environment": env, "complete": complete, "rows": measured,
+                                         "failures": failures, "below_peft": below_peft(measured)}, indent=1))
+        return measured
+
+    for name in names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         if not hasattr(module, "measure"):
             continue
@@ -193,18 +211,12 @@ def run(args) -> int:
         except Exception as exc:  # a wrong or broken component posts no number, and says so
             failures[name] = f"{type(exc).__name__}: {exc}"
             print(f"   FAILED: {failures[name]}", flush=True)
-    rows = ratios(rows)
+        write(complete=False)
+    rows = write(complete=True)
     print(format_table(rows))
-    below = below_peft(rows)
-    for b in below:
+    for b in below_peft(rows):
         print(f"BELOW PEFT: {b['component']} | {b['case']} | {b['impl']} | {b['x_vs_peft']:.2f}x"
-              + (f" | known: {b['reason']}" if b["reason"] else " | no stated reason"))
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"{device.type}-{datetime.date.today().isoformat()}"
-    json_path = out / f"{tag}.json"
-    json_path.write_text(json.dumps({"environment": env, "rows": rows, "failures": failures, "below_peft": below},
-                                    indent=1))
+              + (f" | {b['reason']}" if b["reason"] else " | no stated reason"))
     print(f"wrote {json_path}")
     if not args.no_plots and rows:
         for p in plot(rows, out / tag):

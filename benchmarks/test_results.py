@@ -46,3 +46,34 @@ def test_check_fails_on_an_unexplained_row(tmp_path, capsys):
     path.write_text(json.dumps({"rows": rows}))
     assert runner.main(["--check", str(path)]) == 1
     assert "UNEXPLAINED" in capsys.readouterr().out
+
+
+def test_results_are_written_after_every_component(tmp_path, monkeypatch):
+    """A run stopped part-way (a time limit on the GPU machine) keeps what it measured."""
+    import sys
+    import types
+
+    from benchmarks.common import Row
+
+    json_path = tmp_path / "t.json"
+
+    def first(device, quick):
+        return [Row("first", "case", impl, ms, ms, ms, None, None, {}) for impl, ms in (("peft_eager", 2.0),
+                                                                                      ("ptuning_fast", 1.0))]
+
+    def second(device, quick):
+        written = json.loads(json_path.read_text())
+        assert written["complete"] is False and {r["component"] for r in written["rows"]} == {"first"}
+        raise RuntimeError("boom")
+
+    for name, measure in (("first", first), ("second", second)):
+        monkeypatch.setitem(sys.modules, f"benchmarks.bench_{name}", types.SimpleNamespace(measure=measure))
+    monkeypatch.setattr(runner, "discover", lambda: ["first", "second"])
+    assert runner.main(["--no-plots", "--out", str(tmp_path), "--tag", "t"]) == 1  # a failure exits 1
+    final = json.loads(json_path.read_text())
+    assert final["complete"] is True and final["failures"] == {"second": "RuntimeError: boom"}
+    assert [r["x_vs_peft"] for r in final["rows"]] == [1.0, 2.0]
+
+
+def test_components_with_targets_run_first():
+    assert runner.discover()[:len(runner.FIRST)] == list(runner.FIRST)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: the one command a session on a GPU machine runs (README, "GPU check").
+# The GPU check: the one command to run on a GPU machine (README, "GPU check").
 #
 #   bash scripts/gpu_check.sh OUTDIR            run it (needs an NVIDIA GPU; no network)
 #   bash scripts/gpu_check.sh --dry-run OUTDIR  print the plan and which tools are missing; exit 0
@@ -18,8 +18,9 @@
 #              checks (CPU only, run in CI with this Triton version)                  -> tests.txt
 #   memcheck   compute-sanitizer --tool memcheck on the mask builder's CUDA tests     -> sanitizer.txt
 #   racecheck  compute-sanitizer --tool racecheck on the same                         -> sanitizer.txt
-#   bench      python -m benchmarks --tag gpu (into a scratch folder; its JSON and two plots are
-#              copied)                                 -> gpu.json, gpu_speedup.png, gpu_floor.png
+#   bench      python -m benchmarks --tag gpu --out OUTDIR (the components with speed targets
+#              first; the JSON is rewritten after each component, so a stage cut short by its
+#              limit keeps what it measured)   -> gpu.json, gpu_speedup.png, gpu_floor.png
 #   summary    each component's ratio to PEFT eager, torch.compile and its floor, by target
 #                                                                                    -> summary.md
 # plus stages.json (each stage's status, exit code, seconds, limit): at most 8 plain files in
@@ -126,12 +127,9 @@ sanitize() {
 stage_memcheck() { sanitize memcheck; }
 stage_racecheck() { sanitize racecheck; }
 
-stage_bench() {  # into a scratch folder: OUTDIR takes only the JSON and the two plots
-    local rc=0 scratch="${GPU_CHECK_SCRATCH:?}"
-    "$PY" -m benchmarks --tag "$TAG" --out "$scratch" || rc=$?
-    for file in "$TAG.json" "${TAG}_speedup.png" "${TAG}_floor.png"; do
-        [ -f "$scratch/$file" ] && cp "$scratch/$file" "$OUT/$file"
-    done
+stage_bench() {  # writes gpu.json (after every component) and, at the end, the two plots
+    local rc=0
+    "$PY" -m benchmarks --tag "$TAG" --out "$OUT" || rc=$?
     [ "$rc" -ne 0 ] && echo "python -m benchmarks exited with $rc (recorded in stages.json)"
     return "$rc"
 }
@@ -157,7 +155,7 @@ if [ "$MODE" = dry-run ]; then
     done
     echo "  tests:     $PY -m pytest ${TEST_ARGS[*]}"
     echo "  sanitizer: compute-sanitizer --tool memcheck|racecheck $PY -m pytest ${SANITIZED_TESTS[*]}"
-    echo "  bench:     $PY -m benchmarks --tag $TAG --out <scratch>"
+    echo "  bench:     $PY -m benchmarks --tag $TAG --out $OUT"
     echo "  summary:   $PY scripts/gpu_summary.py $OUT/$TAG.json --stages $OUT/stages.json"
     missing=()
     check() {  # name, then the command that finds it
@@ -196,9 +194,6 @@ fi
 # The run
 # --------------------------------------------------------------------------------------------
 mkdir -p "$OUT"
-GPU_CHECK_SCRATCH="$(mktemp -d)"
-export GPU_CHECK_SCRATCH
-trap 'rm -rf "$GPU_CHECK_SCRATCH"' EXIT
 START=$(date +%s)
 RESULTS=()
 FAILED=0

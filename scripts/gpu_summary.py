@@ -125,6 +125,9 @@ def summarise(results: dict) -> str:
             lines.append(f"| {r['component']} | {r['case']} | {fmt(vs_peft)} | {fmt(vs_compiled)} | {fmt(of_floor)} | "
                          f"{peak} | {target.text()} | {verdict(target, vs_peft, of_floor, ours_peak, peft_peak)} |")
     lines += ["", *(missing or ["Every target has rows."])]
+    if results.get("complete") is False:
+        measured = sorted({r.get("component") for r in rows})
+        lines += ["", f"The benchmark run did not finish (stopped by its time limit?): measured {measured}."]
     failures = results.get("failures") or {}
     if failures:
         lines += ["", "Benchmark failures:", *[f"- {name}: {message}" for name, message in failures.items()]]

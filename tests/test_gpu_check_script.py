@@ -43,7 +43,7 @@ def row(component, case, impl, ms, floor=None, peak=None, **extra):
 
 def test_summary_against_targets(tmp_path):
     results = {"environment": {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0"},
-               "failures": {"generate": "RuntimeError: boom"},
+               "failures": {"generate": "RuntimeError: boom"}, "complete": False,
                "rows": [
                    row("prompt_mlp", "T=20 d=768 h=768 B=8 fp32", "ptuning_fast", 0.1, floor=0.08),
                    row("prompt_mlp", "T=20 d=768 h=768 B=8 fp32", "peft_eager", 0.5),
@@ -78,6 +78,7 @@ def test_summary_against_targets(tmp_path):
         "llm p_tuning B=8 S=512 T=20") and "| met |" in line_of("llm p_tuning B=8 S=512 T=20")
     assert any("no rows for: deep-prompt build" in line for line in lines)
     assert "- generate: RuntimeError: boom" in lines
+    assert any(line.startswith("The benchmark run did not finish") and "'train_step'" in line for line in lines)
     assert "| tests | ok | 100 | 240 |" in lines
 
 
