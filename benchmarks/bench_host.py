@@ -25,7 +25,7 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ptuning_fast
-from benchmarks.common import Row, floor_ms, time_interleaved
+from benchmarks.common import Row, floor_ms, make_rows
 
 COMPONENT = "host"
 SHAPE = dict(batch=2, seq=32, tokens=8, hidden=64, layers=2, new=16)
@@ -155,22 +155,10 @@ def _measure(device: torch.device) -> list[Row]:
                 per = SHAPE["new"] if step == "generate_per_token" else 1
                 case = f"{route} {kind} {step} B={SHAPE['batch']} S={SHAPE['seq']} T={SHAPE['tokens']}"
                 reps = 10 if step == "generate_per_token" else 50
-                pair = make_pair(case, {"peft_eager": theirs_steps[step], "ptuning_fast": our_steps[step]}, device,
-                                 launch_floor, reps=reps, per=per)
-                rows += pair
+                rows += make_rows(COMPONENT, case, {"peft_eager": theirs_steps[step], "ptuning_fast": our_steps[step]},
+                                  device, launch_floor, warmup=3, reps=reps, per=per, per_call_units=per,
+                                  threads=torch.get_num_threads())
             del peft_model, ours
-    return rows
-
-
-def make_pair(case: str, fns: dict, device, floor: dict, *, reps: int, per: int) -> list[Row]:
-    """Both implementations timed in alternation (the same machine state for both), per unit of work."""
-    times = time_interleaved(fns, device, reps=reps)
-    rows = []
-    for impl, t in times.items():
-        row = Row(COMPONENT, case, impl, t["median_ms"] / per, t["p20_ms"] / per, t["p80_ms"] / per,
-                  floor["floor_ms"], None, {**floor, "host_ms": t["host_ms"] / per, "per_call_units": per,
-                                            "threads": torch.get_num_threads()})
-        rows.append(row)
     return rows
 
 

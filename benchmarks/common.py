@@ -90,13 +90,14 @@ class Row:
 
 
 def make_rows(component: str, case: str, fns: Dict[str, Callable[[], object]], device: torch.device,
-              floor: dict, *, warmup: int = 5, reps: int = 20, **extra) -> List[Row]:
+              floor: dict, *, warmup: int = 5, reps: int = 20, per: int = 1, **extra) -> List[Row]:
     """One Row per implementation (``fns``: impl -> callable) of one case, timed in alternation so
     that every implementation sees the same state of the machine; each row also gets its median
-    host time per call and its peak memory."""
+    host time and its peak memory. A call that does ``per`` units of work (e.g. new tokens) is
+    reported per unit."""
     times = time_interleaved(fns, device, warmup=warmup, reps=reps)
-    return [Row(component, case, impl, t["median_ms"], t["p20_ms"], t["p80_ms"], floor["floor_ms"],
-                peak_memory(fns[impl], device), {**floor, "host_ms": t["host_ms"], **extra})
+    return [Row(component, case, impl, t["median_ms"] / per, t["p20_ms"] / per, t["p80_ms"] / per,
+                floor["floor_ms"], peak_memory(fns[impl], device), {**floor, "host_ms": t["host_ms"] / per, **extra})
             for impl, t in times.items()]
 
 

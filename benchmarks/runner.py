@@ -193,13 +193,14 @@ def run(args) -> int:
     names = args.only or discover()
     rows, failures = [], {}
 
-    def write(complete: bool) -> list[dict]:
+    def write(complete: bool) -> tuple:
         """The results so far (rewritten after every component: a run stopped by a time limit
-        keeps what it measured; ``complete`` says whether every component ran)."""
+        keeps what it measured; ``complete`` says whether every component ran): (rows, below PEFT)."""
         measured = ratios(rows)
+        below = below_peft(measured)
         json_path.write_text(json.dumps({"environment": env, "complete": complete, "rows": measured,
-                                         "failures": failures, "below_peft": below_peft(measured)}, indent=1))
-        return measured
+                                         "failures": failures, "below_peft": below}, indent=1))
+        return measured, below
 
     for name in names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
@@ -212,9 +213,9 @@ def run(args) -> int:
             failures[name] = f"{type(exc).__name__}: {exc}"
             print(f"   FAILED: {failures[name]}", flush=True)
         write(complete=False)
-    rows = write(complete=True)
+    rows, below = write(complete=True)
     print(format_table(rows))
-    for b in below_peft(rows):
+    for b in below:
         print(f"BELOW PEFT: {b['component']} | {b['case']} | {b['impl']} | {b['x_vs_peft']:.2f}x"
               + (f" | {b['reason']}" if b["reason"] else " | no stated reason"))
     print(f"wrote {json_path}")
