@@ -129,12 +129,6 @@ def plot(rows: list[dict], out_prefix: Path) -> list[Path]:
 # Rows allowed below PEFT eager, with the reason the README gives:
 # (component, case prefix, impl) -> reason.
 KNOWN_BELOW_PEFT = {
-    ("host", "accelerate prefix train_step", "ptuning_fast"): (
-        "tiny deep-prompt train step (2 layers, T=8): the cache append and the prefix-gradient reduction "
-        "are Python autograd Functions per layer, about 0.1 ms more than PEFT's C++ autograd of expand "
-        "and cat; at realistic shapes the same path is ahead (train_step, prefix_kv)"),
-    ("host", "native prefix train_step", "ptuning_fast"): (
-        "as the accelerated deep-prompt train step: per-layer Python autograd Functions at 2 layers, T=8"),
     ("mask", "", "ptuning_fast_ref"): (
         "the pure-PyTorch oracle, run only where the C++ extension is not built; its additive mask is a "
         "bool mask and then a where(), one more full-size pass than transformers' path"),

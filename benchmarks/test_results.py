@@ -33,11 +33,11 @@ def test_below_peft_reason(ours, expected):
 
 
 def test_stated_reason_wins_and_faster_rows_are_not_listed():
-    rows = runner.ratios(_rows("host", "native prefix train_step B=2", "ptuning_fast", (2.0, 1.9, 2.1), (1.0, 0.9, 1.1))
+    rows = runner.ratios(_rows("mask", "B=8 S=64 additive", "ptuning_fast_ref", (2.0, 1.9, 2.1), (1.0, 0.9, 1.1))
                          + _rows("mask", "B=8 bool", "ptuning_fast", (0.5, 0.4, 0.6), (1.0, 0.9, 1.1)))
     (below,) = runner.below_peft(rows)
-    assert below["case"].startswith("native prefix train_step")
-    assert below["reason"] == runner.KNOWN_BELOW_PEFT[("host", "native prefix train_step", "ptuning_fast")]
+    assert below["case"].startswith("B=8 S=64 additive") and below["impl"] == "ptuning_fast_ref"
+    assert below["reason"] == runner.KNOWN_BELOW_PEFT[("mask", "", "ptuning_fast_ref")]
 
 
 def test_check_fails_on_an_unexplained_row(tmp_path, capsys):

@@ -3,16 +3,17 @@ autograd Functions that route the cache's gradients back to the prefix parameter
 
 - :class:`PrefixKVBuffer`: one buffer ``(L, 2, B, Hkv, P + capacity, Dh)``; the prefix is written
   once per cache element (:mod:`ptuning_fast.ops.prefix_kv`), positions ``P ..`` are free for the
-  text that the cache appends.
+  text that the cache appends. With one adapter and gradients in full precision the buffer holds
+  the encoded prefix in autograd's graph instead (``layer_prefixes``; see :class:`PrefixKVBuffer`).
 - ``_PrefixTokenFunction``: its output is a scalar token that every layer's append takes as
   input, so that its backward runs after every layer has folded its prefix gradient into the
   buffer, and turns that reduced gradient into parameter gradients.
 - :class:`AppendKV`: a cache layer's append (used by
   :class:`~ptuning_fast.prefix_tuning.cache.PrefixKVLayer`).
 
-The gradients of the prefix columns travel outside autograd, one layer at a time, reduced over
-each adapter's rows as soon as attention produces them; they never exist as one (L, 2, B, ...)
-tensor.
+On the buffer's path the gradients of the prefix columns travel outside autograd, one layer at a
+time, reduced over each adapter's rows as soon as attention produces them; they never exist as
+one (L, 2, B, ...) tensor.
 """
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ class PrefixKVBuffer:
     prefix passes it through its autograd Function and calls :meth:`accumulate_layer_grad` from
     its backward; the token's backward then turns the reduced gradient into parameter gradients.
     The buffer is for one step: build a new one for each forward that needs gradients.
+
+    One adapter with gradients in full precision (a training step of one task; the cache and
+    the parameters all fp32, or all fp64) takes autograd's own ops instead: the prefix is encoded
+    once (T rows, :meth:`_PrefixPlan.layer_prefixes`) and each layer's append concatenates its
+    prefix, broadcast over the rows, with the text; there is no ``storage`` and no ``token``. It
+    moves the same bytes as the buffer (attention reads a per-row copy of the prefix either way),
+    and its backward is autograd's C++ nodes instead of a Python Function per layer, which is
+    what decides a step at small shapes. Half-precision caches keep the buffer: autograd would sum
+    the rows' gradients in bf16/fp16, where the buffer's reduction (and PEFT) accumulate in fp32.
     """
 
     def __init__(
@@ -89,16 +99,23 @@ class PrefixKVBuffer:
         self.geometry = geometry
         self._slot = _GradSlot()
         g, P = geometry, self.plan.P
-        self.storage = torch.empty((g.num_layers, 2, self.plan.batch_size, g.num_kv_heads, P + capacity, g.head_dim),
-                                   dtype=self.plan.dtype, device=self.plan.device)
         flat = _flat(weights)
         track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat)
+        self.token: Optional[torch.Tensor] = None
+        # One adapter with gradients: the prefix of each layer's keys and values, (Hkv, P, Dh) each
+        # (entry 2l + s), in autograd's graph.
+        self.layer_prefixes: Optional[tuple] = None
+        self.storage: Optional[torch.Tensor] = None
+        if track and self.plan.adapter_index is None and self.plan.full_precision():
+            self.layer_prefixes = self.plan.layer_prefixes()
+            return
+        self.storage = torch.empty((g.num_layers, 2, self.plan.batch_size, g.num_kv_heads, P + capacity, g.head_dim),
+                                   dtype=self.plan.dtype, device=self.plan.device)
         if track:
-            self.token: Optional[torch.Tensor] = _PrefixTokenFunction.apply(self.plan, self.storage, self._slot, *flat)
+            self.token = _PrefixTokenFunction.apply(self.plan, self.storage, self._slot, *flat)
         else:
             with torch.no_grad():
                 self.plan.write(self.storage)
-            self.token = None
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -115,7 +132,21 @@ class PrefixKVBuffer:
 
     @property
     def requires_grad(self) -> bool:
-        return self.token is not None
+        return self.token is not None or self.layer_prefixes is not None
+
+    def layer_storage(self, layer_idx: int) -> tuple:
+        """Layer ``layer_idx``'s keys and values ``(B, Hkv, capacity, Dh)`` as a cache layer starts
+        with them: views of ``storage``, or (autograd's path) the prefix broadcast over the rows,
+        outside autograd and full (capacity P: a layer grows before it writes)."""
+        if self.storage is not None:
+            return self.storage[layer_idx, 0], self.storage[layer_idx, 1]
+        return tuple(self.layer_prefixes[2 * layer_idx + s].detach().expand(self.batch_size, -1, -1, -1)
+                     for s in (0, 1))
+
+    def layer_prefix(self, layer_idx: int) -> tuple:
+        """(keys, values) prefix of layer ``layer_idx``, ``(B, Hkv, P, Dh)``, in autograd's graph
+        (autograd's path only)."""
+        return tuple(self.layer_prefixes[2 * layer_idx + s].expand(self.batch_size, -1, -1, -1) for s in (0, 1))
 
     def prompt_lengths(self) -> torch.Tensor:
         """(B,) int64: each row's number of prefix tokens (in the last columns of the P)."""
@@ -130,6 +161,9 @@ class PrefixKVBuffer:
                               grad_values: Optional[torch.Tensor]) -> None:
         """Fold layer ``layer_idx``'s key/value gradients (B, Hkv, >= P, Dh) into the reduced
         prefix gradient (only their first P positions are read)."""
+        if self.layer_prefixes is not None:
+            raise ValueError("PrefixKVBuffer: this buffer (one adapter, with gradients) routes the prefix gradient "
+                             "through autograd; read its prefix with layer_prefix() instead of accumulating by hand")
         if not self.requires_grad:
             return
         if self._slot.grad is None:

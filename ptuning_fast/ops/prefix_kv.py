@@ -28,8 +28,8 @@ import torch
 
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
 from ..backend import resolve_backend
-from ..reference.prefix_kv import (encode_prefix_with_hidden_reference, reduce_prefix_grad_reference,
-                                   write_prefix_reference)
+from ..reference.prefix_kv import (encode_prefix_reference, encode_prefix_with_hidden_reference,
+                                   prefix_layer_views, reduce_prefix_grad_reference, write_prefix_reference)
 
 
 class PrefixWeights(NamedTuple):
@@ -255,6 +255,17 @@ class _PrefixPlan:
             return torch.full((self.batch_size,), self.P, dtype=torch.long, device=self.device)
         return torch.tensor(self.num_tokens, dtype=torch.long, device=self.device)[self.adapter_index]
 
+    def full_precision(self) -> bool:
+        """The cache and every parameter share one dtype, fp32 or fp64 (no rounding to a half type)."""
+        return self.dtype in (torch.float32, torch.float64) and all(
+            t.dtype == self.dtype for w in self.weights for t in w if t is not None)
+
+    def layer_prefixes(self) -> tuple:
+        """One adapter's prefix encoded once with autograd's own ops, as ``2L`` views
+        ``(Hkv, P, Dh)`` (entry ``2l + s``: layer ``l``'s keys or values); see :meth:`full_precision`."""
+        g = self.geometry
+        return prefix_layer_views(encode_prefix_reference(*self.weights[0]), g.num_kv_heads, g.head_dim)
+
     def write(self, out: torch.Tensor) -> list:
         """Write every row's prefix into ``out[..., :P, :]``; return what the backward needs
         (each adapter's tanh hidden, or None)."""
@@ -274,7 +285,7 @@ class _PrefixPlan:
         """Flat list of gradients, 5 per adapter (None where not needed or not a parameter)."""
         grads = []
         for n, w in enumerate(self.weights):
-            gn = g[n, self.starts[n]:]  # (T_n, J)
+            gn = g[n].narrow(0, self.starts[n], w.num_tokens) if self.starts[n] else g[n]  # (T_n, J)
             grads += _param_grads(w, hidden[n], gn, needs[5 * n: 5 * n + 5])
         return grads
 
@@ -282,25 +293,33 @@ class _PrefixPlan:
 def _param_grads(w: PrefixWeights, hidden, g: torch.Tensor, needs) -> list:
     """Gradients of one adapter's parameters given g = dL/d(encoded prefix) (T, J), fp32 or fp64."""
     if not w.projected:
-        return [g.to(w.embedding.dtype) if needs[0] else None, None, None, None, None]
+        return [_cast(g, w.embedding.dtype) if needs[0] else None, None, None, None, None]
     # The two large products (J x T x Hh) run in W2's dtype (fp32 accumulation for half types);
     # the first layer is tiny and runs in g's dtype (fp32, or fp64).
     big, small = w.w2.dtype, g.dtype
-    h_small = hidden.to(small)
-    g_big = g.to(big)
-    d_w2 = (g_big.t() @ hidden.to(big)) if needs[3] else None
-    d_b2 = g.sum(0).to(w.b2.dtype) if needs[4] else None
+    g_big = _cast(g, big)
+    d_w2 = torch.mm(g_big.t(), _cast(hidden, big)) if needs[3] else None
+    d_b2 = _cast(g.sum(0), w.b2.dtype) if needs[4] else None
     d_emb = d_w1 = d_b1 = None
     if needs[0] or needs[1] or needs[2]:
-        d_hidden = (g_big @ w.w2).to(small)  # sums over every layer's key and value columns
-        d_pre = d_hidden * (1.0 - h_small * h_small)  # tanh'
+        d_hidden = _cast(torch.mm(g_big, w.w2), small)  # sums over every layer's key and value columns
+        d_pre = _tanh_backward(d_hidden, _cast(hidden, small))
         if needs[1]:
-            d_w1 = (d_pre.t() @ w.embedding.to(small)).to(w.w1.dtype)
+            d_w1 = _cast(torch.mm(d_pre.t(), _cast(w.embedding, small)), w.w1.dtype)
         if needs[2]:
-            d_b1 = d_pre.sum(0).to(w.b1.dtype)
+            d_b1 = _cast(d_pre.sum(0), w.b1.dtype)
         if needs[0]:
-            d_emb = (d_pre @ w.w1.to(small)).to(w.embedding.dtype)
-    return [d_emb, d_w1, d_b1, d_w2.to(w.w2.dtype) if d_w2 is not None else None, d_b2]
+            d_emb = _cast(torch.mm(d_pre, _cast(w.w1, small)), w.embedding.dtype)
+    return [d_emb, d_w1, d_b1, d_w2, d_b2]
+
+
+# d_out * (1 - tanh^2) in one op (the backward of torch.tanh, given its output).
+_tanh_backward = torch.ops.aten.tanh_backward.default
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when it is already ``dtype`` (the common case)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _flat(weights: Sequence[PrefixWeights]) -> list:

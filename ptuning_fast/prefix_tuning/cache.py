@@ -8,15 +8,24 @@ Layer ``l`` reads and writes ``storage[l]``: ``update`` copies the new keys/valu
 seq, head_dim)`` layout the attention reads. No ``torch.cat`` per layer per step, no copy of the
 prefix per layer. Past the capacity (long generations) a layer grows its storage geometrically.
 
-Autograd (training forward): the appends write into one shared buffer, so plain in-place copies
-would trip autograd's version checks (attention saves the returned views) and could not route
-gradients. Each append is instead :class:`ptuning_fast.ops.prefix_cache.AppendKV`, whose backward
-folds the prefix slice of the gradient into the buffer's reduced prefix gradient. One
-gradient-carrying forward per cache: build a new cache for each training step.
+Autograd (training forward), two paths chosen by the buffer:
+
+- one adapter in full precision (a training step of one task): the buffer holds no storage, only
+  the prefix encoded once in autograd's graph; a layer's append is ``torch.cat`` of its prefix
+  (broadcast over the rows with ``expand``) and the text, which then becomes the layer's storage.
+  The backward is autograd's own C++ nodes (the cheapest on the host, and the same bytes as the
+  buffer: attention reads a per-row copy of the prefix either way).
+- several adapters, or a half-precision cache: the appends write into the shared buffer, so plain
+  in-place copies would trip autograd's version checks (attention saves the returned views) and
+  could not route gradients. Each append is instead :class:`ptuning_fast.ops.prefix_cache.AppendKV`,
+  whose backward folds the prefix slice of the gradient into the buffer's reduced prefix gradient
+  (each adapter's rows, accumulated in fp32).
+
+One gradient-carrying forward per cache: build a new cache for each training step.
 
 Gradient checkpointing (non-reentrant, transformers' default): :func:`keep_cache_under_checkpointing`
 keeps the cache in checkpointed layers; a layer recomputed during the backward finds its earlier
-write and returns the same views instead of appending again.
+write and returns the same keys/values (views, or the same concatenation) instead of appending again.
 
 Also implemented for ``generate()``: ``get_seq_length``, ``get_mask_sizes``, ``crop``,
 ``reorder_cache`` (beam search), ``batch_repeat_interleave`` / ``batch_select_indices``.
@@ -53,8 +62,8 @@ class PrefixKVLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.prefix_length = buffer.num_virtual_tokens
         self.length = self.prefix_length
-        self._set_storage(buffer.storage[layer_idx])  # (2, B, Hkv, capacity, Dh), a view of the shared buffer
-        self.dtype, self.device = self._kv.dtype, self._kv.device
+        self._set_storage(*buffer.layer_storage(layer_idx))  # views of the shared buffer (or of the prefix)
+        self.dtype, self.device = self._k.dtype, self._k.device
         self.is_initialized = True
         self._segments: List[tuple] = []  # (start, length, with_grad) of each append
         self._checked = None  # (key shape, value shape) of the last states that passed _check_states
@@ -62,15 +71,14 @@ class PrefixKVLayer(DynamicLayer):
     # -- storage ------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
-        return self._kv.shape[3]
+        return self._k.shape[2]
 
-    def _set_storage(self, kv: torch.Tensor) -> None:
-        """``kv`` (2, B, Hkv, capacity, Dh) becomes the layer's storage. Keys and values are also
-        held as aliases outside autograd (``.data``): appends write through them, and what is
-        returned from them has its own version counter, so later appends to the shared storage do
-        not invalidate what attention saved for the backward."""
-        self._kv = kv
-        self._k, self._v = kv.data[0], kv.data[1]
+    def _set_storage(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """``keys``/``values`` (B, Hkv, capacity, Dh) become the layer's storage, held as aliases
+        outside autograd (``.data``): appends write through them, and what is returned from them
+        has its own version counter, so later appends to the shared storage do not invalidate what
+        attention saved for the backward."""
+        self._k, self._v = keys.data, values.data
 
     # ``keys``/``values`` (read by some models and by ``DynamicCache.__iter__``): the current
     # contents, sliced when asked for rather than after every append.
@@ -104,9 +112,12 @@ class PrefixKVLayer(DynamicLayer):
     def _grow(self, needed: int) -> None:
         """Move to a larger storage (doubling), keeping the current contents. Views returned
         earlier keep the old storage alive as long as something holds them."""
-        new = self._kv.new_empty(self._kv.shape[:3] + (max(needed, 2 * self.capacity),) + self._kv.shape[4:])
-        new[:, :, :, : self.length].copy_(self._kv[:, :, :, : self.length])
-        self._set_storage(new)
+        grown = []
+        for old in (self._k, self._v):
+            new = old.new_empty(old.shape[:2] + (max(needed, 2 * self.capacity),) + old.shape[3:])
+            new.narrow(2, 0, self.length).copy_(old.narrow(2, 0, self.length))
+            grown.append(new)
+        self._set_storage(*grown)
 
     def _check_states(self, key_states, value_states) -> None:
         """Shapes, dtype and device of one append. Checked in full for a new pair of shapes (once
@@ -125,7 +136,7 @@ class PrefixKVLayer(DynamicLayer):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"PrefixKVCache layer {self.layer_idx}: `{name}` must be a 4D tensor "
                                  f"(batch, kv_heads, seq, head_dim), got {getattr(t, 'shape', type(t).__name__)}")
-            expected = (self._kv.shape[1], self._kv.shape[2], t.shape[2], self._kv.shape[4])
+            expected = (self._k.shape[0], self._k.shape[1], t.shape[2], self._k.shape[3])
             if tuple(t.shape) != expected:
                 raise ValueError(
                     f"PrefixKVCache layer {self.layer_idx}: `{name}` has shape {tuple(t.shape)}, expected "
@@ -159,13 +170,17 @@ class PrefixKVLayer(DynamicLayer):
                     "PrefixKVCache: this cache already took part in a forward that needs gradients; gradients "
                     "cannot flow through a second one. Build a new cache (build_prefix_cache) for each training "
                     "step.")
-        if end > self.capacity:
-            self._grow(end)
-        if track:
-            keys, values = AppendKV.apply(self.buffer.token, self, start, key_states, value_states)
+        if track and self.buffer.layer_prefixes is not None:  # one adapter: autograd's own ops
+            keys, values = self._concat(start, key_states, value_states)
+            self._set_storage(keys, values)  # full: a later append grows first
         else:
-            self._write(start, key_states, value_states)
-            keys, values = self._alias(end)
+            if end > self.capacity:
+                self._grow(end)
+            if track:
+                keys, values = AppendKV.apply(self.buffer.token, self, start, key_states, value_states)
+            else:
+                self._write(start, key_states, value_states)
+                keys, values = self._alias(end)
         self._segments.append((start, S, track))
         self.length = end
         return keys, values
@@ -181,8 +196,21 @@ class PrefixKVLayer(DynamicLayer):
                         "PrefixKVCache: a layer was recomputed in the backward after a forward without autograd "
                         "(reentrant gradient checkpointing). Use non-reentrant checkpointing: "
                         "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+                if self.buffer.layer_prefixes is not None:
+                    return self._concat(start, key_states, value_states)
                 return AppendKV.apply(self.buffer.token, self, start, key_states, value_states, False)
         return None
+
+    def _concat(self, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple:
+        """Autograd's path: the layer's prefix (in the graph, broadcast over the rows), the text it
+        already holds (positions P .. start, outside autograd) and the new states, concatenated."""
+        out = []
+        for prefix, held, new in zip(self.buffer.layer_prefix(self.layer_idx), (self._k, self._v),
+                                     (key_states, value_states)):
+            pieces = [prefix, new] if start == self.prefix_length else \
+                [prefix, held.narrow(2, self.prefix_length, start - self.prefix_length), new]
+            out.append(torch.cat(pieces, 2))
+        return tuple(out)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -212,26 +240,27 @@ class PrefixKVLayer(DynamicLayer):
         self.length = new_length
         self._segments = [s for s in self._segments if s[0] + s[1] <= new_length]
 
-    def _reindex_batch(self, kv: torch.Tensor) -> None:
-        self._set_storage(kv)
+    def _reindex_batch(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._set_storage(keys, values)
         self._segments = [(s, n, False) for s, n, _ in self._segments]
         self._checked = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._reindex_batch(self._kv.index_select(1, beam_idx.to(self.device)))
+        beam_idx = beam_idx.to(self.device)
+        self._reindex_batch(self._k.index_select(0, beam_idx), self._v.index_select(0, beam_idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._reindex_batch(self._kv.repeat_interleave(repeats, dim=1))
+        self._reindex_batch(self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._reindex_batch(self._kv[:, indices])
+        self._reindex_batch(self._k[indices], self._v[indices])
 
     def offload(self):
-        self._set_storage(self._kv.to("cpu", non_blocking=True))
+        self._set_storage(self._k.to("cpu", non_blocking=True), self._v.to("cpu", non_blocking=True))
 
     def prefetch(self):
-        if self._kv.device != self.device:
-            self._set_storage(self._kv.to(self.device, non_blocking=True))
+        if self._k.device != self.device:
+            self._set_storage(self._k.to(self.device, non_blocking=True), self._v.to(self.device, non_blocking=True))
 
 
 class PrefixKVCache(DynamicCache):
@@ -271,10 +300,10 @@ class PrefixKVCache(DynamicCache):
         """Bytes held by the cache's key/value storage (all layers)."""
         seen, total = set(), 0
         for layer in self.layers:
-            storage = layer._kv.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
+            for storage in (layer._k.untyped_storage(), layer._v.untyped_storage()):
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
         return total
 
     def updated_layers(self) -> List[int]:

@@ -63,6 +63,14 @@ def prefix_kv_reference(
     return rows.permute(2, 3, 0, 4, 1, 5)
 
 
+def prefix_layer_views(encoded: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple:
+    """One adapter's encoded prefix ``(T, J)`` as ``2L`` views ``(Hkv, T, Dh)``: entry ``2l + s`` is
+    layer ``l``'s keys (``s = 0``) or values (``s = 1``), in the layout the attention reads (one
+    row of it). Differentiable: the gradients of all the views meet in one (T, J) tensor."""
+    T, J = encoded.shape
+    return encoded.view(T, J // (num_kv_heads * head_dim), num_kv_heads, head_dim).permute(1, 2, 0, 3).unbind(0)
+
+
 def write_prefix_reference(out: torch.Tensor, encoded: Sequence[torch.Tensor],
                            adapter_index: Optional[torch.Tensor]) -> None:
     """Write every row's prefix into the first ``P`` positions of a cache buffer
@@ -71,9 +79,9 @@ def write_prefix_reference(out: torch.Tensor, encoded: Sequence[torch.Tensor],
     row). With one adapter the prefix is broadcast over the rows, with no ``(B, T, J)`` temporary."""
     L, _, _, heads, _, head_dim = out.shape
     P = max(e.shape[0] for e in encoded)
-    if adapter_index is None:
-        x = encoded[0].to(out.dtype).view(P, L, 2, heads, head_dim)
-        out[..., :P, :] = x.permute(1, 2, 3, 0, 4).unsqueeze(2)
+    if adapter_index is None:  # (copy_ rounds to out's dtype)
+        x = encoded[0].view(P, L, 2, heads, head_dim)
+        out.narrow(-2, 0, P).copy_(x.permute(1, 2, 3, 0, 4).unsqueeze(2))
     else:
         out[..., :P, :] = prefix_kv_reference(encoded, adapter_index, L, heads, head_dim, dtype=out.dtype)
 
@@ -116,4 +124,4 @@ def encode_prefix_with_hidden_reference(embedding, w1=None, b1=None, w2=None, b2
 
 
 __all__ = ["encode_prefix_reference", "encode_prefix_with_hidden_reference", "prefix_kv_reference",
-           "reduce_prefix_grad_reference", "write_prefix_reference"]
+           "prefix_layer_views", "reduce_prefix_grad_reference", "write_prefix_reference"]

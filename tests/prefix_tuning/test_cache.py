@@ -134,13 +134,23 @@ def run_layers(cache_or_prefix, text, queries, weights_out):
     return loss
 
 
+# Gradients take autograd's own ops with one adapter (PrefixKVBuffer.layer_prefixes) and the
+# buffer's Functions with several: every autograd test runs both.
+def adapters_case(adapters, projected, seeds=(5, 6)):
+    """(weights, adapter_index) of one adapter, or of two of different lengths (3 and 2 tokens)."""
+    if adapters == "one":
+        return [make_weights(3, projected, seed=seeds[0])], None
+    weights = [make_weights(3, projected, seed=seeds[0]), make_weights(2, projected, seed=seeds[1])]
+    return weights, torch.tensor([0, 1, 1])
+
+
+@pytest.mark.parametrize("adapters", ["one", "two"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("projected", [False, True])
-def test_gradients_match_cat_path(backend, projected):
+def test_gradients_match_cat_path(backend, projected, adapters):
     """Loss and the gradients of every prefix parameter and of the text keys/values equal the
-    torch.cat path (what DynamicCache does), with two adapters of different lengths."""
-    weights = [make_weights(3, projected, seed=5), make_weights(2, projected, seed=6)]
-    index = torch.tensor([0, 1, 1])
+    torch.cat path (what DynamicCache does), with one adapter or two of different lengths."""
+    weights, index = adapters_case(adapters, projected)
     text = text_states(3, 4, seed=7, requires_grad=True)
     g = torch.Generator().manual_seed(8)
     queries = [torch.randn(3, HKV, 4, DH, generator=g) for _ in range(L)]
@@ -148,7 +158,8 @@ def test_gradients_match_cat_path(backend, projected):
     inputs = params(weights) + [t for kv in text for t in kv]
 
     with use_backend(backend):
-        cache = make_cache(weights, index=index, capacity=4)
+        cache = make_cache(weights, batch=3, index=index, capacity=4)
+        assert (cache.buffer.layer_prefixes is not None) == (adapters == "one")
         loss = run_layers(cache, text, queries, outs)
         grads = torch.autograd.grad(loss, inputs)
     # The reference hides the empty columns of the short prefix by a mask; here they hold zeros in
@@ -174,18 +185,19 @@ def test_frozen_prefix_still_routes_text_gradients():
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("adapters", ["one", "two"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpointed_layers_replay_their_write(reentrant):
+def test_checkpointed_layers_replay_their_write(reentrant, adapters):
     """Under (non-reentrant) activation checkpointing a layer is recomputed in the backward and
     calls update again: it must get the same views, and gradients equal the plain run."""
-    weights = [make_weights(3, True, seed=10)]
-    text = text_states(2, 3, seed=11, requires_grad=True)
-    queries = [torch.randn(2, HKV, 3, DH) for _ in range(L)]
-    outs = [torch.randn(2, HKV, 3, DH) for _ in range(L)]
+    weights, index = adapters_case(adapters, True, seeds=(10, 11))
+    text = text_states(3, 3, seed=11, requires_grad=True)
+    queries = [torch.randn(3, HKV, 3, DH) for _ in range(L)]
+    outs = [torch.randn(3, HKV, 3, DH) for _ in range(L)]
     inputs = params(weights) + [t for kv in text for t in kv]
-    ref = torch.autograd.grad(run_layers(make_cache(weights, batch=2), text, queries, outs), inputs)
+    ref = torch.autograd.grad(run_layers(make_cache(weights, batch=3, index=index), text, queries, outs), inputs)
 
-    cache = make_cache(weights, batch=2)
+    cache = make_cache(weights, batch=3, index=index)
 
     def layer_fn(k, v, layer):
         keys, values = cache.update(k, v, layer)
@@ -246,12 +258,13 @@ class AllocatedBytes(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_is_written_once_not_per_row(backend, dtype):
-    """Building the cache allocates the storage (the attention layout: one prefix copy per row,
-    plus the room for the text) and nothing else that grows with the batch; appends allocate
-    nothing. A bf16 cache from fp32 weights is written directly in bf16 (no fp32 B x T x J round
-    trip). PEFT's get_prompt + cache allocates at least three B x T x J copies of the prefix."""
+    """Building the cache without gradients (generation, serving) allocates the storage (the
+    attention layout: one prefix copy per row, plus the room for the text) and nothing else that
+    grows with the batch; appends allocate nothing. A bf16 cache from fp32 weights is written
+    directly in bf16 (no fp32 B x T x J round trip). PEFT's get_prompt + cache allocates at least
+    three B x T x J copies of the prefix."""
     T, S = 4, 3
-    weights = [make_weights(T, True, seed=12)]
+    weights = [make_weights(T, True, seed=12, requires_grad=False)]
     extra = {}
     for batch in (1, 8):
         with use_backend(backend), AllocatedBytes() as counter:
@@ -268,6 +281,49 @@ def test_prefix_is_written_once_not_per_row(backend, dtype):
     # row), where one more fp32 copy of the prefix would cost T * J * 4 = 960 bytes per row.
     assert extra[8] < 4 * T * J * 4
     assert extra[8] - extra[1] <= 16 * (8 - 1)
+
+
+def test_autograd_path_encodes_once_and_allocates_what_attention_reads():
+    """One adapter with gradients in fp32: building the cache allocates the (T, J) prefix (and the
+    encoder's two (T, Hh) temporaries), nothing per row; each layer's append allocates exactly the
+    keys and values it returns, (B, Hkv, T + S, Dh) each (PEFT's cache allocates those too, after
+    B x T x J copies). A bf16 cache keeps the buffer (its reduction accumulates the rows in fp32)."""
+    T, S = 4, 3
+    weights = [make_weights(T, True, seed=12)]
+    for batch in (1, 8):
+        with AllocatedBytes() as counter:
+            cache = make_cache(weights, batch=batch, capacity=S)
+        assert cache.buffer.layer_prefixes is not None and cache.buffer.storage is None
+        assert counter.bytes <= (T * J + 2 * T * HH) * 4
+        text = [(k.requires_grad_(), v.requires_grad_()) for k, v in text_states(batch, S, seed=13)]
+        with AllocatedBytes() as counter:
+            for layer, (k, v) in enumerate(text):
+                cache.update(k, v, layer)
+        assert counter.bytes == L * 2 * batch * HKV * (T + S) * DH * 4
+        assert cache.storage_bytes() == counter.bytes  # each layer holds what it returned
+    assert make_cache(weights, batch=2, dtype=torch.bfloat16).buffer.storage is not None
+
+
+def test_autograd_path_cache_api():
+    """After a forward with gradients (one adapter) the cache keeps working: its layers hold the
+    prefix and the text, later appends without gradients grow them, and the buffer refuses the
+    hand-made gradient protocol of the Functions' path."""
+    weights = [make_weights(3, True, seed=14)]
+    cache = make_cache(weights, batch=2)
+    prefix = reference_prefix(weights, None, 2).detach()
+    assert torch.equal(cache.layers[1].keys, prefix[1, 0])  # before any append: the prefix alone
+    text = text_states(2, 2, seed=15, requires_grad=True)
+    more = text_states(2, 1, seed=16)
+    for layer in range(L):
+        cache.update(*text[layer], layer)
+        with torch.no_grad():
+            keys, values = cache.update(*more[layer], layer)
+        torch.testing.assert_close(values, torch.cat([prefix[layer, 1], text[layer][1].detach(), more[layer][1]], 2))
+    assert cache.get_seq_length() == 3 + 3 and torch.equal(cache.layers[2].keys, keys)
+    cache.crop(-1)
+    torch.testing.assert_close(cache.layers[0].keys, torch.cat([prefix[0, 0], text[0][0].detach()], 2))
+    with pytest.raises(ValueError, match="routes the prefix gradient through autograd"):
+        cache.buffer.accumulate_layer_grad(0, torch.randn(2, HKV, 3, DH), None)
 
 
 def test_peft_path_copies_the_prefix_three_times():

@@ -260,7 +260,7 @@ def test_bf16_model_with_fp32_adapter():
     ref = peft(input_ids=ids, attention_mask=mask, labels=labels)
     with use_backend("triton"):
         cache = build_prefix_cache(base, encoder, 3, seq_len=6)
-        assert cache.buffer.storage.dtype == torch.bfloat16
+        assert cache.layers[0].keys.dtype == torch.bfloat16
         out = prefix_forward(base, encoder, input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)  # the same bf16 prefix: the same bits
     assert_grads_close(grads(out.loss, encoder), grads(ref.loss, encoder), rtol=1e-2)
