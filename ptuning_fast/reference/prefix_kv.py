@@ -79,8 +79,8 @@ def write_prefix_reference(out: torch.Tensor, encoded: Sequence[torch.Tensor],
     row). With one adapter the prefix is broadcast over the rows, with no ``(B, T, J)`` temporary."""
     L, _, _, heads, _, head_dim = out.shape
     P = max(e.shape[0] for e in encoded)
-    if adapter_index is None:  # (copy_ rounds to out's dtype)
-        x = encoded[0].view(P, L, 2, heads, head_dim)
+    if adapter_index is None:  # cast the (T, J) prefix once, not in the broadcast copy (once per row)
+        x = encoded[0].to(out.dtype).view(P, L, 2, heads, head_dim)
         out.narrow(-2, 0, P).copy_(x.permute(1, 2, 3, 0, 4).unsqueeze(2))
     else:
         out[..., :P, :] = prefix_kv_reference(encoded, adapter_index, L, heads, head_dim, dtype=out.dtype)
