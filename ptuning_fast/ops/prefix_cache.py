@@ -140,8 +140,7 @@ class PrefixKVBuffer:
         outside autograd and full (capacity P: a layer grows before it writes)."""
         if self.storage is not None:
             return self.storage[layer_idx, 0], self.storage[layer_idx, 1]
-        return tuple(self.layer_prefixes[2 * layer_idx + s].detach().expand(self.batch_size, -1, -1, -1)
-                     for s in (0, 1))
+        return tuple(t.detach() for t in self.layer_prefix(layer_idx))
 
     def layer_prefix(self, layer_idx: int) -> tuple:
         """(keys, values) prefix of layer ``layer_idx``, ``(B, Hkv, P, Dh)``, in autograd's graph
