@@ -5,8 +5,9 @@ batch; deep prompts are written into a fresh prefix cache at the first step (thr
 around the model's ``prepare_inputs_for_generation``, for the rows ``generate()`` repeats for
 beams; the wrapper is installed once and finds the call's prefix in a context variable, so
 concurrent calls on one model stay apart), after which transformers drives the loop alone: no
-per-step work here. Positions count
-real tokens (PEFT's ``generate()`` does too), so ``positions="peft"`` generates as ``"continue"``.
+per-step work here. Positions count real tokens, as the native model's forward does. ``positions="peft"`` (an accelerated PeftModel)
+follows PEFT's ``generate()``: v1 prompts number every column (prompt, padding, text, new tokens),
+deep prompts the real tokens after the prefix (``"continue"``).
 """
 from __future__ import annotations
 
@@ -83,17 +84,23 @@ def prompt_generate(holder, rows: Rows, input_ids, attention_mask, inputs_embeds
     for key in ("position_ids", "token_type_ids"):
         if kwargs.get(key) is not None:
             raise ValueError(f"generate() computes `{key}` itself from `attention_mask`; do not pass it")
+    v1 = rows_kind(holder, rows) == PeftType.P_TUNING
+    # PEFT's generate() numbers every column for v1 prompts (it drops the position ids, so the model
+    # counts the prompt, the padding and the text), and real tokens after the prefix for deep prompts.
     positions = rows_options(holder, rows).positions
     layout, prefix, inputs = layout_batch(holder, rows, input_ids, attention_mask, inputs_embeds, None,
-                                          pad_left=decoder_only, positions="continue" if positions == "peft" else None)
+                                          pad_left=decoder_only,
+                                          positions="continue" if positions == "peft" and not v1 else None)
     kwargs.update(inputs)
     max_new_tokens = kwargs.get("max_new_tokens") or 0
-    if rows_kind(holder, rows) == PeftType.P_TUNING:
+    if v1:
         check_position_range(model, layout.width + max_new_tokens - 1, layout.width - layout.text_length,
                              layout.text_length + max_new_tokens)
         kwargs["attention_mask"] = layout.attention_mask
         if decoder_only and accepts(model, "position_ids"):
-            kwargs["position_ids"] = layout.position_ids
+            # given explicitly (every column, for "peft"): generate() would count real tokens from the mask
+            kwargs["position_ids"] = layout.position_ids if layout.position_ids is not None else torch.arange(
+                layout.width, device=layout.attention_mask.device).expand(layout.attention_mask.shape[0], -1)
         out = model.generate(**kwargs)
         return _with_input_ids(out, input_ids) if decoder_only and input_ids is not None else out
 
