@@ -255,6 +255,11 @@ def _routed_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
 
 def _routed_generate(self, *args, adapter_names=None, **kwargs):
     """``PeftModel.generate`` through the native path; ``adapter_names``: one name per row."""
+    if getattr(self, "_adapters_disabled", False):  # inside `with model.disable_adapter():` the base model's tokens
+        if adapter_names is not None:
+            raise ValueError("`adapter_names` picks prompt adapters, but they are disabled inside "
+                             "`model.disable_adapter()`")
+        return self.get_base_model().generate(*args, **kwargs)
     names = None if kwargs.get("task_ids") is not None else _routed_names(self, adapter_names)
     if names is None:
         return type(self).generate(self, *args, **kwargs)

@@ -250,3 +250,31 @@ def test_accelerate_keeps_left_padded_generation(name, kind):
     assert len(got.logits) == len(reference.logits) == 5
     for step, (a, b) in enumerate(zip(got.logits, reference.logits)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+@pytest.mark.peft_oracle
+@pytest.mark.parametrize("kind", ["mlp", "prefix"])
+def test_disable_adapter_turns_the_prompt_off_in_generate(kind):
+    model, _ = peft_model("llama", kind, seed=3)
+    randomize_(model.prompt_encoder, 103, scale=2.0)  # a prompt strong enough to change the tokens
+    model.eval()
+    ids = random_ids(2, 6, 13)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with model.disable_adapter():
+            reference = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    base_tokens = model.get_base_model().generate(input_ids=ids, attention_mask=mask, **settings)
+    ptuning_fast.accelerate(model)
+    prompted = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    with model.disable_adapter():
+        got = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        with pytest.raises(ValueError, match="adapter_names.*disable_adapter"):
+            model.generate(input_ids=ids, attention_mask=mask, adapter_names=["default"] * 2, **settings)
+    assert torch.equal(got, reference) and torch.equal(got, base_tokens)
+    assert not torch.equal(prompted, got)
+    torch.testing.assert_close(logits, model.get_base_model()(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **settings), prompted)  # on again
