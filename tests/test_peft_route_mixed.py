@@ -191,3 +191,30 @@ def test_adapter_names_errors_name_the_adapters():
     seq2seq, fast_seq2seq, _ = twins("t5", "v2", "unequal")
     with pytest.raises(ValueError, match="different lengths \\{'a': 4, 'b': 1\\} on a seq2seq model"):
         fast_seq2seq(input_ids=ids, decoder_input_ids=ids, adapter_names=["a", "b"])
+
+
+@pytest.mark.peft_oracle
+@pytest.mark.parametrize("kind", ["v1", "v2"])
+def test_mixed_beam_search_with_a_head_copy_per_adapter(kind):
+    """Each adapter has its own ``lm_head`` copy (``modules_to_save``); beam search repeats each
+    row, and each repeated row still goes through its adapter's copy."""
+    base, task = build("llama", 9)
+    make = (lambda: PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=12,
+                                        modules_to_save=["lm_head"])) if kind == "v1" else (
+        lambda: PrefixTuningConfig(task_type=task, num_virtual_tokens=3, modules_to_save=["lm_head"]))
+    plain = get_peft_model(base.eval(), make(), adapter_name="a")
+    plain.add_adapter("b", make())
+    randomize_(plain.prompt_encoder, 90, scale=2.0)
+    copies = [p for n, p in plain.named_parameters() if "modules_to_save" in n]
+    assert len(copies) == 2
+    randomize_(torch.nn.ParameterList(copies), 91, scale=1.0)
+    fast = ptuning_fast.accelerate(copy.deepcopy(plain))
+    ids, mask = padded_batch([6, 4, 5], 6, seed=18, side="left")
+    names = ["b", "a", "b"]
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=PAD, num_beams=2,
+                    num_return_sequences=2)
+    mixed = fast.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **settings)
+    for row, name in enumerate(names):
+        plain.set_adapter(name)
+        alone = plain.generate(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], **settings)
+        assert torch.equal(mixed[2 * row:2 * row + 2, -4:], alone[:, -4:]), (row, name)
