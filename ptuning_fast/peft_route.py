@@ -26,6 +26,7 @@ models directly; ``unpatch_peft()`` undoes it; ``with peft_patched(): ...`` does
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import types
@@ -171,7 +172,8 @@ class _HeadRows:
 
     def __init__(self, adapter_names, rows):
         self.names, self.batch = rows.names, len(adapter_names)
-        self.counts = [sum(1 for n in adapter_names if n == name) for name in rows.names]
+        counts = collections.Counter(adapter_names)
+        self.counts = [counts[name] for name in rows.names]
         self.order = self.inverse = None
         if rows.index is not None:  # no host sync: a stable sort of the row index, and its inverse
             self.order = torch.argsort(rows.index, stable=True)
