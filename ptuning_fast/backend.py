@@ -37,6 +37,9 @@ _default_backend = _check_name(os.environ.get(ENV_VAR, "auto"), ENV_VAR)  # the 
 _block_backend: contextvars.ContextVar = contextvars.ContextVar("ptuning_fast_backend", default=None)
 
 
+# Dynamo cannot trace ContextVar.get: under torch.compile the choice is read once, when a function
+# is compiled, and the compiled code keeps it (the choice is a compile-time constant there).
+@torch.compiler.assume_constant_result
 def get_backend() -> str:
     """The backend chosen now: ``"auto"``, ``"reference"`` or ``"triton"``."""
     chosen = _block_backend.get()
