@@ -31,21 +31,25 @@ def config_of(kind, tokens, index, task):
                               encoder_hidden_size=10)
 
 
-def roberta_cls(seed):
-    """RoBERTa: its classification head is a module of its own (dense, tanh, out_proj), not a Linear."""
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+def head_module_cls(name, seed):
+    """RoBERTa and Electra: their classification heads are modules of their own (dense, activation,
+    out_proj), not a Linear."""
+    from transformers import (ElectraConfig, ElectraForSequenceClassification, RobertaConfig,
+                              RobertaForSequenceClassification)
 
     torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=44, max_position_embeddings=80, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0, pad_token_id=PAD, num_labels=3)
-    return RobertaForSequenceClassification(config), "SEQ_CLS"
+    sizes = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=44,
+                 max_position_embeddings=80, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                 pad_token_id=PAD, num_labels=3)
+    if name == "roberta_cls":
+        return RobertaForSequenceClassification(RobertaConfig(**sizes)), "SEQ_CLS"
+    return ElectraForSequenceClassification(ElectraConfig(embedding_size=32, **sizes)), "SEQ_CLS"
 
 
 def twins(name, kind, lengths, seed=0):
     """(plain PEFT model, accelerated copy) with three adapters a, b, c and fresh random weights
     (prompt encoders, and for classification each adapter's classifier copy)."""
-    base, task = roberta_cls(seed) if name == "roberta_cls" else build(name, seed)
+    base, task = head_module_cls(name, seed) if name in ("roberta_cls", "electra_cls") else build(name, seed)
     model = None
     for index, (adapter, tokens) in enumerate(zip(NAMES, LENGTHS[lengths])):
         config = config_of(kind, tokens, index, task)
@@ -125,9 +129,10 @@ def test_mixed_batch_equals_each_adapter_alone_in_plain_peft(name, kind, lengths
 
 @pytest.mark.peft_oracle
 @pytest.mark.parametrize("kind", ["v1", "v2"])
-def test_mixed_batch_on_a_classification_head_that_is_not_a_linear(kind):
+@pytest.mark.parametrize("name", ["roberta_cls", "electra_cls"])
+def test_mixed_batch_on_a_classification_head_that_is_not_a_linear(name, kind):
     """PEFT's own mixed batch refuses such heads; here each adapter's head copy serves its rows."""
-    plain, fast, task = twins("roberta_cls", kind, "equal", seed=8)
+    plain, fast, task = twins(name, kind, "equal", seed=8)
     ids, mask = padded_batch(TEXT, 6, seed=15, side="right")
     assert_rows_equal_peft_alone(plain, fast, task, kind, ids, mask, ROWS)
 
