@@ -16,8 +16,9 @@ For every ``P_TUNING`` and ``PREFIX_TUNING`` adapter of a ``PeftModel``, in plac
   own rows. The rows of a call travel in a context variable, never on the shared modules, so
   concurrent calls from several threads or asyncio tasks give what they give one after another.
 
-PEFT keeps its config, ``save_pretrained``, ``load_adapter``, ``set_adapter``,
-``print_trainable_parameters`` and the rest. ``get_prompt`` still answers (v1: the encoded
+PEFT keeps its config, ``save_pretrained``, ``load_adapter``, ``set_adapter``, ``disable_adapter``
+(inside it, ``forward`` and ``generate`` run the base model alone), ``print_trainable_parameters``
+and the rest. ``get_prompt`` still answers (v1: the encoded
 prompts broadcast over the batch; deep prompts: the prefix cache). Models whose prefix PEFT
 post-processes (bloom, gemma 2-4) and adapters of other types keep PEFT's own forward.
 
