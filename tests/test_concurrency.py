@@ -112,7 +112,7 @@ def test_native_forward_and_generate_under_threads(kind):
                               min_new_tokens=3, do_sample=False, pad_token_id=PAD)
 
     assert_concurrent_equals_sequential(forward, random_calls(THREADS * 50, seed=22))
-    assert_concurrent_equals_sequential(generate, random_calls(THREADS * 12, seed=23))
+    assert_concurrent_equals_sequential(generate, random_calls(THREADS * 8, seed=23))
 
 
 def test_accelerated_generate_under_threads():
@@ -125,4 +125,4 @@ def test_accelerated_generate_under_threads():
         return fast.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=3,
                              min_new_tokens=3, do_sample=False, pad_token_id=PAD)
 
-    assert_concurrent_equals_sequential(generate, random_calls(THREADS * 12, seed=24))
+    assert_concurrent_equals_sequential(generate, random_calls(THREADS * 8, seed=24))
