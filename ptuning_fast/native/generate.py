@@ -5,9 +5,9 @@ batch; deep prompts are written into a fresh prefix cache at the first step (thr
 around the model's ``prepare_inputs_for_generation``, for the rows ``generate()`` repeats for
 beams; the wrapper is installed once and finds the call's prefix in a context variable, so
 concurrent calls on one model stay apart), after which transformers drives the loop alone: no
-per-step work here. Positions count real tokens, as the native model's forward does. ``positions="peft"`` (an accelerated PeftModel)
-follows PEFT's ``generate()``: v1 prompts number every column (prompt, padding, text, new tokens),
-deep prompts the real tokens after the prefix (``"continue"``).
+per-step work here. Positions count real tokens, as the native model's forward does;
+``positions="peft"`` (an accelerated PeftModel) follows PEFT's ``generate()``: v1 prompts number
+every column (prompt, padding, text, new tokens), deep prompts the real tokens after the prefix.
 """
 from __future__ import annotations
 
