@@ -35,6 +35,7 @@ _LAZY = {
     "PromptOptions": "native.options",
     "PromptTemplate": "native.template",
     "PTuningModel": "native.model",
+    "AdapterCheckpointCallback": "native.model",
     "get_ptuning_model": "native.model",
     "load_adapter": "native.model",
     "save_adapter": "native.checkpoint",

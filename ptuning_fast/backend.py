@@ -6,12 +6,15 @@
 - ``auto`` (default): Triton for CUDA tensors when Triton is importable, the reference elsewhere.
 
 Choose it with the environment variable ``PTUNING_FAST_BACKEND`` (read at import), with
-:func:`set_backend`, or for a block of code with ``with use_backend("reference"): ...``.
+:func:`set_backend`, or for a block of code with ``with use_backend("reference"): ...``. The
+block's choice is a context variable: it holds in that thread or asyncio task only (and in the
+tasks it starts); other threads and tasks keep the process default.
 The C++/CUDA mask builder follows the same switch (``reference`` forces the PyTorch mask).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 
 import torch
@@ -29,29 +32,41 @@ def _check_name(name, argument: str) -> str:
     return key
 
 
-_backend = _check_name(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
+_default_backend = _check_name(os.environ.get(ENV_VAR, "auto"), ENV_VAR)  # the process default
+# The choice of the innermost ``use_backend`` block running in this thread / task (None: none).
+_block_backend: contextvars.ContextVar = contextvars.ContextVar("ptuning_fast_backend", default=None)
 
 
+# Dynamo cannot trace ContextVar.get: under torch.compile the choice is read once, when a function
+# is compiled, and the compiled code keeps it (the choice is a compile-time constant there).
+@torch.compiler.assume_constant_result
 def get_backend() -> str:
     """The backend chosen now: ``"auto"``, ``"reference"`` or ``"triton"``."""
-    return _backend
+    chosen = _block_backend.get()
+    return _default_backend if chosen is None else chosen
 
 
 def set_backend(backend: str) -> None:
-    """Choose the backend for all later calls (see the module docstring)."""
-    global _backend
-    _backend = _check_name(backend, "backend")
+    """Choose the backend for all later calls (see the module docstring). Inside a
+    :func:`use_backend` block it changes that block's choice only, as the block restores the
+    previous choice when it ends."""
+    global _default_backend
+    key = _check_name(backend, "backend")
+    if _block_backend.get() is None:
+        _default_backend = key
+    else:
+        _block_backend.set(key)
 
 
 @contextlib.contextmanager
 def use_backend(backend: str):
-    """Context manager: run the block with ``backend``, then restore the previous choice."""
-    global _backend
-    previous, _backend = _backend, _check_name(backend, "backend")
+    """Context manager: run the block with ``backend`` in this thread or asyncio task, then
+    restore the previous choice. Other threads and tasks are not affected."""
+    token = _block_backend.set(_check_name(backend, "backend"))
     try:
         yield
     finally:
-        _backend = previous
+        _block_backend.reset(token)
 
 
 def _import_triton() -> bool:
@@ -78,9 +93,10 @@ def triton_interpreter_enabled() -> bool:
 
 def resolve_backend(device: torch.device) -> str:
     """The concrete backend (``"reference"`` or ``"triton"``) for tensors on ``device``."""
-    if _backend == "reference":
+    backend = get_backend()
+    if backend == "reference":
         return "reference"
-    if _backend == "auto":
+    if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     # Explicit "triton": say clearly why it cannot run rather than failing inside Triton.
     if not triton_available():

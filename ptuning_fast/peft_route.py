@@ -12,10 +12,13 @@ For every ``P_TUNING`` and ``PREFIX_TUNING`` adapter of a ``PeftModel``, in plac
   this package's kernels, prefix cache and fused mask;
 - PEFT's keyword ``adapter_names=[...]`` (one adapter name per row) serves a mixed batch in
   ``forward`` and ``generate``: each row computes what it computes when its adapter runs alone;
-  each adapter's ``modules_to_save`` copy (e.g. a classifier head) serves its own rows.
+  each adapter's ``modules_to_save`` copy (e.g. a classifier head, of any module type) serves its
+  own rows. The rows of a call travel in a context variable, never on the shared modules, so
+  concurrent calls from several threads or asyncio tasks give what they give one after another.
 
-PEFT keeps its config, ``save_pretrained``, ``load_adapter``, ``set_adapter``,
-``print_trainable_parameters`` and the rest. ``get_prompt`` still answers (v1: the encoded
+PEFT keeps its config, ``save_pretrained``, ``load_adapter``, ``set_adapter``, ``disable_adapter``
+(inside it, ``forward`` and ``generate`` run the base model alone), ``print_trainable_parameters``
+and the rest. ``get_prompt`` still answers (v1: the encoded
 prompts broadcast over the batch; deep prompts: the prefix cache). Models whose prefix PEFT
 post-processes (bloom, gemma 2-4) and adapters of other types keep PEFT's own forward.
 
@@ -24,7 +27,9 @@ models directly; ``unpatch_peft()`` undoes it; ``with peft_patched(): ...`` does
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import types
 import warnings
 
@@ -32,6 +37,7 @@ import torch
 from peft import PeftModel, PeftType
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING
+from peft.utils.other import ModulesToSaveWrapper
 
 from .native.adapters import encoded_prompt_table, resolve_rows
 from .native.forward import prompt_forward
@@ -153,27 +159,76 @@ def _routed_names(peft_model, adapter_names):
     return names
 
 
-class _AdapterNamesOnModulesToSave:
-    """Within the block, every ``modules_to_save`` wrapper (e.g. a classifier head) of the model
-    runs each row through its own adapter's copy (PEFT's mixed-batch forward of the wrapper)."""
+# The rows each adapter's ``modules_to_save`` copy serves in the routed call running in this
+# thread / asyncio task (None: PEFT's own choice, the active adapter's copy).
+_HEAD_ROWS: contextvars.ContextVar = contextvars.ContextVar("ptuning_fast_head_rows", default=None)
 
-    def __init__(self, model, adapter_names):
-        self.model, self.adapter_names = model, adapter_names
 
-    def __enter__(self):
-        from peft.utils.other import ModulesToSaveWrapper
+class _HeadRows:
+    """A call's rows grouped by adapter: ``names`` (distinct), ``counts`` (rows of each, host ints
+    counted from the caller's list), ``order`` (B,) the rows grouped by adapter and ``inverse`` its
+    inverse permutation (None with one adapter), ``batch`` (B)."""
 
-        def add_names(module, args, kwargs):
-            return args, {**kwargs, "adapter_names": self.adapter_names}
+    __slots__ = ("names", "counts", "order", "inverse", "batch")
 
-        self.handles = [m.register_forward_pre_hook(add_names, with_kwargs=True) for m in self.model.modules()
-                        if isinstance(m, ModulesToSaveWrapper)] if self.adapter_names is not None else []
-        return self
+    def __init__(self, adapter_names, rows):
+        self.names, self.batch = rows.names, len(adapter_names)
+        counts = collections.Counter(adapter_names)
+        self.counts = [counts[name] for name in rows.names]
+        self.order = self.inverse = None
+        if rows.index is not None:  # no host sync: a stable sort of the row index, and its inverse
+            self.order = torch.argsort(rows.index, stable=True)
+            positions = torch.arange(self.batch, device=rows.index.device)
+            self.inverse = torch.empty_like(self.order).scatter_(0, self.order, positions)
 
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        return False
+
+def _adapter_copy(wrapper, name):
+    """``name``'s copy of a ``modules_to_save`` module, or the original where ``name`` has none
+    (as PEFT runs a wrapper whose active adapter has no copy)."""
+    return wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+
+
+def _modules_to_save_forward(self, x, *args, **kwargs):
+    """A ``ModulesToSaveWrapper``'s forward: inside a routed call with ``adapter_names``, each
+    adapter's own copy runs on that adapter's rows, whatever the module's type; else PEFT's."""
+    rows = _HEAD_ROWS.get()
+    if rows is None or self.disable_adapters or "adapter_names" in kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % rows.batch:
+        raise ValueError(f"`adapter_names` gives {rows.batch} rows, but the modules_to_save module got an input of "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}: its first "
+                         "dimension must be the batch")
+    if rows.order is None:
+        return _adapter_copy(self, rows.names[0])(x, *args, **kwargs)
+    repeats = x.shape[0] // rows.batch  # generate() repeats each row for beams / returned sequences
+    order, inverse, counts = rows.order, rows.inverse, rows.counts
+    if repeats != 1:
+        step = torch.arange(repeats, device=order.device)
+        order, inverse = ((order[:, None] * repeats + step).flatten(), (inverse[:, None] * repeats + step).flatten())
+        counts = [c * repeats for c in counts]
+    pieces = x.index_select(0, order).split(counts)
+    outputs = [_adapter_copy(self, name)(piece, *args, **kwargs) for name, piece in zip(rows.names, pieces)]
+    return torch.cat(outputs).index_select(0, inverse)
+
+
+def _route_modules_to_save(model) -> None:
+    """Give every ``modules_to_save`` wrapper of ``model`` the forward above (once per wrapper;
+    wrappers PEFT adds later get it at the next routed call)."""
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and "forward" not in module.__dict__:
+            module.forward = types.MethodType(_modules_to_save_forward, module)
+
+
+@contextlib.contextmanager
+def _head_rows_of_call(model, adapter_names, rows):
+    """The call's rows for the ``modules_to_save`` copies, in a context variable for the call."""
+    if adapter_names is not None:
+        _route_modules_to_save(model)
+    token = _HEAD_ROWS.set(None if adapter_names is None else _HeadRows(adapter_names, rows))
+    try:
+        yield
+    finally:
+        _HEAD_ROWS.reset(token)
 
 
 def _routed_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, *,
@@ -196,13 +251,18 @@ def _routed_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     text = check_model_inputs(holder, input_ids, attention_mask, inputs_embeds, per_token)
     rows = resolve_rows(holder, adapter_names, text.shape[0], text.device)
     return_dict = kwargs.pop("return_dict", None)
-    with _AdapterNamesOnModulesToSave(holder.base_model, adapter_names if rows.index is not None else None):
+    with _head_rows_of_call(holder.base_model, adapter_names, rows):
         out = prompt_forward(holder, rows, input_ids, attention_mask, inputs_embeds, kwargs)
     return out if return_dict is not False else out.to_tuple()
 
 
 def _routed_generate(self, *args, adapter_names=None, **kwargs):
     """``PeftModel.generate`` through the native path; ``adapter_names``: one name per row."""
+    if getattr(self, "_adapters_disabled", False):  # inside `with model.disable_adapter():` the base model's tokens
+        if adapter_names is not None:
+            raise ValueError("`adapter_names` picks prompt adapters, but they are disabled inside "
+                             "`model.disable_adapter()`")
+        return self.get_base_model().generate(*args, **kwargs)
     names = None if kwargs.get("task_ids") is not None else _routed_names(self, adapter_names)
     if names is None:
         return type(self).generate(self, *args, **kwargs)
@@ -215,7 +275,7 @@ def _routed_generate(self, *args, adapter_names=None, **kwargs):
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     text = check_model_inputs(holder, input_ids, attention_mask, inputs_embeds, {})
     rows = resolve_rows(holder, adapter_names, text.shape[0], text.device)
-    with _AdapterNamesOnModulesToSave(holder.base_model, adapter_names if rows.index is not None else None):
+    with _head_rows_of_call(holder.base_model, adapter_names, rows):
         return prompt_generate(holder, rows, input_ids, attention_mask, inputs_embeds, kwargs)
 
 
@@ -235,6 +295,7 @@ def accelerate(peft_model):
         cls = _FAST_ENCODERS.get(config.peft_type)
         if cls is not None and not isinstance(encoder, cls):
             peft_model.prompt_encoder[name] = _rebuild_with_same_parameters(encoder, cls, config)
+    _route_modules_to_save(peft_model)
     if _ATTRIBUTE not in peft_model.__dict__:
         peft_model.__dict__[_ATTRIBUTE] = PeftAdapters(peft_model)
         peft_model.get_prompt = types.MethodType(_fast_get_prompt, peft_model)

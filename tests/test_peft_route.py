@@ -207,3 +207,74 @@ def test_kernels_give_peft_numbers(kind):
     for key in ref_grads:
         torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-6, msg=key)
     assert generated.shape == (2, 9)
+
+
+def qwen3_causal_lm():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tests.tiny_models import PAD, VOCAB
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    return Qwen3ForCausalLM(config)
+
+
+@pytest.mark.peft_oracle
+@pytest.mark.parametrize("kind", ["mlp", "prefix"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3"])
+def test_accelerate_keeps_left_padded_generation(name, kind):
+    """A left-padded batch: PEFT's generate() numbers every column for v1 prompts (padding
+    included) and real tokens for deep prompts; every step's logits and the tokens are PEFT's."""
+    if name == "qwen3":
+        torch.manual_seed(2)
+        base, task = qwen3_causal_lm(), "CAUSAL_LM"
+        model = get_peft_model(base, KINDS[kind](task))
+        randomize_(model.prompt_encoder, 102, scale=2.0)
+    else:
+        model, task = peft_model(name, kind, seed=2)
+        randomize_(model.prompt_encoder, 102, scale=2.0)
+    model.eval()
+    ids = random_ids(3, 7, 12)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                    return_dict_in_generate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "Position ids are not supported ... Ignoring position ids."
+        reference = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    ptuning_fast.accelerate(model)
+    got = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(got.sequences, reference.sequences)
+    assert len(got.logits) == len(reference.logits) == 5
+    for step, (a, b) in enumerate(zip(got.logits, reference.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+@pytest.mark.peft_oracle
+@pytest.mark.parametrize("kind", ["mlp", "prefix"])
+def test_disable_adapter_turns_the_prompt_off_in_generate(kind):
+    model, _ = peft_model("llama", kind, seed=3)
+    randomize_(model.prompt_encoder, 103, scale=2.0)  # a prompt strong enough to change the tokens
+    model.eval()
+    ids = random_ids(2, 6, 13)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with model.disable_adapter():
+            reference = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    base_tokens = model.get_base_model().generate(input_ids=ids, attention_mask=mask, **settings)
+    ptuning_fast.accelerate(model)
+    prompted = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    with model.disable_adapter():
+        got = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        with pytest.raises(ValueError, match="adapter_names.*disable_adapter"):
+            model.generate(input_ids=ids, attention_mask=mask, adapter_names=["default"] * 2, **settings)
+    assert torch.equal(got, reference) and torch.equal(got, base_tokens)
+    assert not torch.equal(prompted, got)
+    torch.testing.assert_close(logits, model.get_base_model()(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **settings), prompted)  # on again

@@ -15,7 +15,7 @@ import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
 import ptuning_fast
-from tests.tiny_models import PAD, build, padded_batch, randomize_
+from tests.tiny_models import PAD, VOCAB, build, padded_batch, randomize_
 
 NAMES = ("a", "b", "c")
 LENGTHS = {"equal": (3, 3, 3), "unequal": (4, 1, 3)}
@@ -31,10 +31,25 @@ def config_of(kind, tokens, index, task):
                               encoder_hidden_size=10)
 
 
+def head_module_cls(name, seed):
+    """RoBERTa and Electra: their classification heads are modules of their own (dense, activation,
+    out_proj), not a Linear."""
+    from transformers import (ElectraConfig, ElectraForSequenceClassification, RobertaConfig,
+                              RobertaForSequenceClassification)
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=44,
+                 max_position_embeddings=80, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                 pad_token_id=PAD, num_labels=3)
+    if name == "roberta_cls":
+        return RobertaForSequenceClassification(RobertaConfig(**sizes)), "SEQ_CLS"
+    return ElectraForSequenceClassification(ElectraConfig(embedding_size=32, **sizes)), "SEQ_CLS"
+
+
 def twins(name, kind, lengths, seed=0):
     """(plain PEFT model, accelerated copy) with three adapters a, b, c and fresh random weights
     (prompt encoders, and for classification each adapter's classifier copy)."""
-    base, task = build(name, seed)
+    base, task = head_module_cls(name, seed) if name in ("roberta_cls", "electra_cls") else build(name, seed)
     model = None
     for index, (adapter, tokens) in enumerate(zip(NAMES, LENGTHS[lengths])):
         config = config_of(kind, tokens, index, task)
@@ -112,6 +127,16 @@ def test_mixed_batch_equals_each_adapter_alone_in_plain_peft(name, kind, lengths
     assert_rows_equal_peft_alone(plain, fast, task, kind, ids, mask, ROWS)
 
 
+@pytest.mark.peft_oracle
+@pytest.mark.parametrize("kind", ["v1", "v2"])
+@pytest.mark.parametrize("name", ["roberta_cls", "electra_cls"])
+def test_mixed_batch_on_a_classification_head_that_is_not_a_linear(name, kind):
+    """PEFT's own mixed batch refuses such heads; here each adapter's head copy serves its rows."""
+    plain, fast, task = twins(name, kind, "equal", seed=8)
+    ids, mask = padded_batch(TEXT, 6, seed=15, side="right")
+    assert_rows_equal_peft_alone(plain, fast, task, kind, ids, mask, ROWS)
+
+
 @pytest.mark.parametrize("kind", ["v1", "v2"])
 def test_mixed_batch_with_the_kernels(kind):
     plain, fast, task = twins("llama", kind, "unequal", seed=3)
@@ -171,3 +196,30 @@ def test_adapter_names_errors_name_the_adapters():
     seq2seq, fast_seq2seq, _ = twins("t5", "v2", "unequal")
     with pytest.raises(ValueError, match="different lengths \\{'a': 4, 'b': 1\\} on a seq2seq model"):
         fast_seq2seq(input_ids=ids, decoder_input_ids=ids, adapter_names=["a", "b"])
+
+
+@pytest.mark.peft_oracle
+@pytest.mark.parametrize("kind", ["v1", "v2"])
+def test_mixed_beam_search_with_a_head_copy_per_adapter(kind):
+    """Each adapter has its own ``lm_head`` copy (``modules_to_save``); beam search repeats each
+    row, and each repeated row still goes through its adapter's copy."""
+    base, task = build("llama", 9)
+    make = (lambda: PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=12,
+                                        modules_to_save=["lm_head"])) if kind == "v1" else (
+        lambda: PrefixTuningConfig(task_type=task, num_virtual_tokens=3, modules_to_save=["lm_head"]))
+    plain = get_peft_model(base.eval(), make(), adapter_name="a")
+    plain.add_adapter("b", make())
+    randomize_(plain.prompt_encoder, 90, scale=2.0)
+    copies = [p for n, p in plain.named_parameters() if "modules_to_save" in n]
+    assert len(copies) == 2
+    randomize_(torch.nn.ParameterList(copies), 91, scale=1.0)
+    fast = ptuning_fast.accelerate(copy.deepcopy(plain))
+    ids, mask = padded_batch([6, 4, 5], 6, seed=18, side="left")
+    names = ["b", "a", "b"]
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=PAD, num_beams=2,
+                    num_return_sequences=2)
+    mixed = fast.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **settings)
+    for row, name in enumerate(names):
+        plain.set_adapter(name)
+        alone = plain.generate(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], **settings)
+        assert torch.equal(mixed[2 * row:2 * row + 2, -4:], alone[:, -4:]), (row, name)

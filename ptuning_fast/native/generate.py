@@ -3,12 +3,16 @@
 The prompts are encoded once per call. v1 prompts go into ``inputs_embeds`` of the laid-out
 batch; deep prompts are written into a fresh prefix cache at the first step (through a wrapper
 around the model's ``prepare_inputs_for_generation``, for the rows ``generate()`` repeats for
-beams), after which transformers drives the loop alone: no per-step work here. Positions count
-real tokens (PEFT's ``generate()`` does too), so ``positions="peft"`` generates as ``"continue"``.
+beams; the wrapper is installed once and finds the call's prefix in a context variable, so
+concurrent calls on one model stay apart), after which transformers drives the loop alone: no
+per-step work here. Positions count real tokens, as the native model's forward does;
+``positions="peft"`` (an accelerated PeftModel) follows PEFT's ``generate()``: v1 prompts number
+every column (prompt, padding, text, new tokens), deep prompts the real tokens after the prefix.
 """
 from __future__ import annotations
 
-import functools
+import contextvars
+import inspect
 
 import torch
 from peft import PeftType, TaskType
@@ -20,23 +24,36 @@ from .adapters import Rows, prefix_weights, rows_kind, rows_options, task_of
 from .forward import layout_batch
 
 
-class _PatchedPrepareInputs:
-    """Within the block, ``model.prepare_inputs_for_generation`` goes through ``hook(original, ...)``."""
+# The prefix step of the prompt_generate() call running in this thread / asyncio task:
+# (model, function of the model inputs), or None. Concurrent calls on one model each see their own.
+_PREFIX_STEP: contextvars.ContextVar = contextvars.ContextVar("ptuning_fast_prefix_step", default=None)
 
-    def __init__(self, model, hook):
-        self.model, self.hook = model, hook
 
-    def __enter__(self):
-        self.saved = self.model.__dict__.get("prepare_inputs_for_generation")
-        original = self.model.prepare_inputs_for_generation
-        self.model.prepare_inputs_for_generation = functools.partial(self.hook, original)
+class _PrepareInputsWithPrefix:
+    """Installed once as a model's ``prepare_inputs_for_generation``: the model's own method,
+    followed, inside a prompt_generate() call on this model, by that call's prefix step (read
+    from a context variable, so nothing of a call is stored on the shared model). Keeps the
+    original's signature, which generate() inspects."""
 
-    def __exit__(self, *exc):
-        if self.saved is None:
-            del self.model.prepare_inputs_for_generation
-        else:
-            self.model.prepare_inputs_for_generation = self.saved
-        return False
+    def __init__(self, model):
+        self.model = model
+
+    def _original(self):
+        return type(self.model).prepare_inputs_for_generation.__get__(self.model)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self._original())
+
+    def __call__(self, *args, **kwargs):
+        model_inputs = self._original()(*args, **kwargs)
+        step = _PREFIX_STEP.get()
+        return model_inputs if step is None or step[0] is not self.model else step[1](model_inputs)
+
+
+def _install_prefix_step(model) -> None:
+    if not isinstance(model.__dict__.get("prepare_inputs_for_generation"), _PrepareInputsWithPrefix):
+        model.prepare_inputs_for_generation = _PrepareInputsWithPrefix(model)
 
 
 def _first_present(*tensors):
@@ -67,17 +84,23 @@ def prompt_generate(holder, rows: Rows, input_ids, attention_mask, inputs_embeds
     for key in ("position_ids", "token_type_ids"):
         if kwargs.get(key) is not None:
             raise ValueError(f"generate() computes `{key}` itself from `attention_mask`; do not pass it")
+    v1 = rows_kind(holder, rows) == PeftType.P_TUNING
+    # PEFT's generate() numbers every column for v1 prompts (it drops the position ids, so the model
+    # counts the prompt, the padding and the text), and real tokens after the prefix for deep prompts.
     positions = rows_options(holder, rows).positions
     layout, prefix, inputs = layout_batch(holder, rows, input_ids, attention_mask, inputs_embeds, None,
-                                          pad_left=decoder_only, positions="continue" if positions == "peft" else None)
+                                          pad_left=decoder_only,
+                                          positions="continue" if positions == "peft" and not v1 else None)
     kwargs.update(inputs)
     max_new_tokens = kwargs.get("max_new_tokens") or 0
-    if rows_kind(holder, rows) == PeftType.P_TUNING:
+    if v1:
         check_position_range(model, layout.width + max_new_tokens - 1, layout.width - layout.text_length,
                              layout.text_length + max_new_tokens)
         kwargs["attention_mask"] = layout.attention_mask
         if decoder_only and accepts(model, "position_ids"):
-            kwargs["position_ids"] = layout.position_ids
+            # given explicitly (every column, for "peft"): generate() would count real tokens from the mask
+            kwargs["position_ids"] = layout.position_ids if layout.position_ids is not None else torch.arange(
+                layout.width, device=layout.attention_mask.device).expand(layout.attention_mask.shape[0], -1)
         out = model.generate(**kwargs)
         return _with_input_ids(out, input_ids) if decoder_only and input_ids is not None else out
 
@@ -94,8 +117,7 @@ def prompt_generate(holder, rows: Rows, input_ids, attention_mask, inputs_embeds
     else:
         kwargs["attention_mask"] = layout.attention_mask
 
-    def inject_prefix(original, *args, **kwargs):  # named `kwargs`: generate() inspects the signature
-        model_inputs = original(*args, **kwargs)
+    def inject_prefix(model_inputs):
         cache = get_cache(model_inputs)
         if cache is None or cache.get_seq_length() == 0:  # the first step: put the prefix in
             ids = _first_present(model_inputs.get("input_ids"), model_inputs.get("decoder_input_ids"),
@@ -106,8 +128,12 @@ def prompt_generate(holder, rows: Rows, input_ids, attention_mask, inputs_embeds
                                                          max_new_tokens=max_new_tokens, dtype=dtype)
         return model_inputs
 
-    with _PatchedPrepareInputs(model, inject_prefix):
+    _install_prefix_step(model)
+    token = _PREFIX_STEP.set((model, inject_prefix))
+    try:
         out = model.generate(**kwargs)
+    finally:
+        _PREFIX_STEP.reset(token)
     if decoder_only and input_ids is not None:  # transformers returned the laid-out ids + new tokens
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         return _with_input_ids(out, input_ids, new_tokens=sequences[:, layout.width:])

@@ -20,10 +20,13 @@ virtual tokens in the input) or ``PrefixTuningConfig`` (P-Tuning v2 deep prompts
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from peft import PeftType
+from peft import PeftModel, PeftType
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._validation import INDEX_DTYPES, check_tensor, check_token_tensor
 from ..hf.compat import get_cache
@@ -217,6 +220,36 @@ class PTuningModel(torch.nn.Module):
                             optimizer=optimizer)
 
 
+class AdapterCheckpointCallback(TrainerCallback):
+    """For the HF ``Trainer`` training a :class:`PTuningModel`: every checkpoint folder the Trainer
+    saves (``checkpoint-STEP``) also holds the model's adapters in PEFT's format, which
+    ``PeftModel.from_pretrained`` and :func:`load_adapter` read::
+
+        Trainer(model=ptuning_model, args=args, train_dataset=data, callbacks=[AdapterCheckpointCallback()])
+
+    The Trainer calls ``save_pretrained`` only on a ``PreTrainedModel`` or ``PeftModel``; of any
+    other module it writes the whole ``state_dict`` (base model included) as ``model.safetensors``,
+    which it keeps for its own ``resume_from_checkpoint``. ``save_encoder=True`` also writes the
+    encoders, so that ``load_adapter(..., is_trainable=True)`` resumes them. A ``PeftModel``
+    needs no callback: the Trainer saves its adapter folder itself.
+    """
+
+    def __init__(self, save_encoder: bool = False):
+        if not isinstance(save_encoder, bool):
+            raise TypeError(f"`save_encoder` must be a bool, got {save_encoder!r}")
+        self.save_encoder = save_encoder
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if isinstance(model, PeftModel):
+            return
+        if not isinstance(model, PTuningModel):
+            raise TypeError(f"AdapterCheckpointCallback saves the adapters of a PTuningModel; the Trainer's model is "
+                            f"{type(model).__name__}")
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            model.save_pretrained(folder, save_encoder=self.save_encoder)
+
+
 def get_ptuning_model(model, config, adapter_name: str = "default", options: Optional[PromptOptions] = None,
                       **option_kwargs) -> PTuningModel:
     """Wrap a transformers ``model`` with a P-tuning adapter built from ``config``.
@@ -262,4 +295,4 @@ def load_adapter(model, model_id: str, adapter_name: str = "default", *, is_trai
                              optimizer=optimizer)
 
 
-__all__ = ["PTuningModel", "check_model_inputs", "get_ptuning_model", "load_adapter"]
+__all__ = ["AdapterCheckpointCallback", "PTuningModel", "check_model_inputs", "get_ptuning_model", "load_adapter"]

@@ -264,7 +264,10 @@ class _PrefixPlan:
         """One adapter's prefix encoded once with autograd's own ops, as ``2L`` views
         ``(Hkv, P, Dh)`` (entry ``2l + s``: layer ``l``'s keys or values); see :meth:`full_precision`."""
         g = self.geometry
-        return prefix_layer_views(encode_prefix_reference(*self.weights[0]), g.num_kv_heads, g.head_dim)
+        # in the cache's dtype, as PEFT casts the prefix to the model's (under autocast the encoder
+        # computes in the autocast dtype)
+        encoded = _cast(encode_prefix_reference(*self.weights[0]), self.dtype)
+        return prefix_layer_views(encoded, g.num_kv_heads, g.head_dim)
 
     def write(self, out: torch.Tensor) -> list:
         """Write every row's prefix into ``out[..., :P, :]``; return what the backward needs

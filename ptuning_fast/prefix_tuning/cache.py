@@ -120,16 +120,16 @@ class PrefixKVLayer(DynamicLayer):
         self._set_storage(*grown)
 
     def _check_states(self, key_states, value_states) -> None:
-        """Shapes, dtype and device of one append. Checked in full for a new pair of shapes (once
-        per layer for the prompt, once for the one-token steps of generate()); the same shapes
-        again need only the dtype and device compared."""
-        shapes = (key_states.shape, value_states.shape) if isinstance(key_states, torch.Tensor) and isinstance(
-            value_states, torch.Tensor) else None
-        if shapes is not None and shapes == self._checked and key_states.dtype == value_states.dtype == self.dtype \
-                and key_states.device == self.device and value_states.device == self.device:
+        """Shapes, dtypes and device of one append. Checked in full for new shapes or dtypes (once
+        per layer for the prompt, once for the one-token steps of generate()); the same again
+        need only the device compared."""
+        seen = (key_states.shape, value_states.shape, key_states.dtype, value_states.dtype) if isinstance(
+            key_states, torch.Tensor) and isinstance(value_states, torch.Tensor) else None
+        if seen is not None and seen == self._checked and key_states.device == self.device \
+                and value_states.device == self.device:
             return
         self._check_states_in_full(key_states, value_states)
-        self._checked = shapes
+        self._checked = seen
 
     def _check_states_in_full(self, key_states, value_states) -> None:
         for name, t in (("key_states", key_states), ("value_states", value_states)):
@@ -142,9 +142,12 @@ class PrefixKVLayer(DynamicLayer):
                     f"PrefixKVCache layer {self.layer_idx}: `{name}` has shape {tuple(t.shape)}, expected "
                     f"(batch={expected[0]}, kv_heads={expected[1]}, seq, head_dim={expected[3]}); was the cache "
                     "built for this model and batch size?")
-            if t.dtype != self.dtype:
+            # Narrower states (bf16 keys under autocast, beside a prefix in the model's fp32) are
+            # stored in the cache's dtype, as DynamicCache's torch.cat promotes them (PEFT's numbers).
+            if t.dtype != self.dtype and not (t.dtype.is_floating_point
+                                              and torch.promote_types(t.dtype, self.dtype) == self.dtype):
                 raise ValueError(f"PrefixKVCache layer {self.layer_idx}: the model's {name} are {t.dtype} but the "
-                                 f"cache holds {self.dtype}; build the cache with dtype={t.dtype}")
+                                 f"cache holds {self.dtype}, a narrower type; build the cache with dtype={t.dtype}")
             if t.device != self.device:
                 raise ValueError(f"PrefixKVCache layer {self.layer_idx}: `{name}` is on {t.device} but the cache "
                                  f"is on {self.device}")
