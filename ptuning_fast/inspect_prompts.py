@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from peft import PeftType
 
 from ._validation import check_positive_int
 from .native.adapters import check_config_fits_model
-from .native.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter_folder, read_safetensors
+from .native.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, read_adapter_folder, read_safetensors, write_bytes,
+                                write_text)
 from .native.text_init import layer_key_values
 
 MINILM = "minilm"  # the embedded MiniLM-L6 BERT, as ``ptuning-fast train --model`` names it
@@ -112,6 +114,12 @@ def _figure(rows: int, columns: int, panel_size: float):
     return figure, axes
 
 
+def _save_figure(figure, path: str) -> None:
+    png = io.BytesIO()
+    figure.savefig(png, dpi=110, format="png")
+    write_bytes(png.getvalue(), path)  # renamed into place: a link at `path` is replaced, not followed
+
+
 def _plot_similarity(prompts: torch.Tensor, deep: bool, path: str, title: str) -> None:
     if deep:
         layers = _panel_layers(prompts.shape[1])
@@ -129,7 +137,7 @@ def _plot_similarity(prompts: torch.Tensor, deep: bool, path: str, title: str) -
             ax.set_ylabel("virtual token")
     figure.colorbar(image, ax=axes.ravel().tolist(), label="cosine similarity")
     figure.suptitle(title)
-    figure.savefig(path, dpi=110)
+    _save_figure(figure, path)
 
 
 def _plot_norms(prompts: torch.Tensor, deep: bool, path: str, title: str) -> None:
@@ -150,7 +158,7 @@ def _plot_norms(prompts: torch.Tensor, deep: bool, path: str, title: str) -> Non
         ax.set_xlabel("virtual token")
         ax.set_ylabel("L2 norm")
     figure.suptitle(title)
-    figure.savefig(path, dpi=110)
+    _save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +315,7 @@ def inspect_adapter(checkpoint, output_dir, *, model=None, tokenizer=None, top_k
     nearest_path = None
     if nearest is not None:
         nearest_path = os.path.join(output_dir, NEAREST_FILE)
-        with open(nearest_path, "w") as handle:
-            json.dump(nearest, handle, indent=2, ensure_ascii=False)
+        write_text(json.dumps(nearest, indent=2, ensure_ascii=False), nearest_path)
 
     print(f"{checkpoint}: {kind}, {prompts.shape[0]} virtual tokens")
     print(_table(prompts, deep, nearest))

@@ -18,14 +18,18 @@ PEFT does):
 ``ptuning_fast_config.json`` holds the native model's :class:`~ptuning_fast.native.options.PromptOptions`.
 
 Every file is written to a temporary name and renamed into place, so a reader never sees half a
-file. The functions work on any holder of prompt adapters (a ``PTuningModel`` or a ``PeftModel``,
+file, and a link planted at a file's name is replaced, not written through. An adapter's files are
+all written aside first, then renamed into its folder: a save that fails midway (disk full) leaves
+the folder as it was. Loads refuse a file that is a link out of the folder they were given. The functions work on any holder of prompt adapters (a ``PTuningModel`` or a ``PeftModel``,
 by their attributes; see :mod:`ptuning_fast.native.adapters`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from typing import Optional
@@ -33,10 +37,10 @@ from typing import Optional
 import torch
 from peft import PeftConfig, PeftType
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .adapters import (PROMPT_TYPES, adapter_parts, check_config_fits_model, check_holder, encoded_prompt_table,
-                       make_encoder)
+from .adapters import (PROMPT_TYPES, adapter_parts, check_adapter_identifier, check_config_fits_model, check_holder,
+                       encoded_prompt_table, make_encoder)
 from .options import PromptOptions
 
 CONFIG_NAME = "adapter_config.json"
@@ -55,27 +59,58 @@ def adapter_directory(save_directory: str, adapter_name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Files: safetensors and JSON, each written atomically and read with an error naming the file
 # ---------------------------------------------------------------------------------------------
+def _open_temporary(path: str):
+    """(fd, name) of a new file beside ``path``, created exclusively (never an existing file or link)."""
+    directory, name = os.path.split(path)
+    while True:
+        temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666), \
+                temporary
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def _replacing(path: str):
+    """Yield an open temporary file beside ``path``; renamed over ``path`` when the block succeeds
+    (a rename replaces a link at ``path`` rather than writing where it points), removed otherwise."""
+    fd, temporary = _open_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle, temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def write_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, temporary, metadata={"format": "pt", **(metadata or {})})
-    os.replace(temporary, path)
+    with _replacing(path) as (handle, _):
+        handle.write(save(tensors, metadata={"format": "pt", **(metadata or {})}))
+
+
+def write_bytes(data: bytes, path: str) -> None:
+    with _replacing(path) as (handle, _):
+        handle.write(data)
+
+
+def write_text(text: str, path: str) -> None:
+    write_bytes(text.encode("utf-8"), path)
 
 
 def write_json(data, path: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-    os.replace(temporary, path)
+    write_text(json.dumps(data, indent=2, sort_keys=True), path)
 
 
-def _write_peft_config(config, directory: str) -> None:
-    """``adapter_config.json`` exactly as PEFT writes it (its own ``save_pretrained``), renamed into place."""
-    temporary = tempfile.mkdtemp(prefix=".config-", dir=directory)
-    try:
-        config.save_pretrained(temporary)
-        os.replace(os.path.join(temporary, CONFIG_NAME), os.path.join(directory, CONFIG_NAME))
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+def check_inside(path: str, folder: str) -> str:
+    """``path``, unless it is (or goes through) a link leading out of ``folder``: a load reads only
+    what lies in the folder it was given."""
+    real_folder = os.path.realpath(folder)
+    if os.path.commonpath([os.path.realpath(path), real_folder]) != real_folder:
+        raise ValueError(f"{path} is a link out of {folder}: refusing to read it")
+    return path
 
 
 def read_safetensors(path: str, device: str = "cpu") -> dict:
@@ -192,6 +227,7 @@ def save_adapter(model, save_directory: str, adapter_name: Optional[str] = None,
     loading with ``is_trainable=True`` needs to resume training.
     """
     encoder, config, options, adapter_name = adapter_parts(model, adapter_name)
+    check_adapter_identifier(adapter_name)
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"`save_directory` must be a path, got {type(save_directory).__name__}")
     if os.path.isfile(save_directory):
@@ -205,26 +241,40 @@ def save_adapter(model, save_directory: str, adapter_name: Optional[str] = None,
     if save_encoder and config.inference_mode:
         raise ValueError(f"adapter {adapter_name!r} holds encoded prompts only (loaded for inference, or frozen): "
                          "there is no encoder to save")
-    directory = adapter_directory(os.fspath(save_directory), adapter_name)
+    save_directory = os.fspath(save_directory)
+    directory = adapter_directory(save_directory, adapter_name)
+    if os.path.islink(directory):
+        raise ValueError(f"`save_directory`: {directory} is a link; the adapter {adapter_name!r} is written only "
+                         f"inside {save_directory}")
     os.makedirs(directory, exist_ok=True)
-
-    write_safetensors({"prompt_embeddings": prompt_embeddings_to_save(encoder, config)},
-                      os.path.join(directory, WEIGHTS_NAME))
     saved_config = copy.deepcopy(config)
     saved_config.inference_mode = True  # as PEFT: the folder holds the encoded prompts
     if saved_config.base_model_name_or_path is None:
         base = model.get_base_model()
         saved_config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
-    _write_peft_config(saved_config, directory)
-
-    if save_encoder:
-        tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-        write_safetensors(tensors, os.path.join(directory, ENCODER_NAME))
-        if optimizer is not None:
-            save_optimizer(optimizer, os.path.join(directory, OPTIMIZER_NAME))
     extras = {"format_version": FORMAT_VERSION, "prompt_options": options.to_dict(),
               "encoder_saved": bool(save_encoder)}
-    write_json(extras, os.path.join(directory, OPTIONS_NAME))
+    # Every file is written aside first; only complete files are renamed in (the options last).
+    staging = tempfile.mkdtemp(prefix=".adapter-", dir=directory)
+    try:
+        write_safetensors({"prompt_embeddings": prompt_embeddings_to_save(encoder, config)},
+                          os.path.join(staging, WEIGHTS_NAME))
+        saved_config.save_pretrained(staging)  # adapter_config.json exactly as PEFT writes it
+        if save_encoder:
+            tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+            write_safetensors(tensors, os.path.join(staging, ENCODER_NAME))
+            if optimizer is not None:
+                save_optimizer(optimizer, os.path.join(staging, OPTIMIZER_NAME))
+        write_json(extras, os.path.join(staging, OPTIONS_NAME))
+        written = [n for n in (ENCODER_NAME, OPTIMIZER_NAME, WEIGHTS_NAME, CONFIG_NAME, OPTIONS_NAME)
+                   if os.path.isfile(os.path.join(staging, n))]
+        for name in (ENCODER_NAME, OPTIMIZER_NAME):  # an earlier save's, which would not match the new prompts
+            if name not in written and os.path.lexists(os.path.join(directory, name)):
+                os.unlink(os.path.join(directory, name))
+        for name in written:
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -237,8 +287,7 @@ def read_adapter_folder(model_id, *, is_trainable: bool = False, adapter_name: s
     load asks (``config.inference_mode`` is set to ``not is_trainable``)."""
     if not isinstance(is_trainable, bool):
         raise TypeError(f"`is_trainable` must be a bool, got {is_trainable!r}")
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise TypeError(f"`adapter_name` must be a non-empty str, got {adapter_name!r}")
+    check_adapter_identifier(adapter_name)
     if optimizer is not None and not is_trainable:
         raise ValueError("restoring an `optimizer` needs `is_trainable=True`")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -252,6 +301,9 @@ def read_adapter_folder(model_id, *, is_trainable: bool = False, adapter_name: s
     if not os.path.isfile(os.path.join(model_id, WEIGHTS_NAME)):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {model_id!r}; ptuning_fast reads safetensors only "
                                 "(re-save a pickled adapter_model.bin with safetensors)")
+    for name in (CONFIG_NAME, WEIGHTS_NAME, OPTIONS_NAME, ENCODER_NAME, OPTIMIZER_NAME):
+        if os.path.lexists(os.path.join(model_id, name)):
+            check_inside(os.path.join(model_id, name), model_id)
     raw = read_json(config_path)
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
@@ -343,6 +395,7 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     return holder
 
 
-__all__ = ["adapter_directory", "encoded_prompts", "freeze_adapter", "load_adapter_into", "load_optimizer",
+__all__ = ["adapter_directory", "check_inside", "encoded_prompts", "freeze_adapter", "load_adapter_into", "load_optimizer",
            "optimizer_state_from_file", "prompt_embeddings_to_save", "read_adapter_folder", "read_json",
-           "read_safetensors", "save_adapter", "save_optimizer", "write_json", "write_safetensors"]
+           "read_safetensors", "save_adapter", "save_optimizer", "write_bytes", "write_json", "write_safetensors",
+           "write_text"]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..native.checkpoint import load_optimizer, read_json, read_safetensors, save_optimizer, write_json, \
-    write_safetensors
+from ..native.checkpoint import check_inside, load_optimizer, read_json, read_safetensors, save_optimizer, \
+    write_json, write_safetensors
 from .config import TrainConfig, check_config
 from .model import trainable_parameters
 
@@ -103,9 +103,13 @@ def _tidy(parent: Path) -> None:
     ones whose replacement exists (one whose replacement never arrived is moved back)."""
     for entry in parent.iterdir():
         match = _SIBLING.fullmatch(entry.name)
-        if match is None or not entry.is_dir():
+        if match is None:
             continue
-        if match["kind"] == "old" and not (parent / match["name"]).exists():
+        if entry.is_symlink():  # never ours: removed, not followed
+            entry.unlink()
+        elif not entry.is_dir():
+            continue
+        elif match["kind"] == "old" and not (parent / match["name"]).exists():
             os.rename(entry, parent / match["name"])
         else:
             shutil.rmtree(entry, ignore_errors=True)
@@ -128,6 +132,8 @@ def atomic_folder(folder):
             for name in files:
                 _sync_file(os.path.join(root, name))
             _sync_folder(root)
+        if folder.is_symlink():  # replaced, never written through
+            os.unlink(folder)
         if folder.exists():  # no atomic swap of two folders: move the old one aside, complete, first
             aside = parent / f".{folder.name}.old-{os.getpid()}"
             os.rename(folder, aside)
@@ -159,12 +165,15 @@ def latest_checkpoint(output_dir) -> Path:
     entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
     for path in entries:
         match = _CHECKPOINT.fullmatch(path.name)
+        if match and path.is_symlink():
+            raise ValueError(f"`resume`: {str(path)!r} is a link; checkpoints are read only from inside "
+                             f"{str(output_dir)!r}")
         if match and all((path / name).is_file() for name in CHECKPOINT_FILES):
             found[int(match["step"])] = path
     for path in entries:
         sibling = _SIBLING.fullmatch(path.name)
         match = sibling and sibling["kind"] == "old" and _CHECKPOINT.fullmatch(sibling["name"])
-        if match and int(match["step"]) not in found and all((path / n).is_file() for n in CHECKPOINT_FILES):
+        if match and int(match["step"]) not in found and not path.is_symlink() and all((path / n).is_file() for n in CHECKPOINT_FILES):
             found[int(match["step"])] = path
     if not found:
         raise ValueError(f"`resume`: no checkpoint ({CHECKPOINT_PREFIX}STEP with {TRAINING_STATE_FILE}) in "
@@ -201,6 +210,7 @@ def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: 
     for name in CHECKPOINT_FILES:
         if not (folder / name).is_file():
             raise ValueError(f"`resume`: {str(folder)!r} is not a checkpoint of this job (no {name})")
+        check_inside(str(folder / name), str(folder))
     saved = read_json(str(folder / TRAINING_STATE_FILE))
     mismatched = [k for k in RESUME_MUST_MATCH if saved["config"].get(k) != config.to_dict()[k]]
     if mismatched:

@@ -12,6 +12,7 @@ import torch
 
 from ..backend import resolve_backend
 from ..hf.introspection import is_decoder_only
+from ..native.checkpoint import write_text
 from .checkpoint import check_output_dir, checkpoint_folder, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, check_config
 from .data import (Encoded, count_targets, encode_examples, global_batch, label_names, label_token_ids, load_examples,
@@ -320,7 +321,7 @@ class Job:
         }
         if config.output_dir is not None and self.dist.is_main:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(config.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            write_text(json.dumps(summary, indent=2), str(Path(config.output_dir) / SUMMARY_FILE))
         self.log(format_summary(summary))
         return summary
 
