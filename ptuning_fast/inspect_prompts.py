@@ -32,8 +32,7 @@ from peft import PeftType
 
 from ._validation import check_positive_int
 from .native.adapters import check_config_fits_model
-from .native.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, read_adapter_folder, read_safetensors, write_bytes,
-                                write_text)
+from .native.checkpoint import CONFIG_NAME, read_adapter_folder, read_prompt_embeddings, write_bytes, write_text
 from .native.text_init import layer_key_values
 
 MINILM = "minilm"  # the embedded MiniLM-L6 BERT, as ``ptuning-fast train --model`` names it
@@ -65,18 +64,11 @@ def read_prompts(checkpoint: str):
         raise TypeError(f"`checkpoint` must be a path to an adapter folder, got {type(checkpoint).__name__}")
     checkpoint = os.fspath(checkpoint)
     config, _, _ = read_adapter_folder(checkpoint)
-    path = os.path.join(checkpoint, WEIGHTS_NAME)
-    weights = read_safetensors(path)
-    if "prompt_embeddings" not in weights:
-        raise ValueError(f"{path} holds {sorted(weights)}, not `prompt_embeddings`")
-    prompts = weights["prompt_embeddings"].float()
     if config.peft_type == PeftType.P_TUNING:
         expected = (config.num_virtual_tokens * (config.num_transformer_submodules or 1), config.token_dim)
     else:
         expected = (config.num_virtual_tokens, config.num_layers * 2 * config.token_dim)
-    if tuple(prompts.shape) != expected:
-        raise ValueError(f"`prompt_embeddings` in {path} has shape {tuple(prompts.shape)}, but "
-                         f"{os.path.join(checkpoint, CONFIG_NAME)} gives {expected}")
+    prompts = read_prompt_embeddings(checkpoint, expected).float()
     if config.peft_type == PeftType.PREFIX_TUNING:  # PEFT's flat layout: ((l * 2 + s) * Hkv + h) * Dh + d
         prompts = prompts.view(config.num_virtual_tokens, config.num_layers, 2, config.token_dim)
     return config, prompts

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from peft import PeftConfig, PeftType
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from .adapters import (PROMPT_TYPES, adapter_parts, check_adapter_identifier, check_config_fits_model, check_holder,
                        encoded_prompt_table, make_encoder)
@@ -113,19 +113,55 @@ def check_inside(path: str, folder: str) -> str:
     return path
 
 
-def read_safetensors(path: str, device: str = "cpu") -> dict:
-    try:
-        return load_file(path, device=device)
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+# safetensors' dtype names of floating-point tensors (what prompts, weights and optimizer moments may be)
+FLOATING_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def read_safetensors_metadata(path: str) -> dict:
+def _unreadable(path: str, exc) -> ValueError:
+    return ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}")
+
+
+def read_header(path: str):
+    """({key: (shape, safetensors dtype name)}, metadata) of a safetensors file, from its header
+    alone: no tensor is read."""
     try:
         with safe_open(path, framework="pt") as handle:
-            return handle.metadata() or {}
+            header = {}
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                header[key] = (tuple(part.get_shape()), part.get_dtype())
+            return header, handle.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+        raise _unreadable(path, exc) from None
+
+
+def read_tensors(path: str, expected: dict, *, dtypes=FLOATING_DTYPES, finite: bool = True,
+                 device: str = "cpu", other_keys: bool = False) -> dict:
+    """The tensors of a safetensors file, checked against ``expected`` ({key: shape, or None for
+    any shape}) from the header before any tensor is read: the same keys (others are left unread
+    with ``other_keys``, else refused), those shapes, dtypes in ``dtypes``; then, as each is read,
+    finite values (``finite``). Each error names the file and key."""
+    header, _ = read_header(path)
+    missing = sorted(set(expected) - set(header))
+    unexpected = [] if other_keys else sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} holds other tensors than expected: missing {missing}, unexpected {unexpected}")
+    for key, shape in expected.items():
+        saved_shape, dtype = header[key]
+        if dtype not in dtypes:
+            raise ValueError(f"{path}: tensor {key!r} is {dtype}; expected one of {list(dtypes)}")
+        if shape is not None and saved_shape != tuple(shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {saved_shape}, expected {tuple(shape)}")
+    tensors = {}
+    try:
+        with safe_open(path, framework="pt", device=device) as handle:
+            for key in expected:
+                tensors[key] = handle.get_tensor(key)
+                if finite and not bool(torch.isfinite(tensors[key]).all()):  # once, at load
+                    raise ValueError(f"{path}: tensor {key!r} holds NaN or Inf")
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+    return tensors
 
 
 def read_json(path: str):
@@ -188,20 +224,53 @@ def _optimizer_tensors(optimizer):
     return tensors, metadata
 
 
-def optimizer_state_from_file(path: str) -> dict:
-    """The ``state_dict`` of an optimizer written by :func:`save_adapter` (or the training job)."""
-    metadata = read_safetensors_metadata(path)
-    tensors = read_safetensors(path)
-    if "param_groups" not in metadata:
-        raise ValueError(f"{path} is not an optimizer state written by ptuning_fast (no param_groups)")
+def _metadata_json(path: str, metadata: dict, key: str, default=None):
+    if key not in metadata:
+        if default is not None:
+            return default
+        raise ValueError(f"{path} is not an optimizer state written by ptuning_fast (no {key!r} in its metadata)")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON: {exc}") from None
+
+
+def optimizer_state_from_file(path: str, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """The ``state_dict`` of an optimizer written by :func:`save_adapter` (or the training job),
+    checked from the file's header (and against ``optimizer``'s parameters, when given: each state
+    tensor a scalar or of its parameter's shape) before any tensor is read."""
+    header, metadata = read_header(path)
+    groups = _metadata_json(path, metadata, "param_groups")
+    scalars = _metadata_json(path, metadata, "scalars", default={})
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise ValueError(f"{path}: metadata 'param_groups' must be a list of groups with 'params' lists")
+    if not isinstance(scalars, dict):
+        raise ValueError(f"{path}: metadata 'scalars' must be a JSON object")
+    params = None if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
+    count = sum(len(g["params"]) for g in groups)
+    expected = {}
+    for key, (shape, _) in header.items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) >= count:
+            raise ValueError(f"{path}: tensor {key!r} is not the state of one of its {count} parameters "
+                             "('state.INDEX.NAME')")
+        if params is not None and shape != () and int(parts[1]) < len(params) \
+                and shape != tuple(params[int(parts[1])].shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {shape}, but parameter {parts[1]} of `optimizer` "
+                             f"has shape {tuple(params[int(parts[1])].shape)}")
+        expected[key] = shape
     state = {}
-    for key, value in tensors.items():
+    for key, value in read_tensors(path, expected).items():
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = value
-    for key, value in json.loads(metadata.get("scalars", "{}")).items():
-        index, name = key.split(".", 1)
+    for key, value in scalars.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or not name or int(index) >= count:
+            raise ValueError(f"{path}: metadata 'scalars' key {key!r} is not 'INDEX.NAME' of one of its {count} "
+                             "parameters")
         state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+    return {"state": state, "param_groups": groups}
 
 
 def save_optimizer(optimizer, path: str) -> None:
@@ -209,14 +278,18 @@ def save_optimizer(optimizer, path: str) -> None:
     write_safetensors(tensors, path, metadata)
 
 
-def load_optimizer(optimizer, path: str) -> None:
-    saved = optimizer_state_from_file(path)
-    groups = saved["param_groups"]
-    if len(groups) != len(optimizer.param_groups) or any(
-            len(a["params"]) != len(b["params"]) for a, b in zip(groups, optimizer.param_groups)):
-        raise ValueError("`optimizer` does not match the saved optimizer state (different parameter groups); "
+def load_optimizer(optimizer, path: str) -> dict:
+    """Restore ``optimizer`` from ``path``; returns the state loaded."""
+    groups = optimizer.param_groups
+    header_groups = _metadata_json(path, read_header(path)[1], "param_groups")
+    if not isinstance(header_groups, list) or len(header_groups) != len(groups) or any(
+            not isinstance(a, dict) or len(a.get("params", ())) != len(b["params"])
+            for a, b in zip(header_groups, groups)):
+        raise ValueError(f"`optimizer` does not match the optimizer state in {path} (different parameter groups); "
                          "build it over the same parameters, in the same order, as when it was saved")
+    saved = optimizer_state_from_file(path, optimizer)
     optimizer.load_state_dict(saved)
+    return saved
 
 
 def save_adapter(model, save_directory: str, adapter_name: Optional[str] = None, *, save_encoder: bool = False,
@@ -331,33 +404,23 @@ def read_adapter_folder(model_id, *, is_trainable: bool = False, adapter_name: s
     return config, options, has_encoder
 
 
+def read_prompt_embeddings(model_id: str, shape: tuple, device: str = "cpu") -> torch.Tensor:
+    """``prompt_embeddings`` of the adapter folder ``model_id``, checked to be of ``shape``, floating
+    and finite before use."""
+    # PEFT's file may also hold a task head (modules_to_save): PEFT loads it; it is never read here.
+    return read_tensors(os.path.join(model_id, WEIGHTS_NAME), {"prompt_embeddings": shape}, device=device,
+                        other_keys=True)["prompt_embeddings"]
+
+
 def _load_weights(encoder, model_id: str, resume: bool) -> None:
     device = str(encoder.embedding.weight.device)
     if resume:
         path = os.path.join(model_id, ENCODER_NAME)
-        tensors = read_safetensors(path, device)
-        state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
-        expected = encoder.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{path} does not match the encoder its config builds: missing {missing}, "
-                             f"unexpected {unexpected}")
-        shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
-                  if tuple(v.shape) != tuple(expected[k].shape)}
-        if shapes:
-            raise ValueError(f"{path} holds tensors of other shapes than the encoder its config builds "
-                             f"(saved, expected): {shapes}")
-        encoder.load_state_dict(state, strict=True)
+        expected = encoder.state_dict()  # floating weights only (the encoders hold no buffers)
+        tensors = read_tensors(path, {f"encoder.{k}": v.shape for k, v in expected.items()}, device=device)
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items()}, strict=True)
         return
-    path = os.path.join(model_id, WEIGHTS_NAME)
-    weights = read_safetensors(path, device)
-    if "prompt_embeddings" not in weights:
-        raise ValueError(f"{WEIGHTS_NAME} in {model_id!r} holds {sorted(weights)}, not `prompt_embeddings`")
-    embeddings = weights["prompt_embeddings"]
-    expected = tuple(encoder.embedding.weight.shape)
-    if tuple(embeddings.shape) != expected:
-        raise ValueError(f"`prompt_embeddings` in {model_id!r} has shape {tuple(embeddings.shape)}, but the "
-                         f"adapter config gives {expected}")
+    embeddings = read_prompt_embeddings(model_id, tuple(encoder.embedding.weight.shape), device)
     with torch.no_grad():
         encoder.embedding.weight.copy_(embeddings)
 
@@ -395,7 +458,7 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     return holder
 
 
-__all__ = ["adapter_directory", "check_inside", "encoded_prompts", "freeze_adapter", "load_adapter_into", "load_optimizer",
-           "optimizer_state_from_file", "prompt_embeddings_to_save", "read_adapter_folder", "read_json",
-           "read_safetensors", "save_adapter", "save_optimizer", "write_bytes", "write_json", "write_safetensors",
-           "write_text"]
+__all__ = ["FLOATING_DTYPES", "adapter_directory", "check_inside", "encoded_prompts", "freeze_adapter",
+           "load_adapter_into", "load_optimizer", "optimizer_state_from_file", "prompt_embeddings_to_save",
+           "read_adapter_folder", "read_header", "read_json", "read_prompt_embeddings", "read_tensors", "save_adapter",
+           "save_optimizer", "write_bytes", "write_json", "write_safetensors", "write_text"]

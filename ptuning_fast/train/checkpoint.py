@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..native.checkpoint import check_inside, load_optimizer, read_json, read_safetensors, save_optimizer, \
-    write_json, write_safetensors
+from ..native.checkpoint import (check_inside, load_optimizer, optimizer_state_from_file, read_header, read_json,
+                                 read_tensors, save_optimizer, write_json, write_safetensors)
 from .config import TrainConfig, check_config
 from .model import trainable_parameters
 
@@ -203,6 +203,31 @@ def save_checkpoint(folder, peft_model, optimizer, step: int, config: TrainConfi
                    str(temporary / TRAINING_STATE_FILE))
 
 
+def read_training_state(path) -> dict:
+    """``training_state.json``, checked: a JSON object with ``step`` (an int >= 0), ``config`` (an
+    object) and ``labels`` (a list), each error naming the file and key."""
+    saved = read_json(str(path))
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(saved).__name__}")
+    for key, kind, what in (("step", int, "an int"), ("config", dict, "an object"), ("labels", list, "a list")):
+        if key not in saved:
+            raise ValueError(f"{path} has no {key!r}: not a complete checkpoint")
+        if not isinstance(saved[key], kind) or isinstance(saved[key], bool):
+            raise ValueError(f"{path}: {key!r} must be {what}, got {saved[key]!r}")
+    if saved["step"] < 0:
+        raise ValueError(f"{path}: 'step' must be >= 0, got {saved['step']}")
+    return saved
+
+
+def read_rng_state(path: str) -> dict:
+    """The RNG states in ``path``, checked to be the uint8 states of this torch build."""
+    expected = {"cpu": tuple(torch.get_rng_state().shape)}
+    header, _ = read_header(path)
+    if "cuda" in header:
+        expected["cuda"] = tuple(torch.cuda.get_rng_state().shape) if torch.cuda.is_available() else None
+    return read_tensors(path, expected, dtypes=("U8",), finite=False)
+
+
 def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: list) -> int:
     """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
     check_config(config)
@@ -211,7 +236,7 @@ def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: 
         if not (folder / name).is_file():
             raise ValueError(f"`resume`: {str(folder)!r} is not a checkpoint of this job (no {name})")
         check_inside(str(folder / name), str(folder))
-    saved = read_json(str(folder / TRAINING_STATE_FILE))
+    saved = read_training_state(folder / TRAINING_STATE_FILE)
     mismatched = [k for k in RESUME_MUST_MATCH if saved["config"].get(k) != config.to_dict()[k]]
     if mismatched:
         raise ValueError("`resume`: the checkpoint was made with different options: " + ", ".join(
@@ -219,15 +244,16 @@ def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: 
     if [str(label) for label in saved["labels"]] != list(labels):
         raise ValueError(f"`resume`: the checkpoint's labels {saved['labels']} differ from the data's {labels}")
     params = trainable_parameters(peft_model)
-    state = read_safetensors(str(folder / TRAINABLE_FILE))
-    if set(state) != set(params):
-        raise ValueError(f"`resume`: the checkpoint's trainable tensors {sorted(set(state) ^ set(params))} do not "
-                         "match this model's")
-    with torch.no_grad():
+    state = read_tensors(str(folder / TRAINABLE_FILE), {name: p.shape for name, p in params.items()})
+    optimizer_file = str(folder / OPTIMIZER_FILE)
+    optimizer_state = optimizer_state_from_file(optimizer_file, optimizer)
+    if saved["step"] > 0 and not optimizer_state["state"]:
+        raise ValueError(f"{optimizer_file} holds no optimizer state, but the checkpoint is at step {saved['step']}")
+    rng = read_rng_state(str(folder / RNG_FILE))
+    with torch.no_grad():  # every file checked: now restore
         for name, p in params.items():
             p.copy_(state[name])
-    load_optimizer(optimizer, str(folder / OPTIMIZER_FILE))
-    rng = read_safetensors(str(folder / RNG_FILE))
+    load_optimizer(optimizer, optimizer_file)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -236,4 +262,4 @@ def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: 
 
 __all__ = ["CHECKPOINT_FILES", "CHECKPOINT_PREFIX", "OPTIMIZER_FILE", "RNG_FILE", "TRAINABLE_FILE",
            "TRAINING_STATE_FILE", "atomic_folder", "check_output_dir", "checkpoint_folder", "latest_checkpoint",
-           "load_checkpoint", "save_checkpoint", "save_trainable_state"]
+           "load_checkpoint", "read_rng_state", "read_training_state", "save_checkpoint", "save_trainable_state"]
