@@ -22,6 +22,12 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one job per folder is then the user's to keep
+    fcntl = None
 
 import torch
 
@@ -35,6 +41,7 @@ TRAINABLE_FILE = "trainable_state.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 TRAINING_STATE_FILE = "training_state.json"
+SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINING_STATE_FILE)
 FORMAT_VERSION = 1
 # Options that must match between a checkpoint and the job resuming from it.
@@ -74,6 +81,74 @@ def check_output_dir(path) -> Path:
     except OSError as err:
         raise ValueError(f"`output_dir` {str(folder)!r} is not writable: {err.strerror or err}") from None
     return folder
+
+
+# One job per output folder: an exclusive lock (fcntl.flock) on OUTPUT_DIR/.job.lock, held until the job
+# closes or its process ends (the system drops a killed process's lock, so its successor takes over).
+LOCK_FILE = ".job.lock"
+_locks: dict = {}  # real path of a locked folder -> [fd, holders in this process]
+
+
+def lock_output_dir(path) -> Callable[[], None]:
+    """Lock the output folder ``path`` for this process; returns the function that releases it
+    (several jobs of one process may hold it one after another). Another live process holding it:
+    a ValueError naming the folder and that process."""
+    folder = _check_path(path, "output_dir")
+    key = os.path.realpath(folder)
+    if key not in _locks:
+        lock_path = folder / LOCK_FILE
+        if lock_path.is_symlink():  # never ours: replaced, not followed
+            lock_path.unlink()
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"`output_dir` {str(folder)!r} is in use by another job (process {holder}): one job "
+                             "per output folder at a time; wait for it, or use another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _locks[key] = [fd, 0]
+    _locks[key][1] += 1
+    released = []
+
+    def release() -> None:
+        if released:
+            return
+        released.append(True)
+        entry = _locks[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _locks[key]
+            os.close(entry[0])  # drops the lock
+
+    return release
+
+
+def earlier_run_files(output_dir) -> list[Path]:
+    """The checkpoints an earlier run left in ``output_dir`` (complete, moved aside or half written):
+    what a later ``--resume`` would continue from."""
+    folder = _check_path(output_dir, "output_dir")
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
+        sibling = _SIBLING.fullmatch(entry.name)
+        if _CHECKPOINT.fullmatch(entry.name) or (sibling and _CHECKPOINT.fullmatch(sibling["name"])):
+            found.append(entry)
+    return found
+
+
+def remove_earlier_run(output_dir) -> None:
+    """Remove what :func:`earlier_run_files` finds, and the summary (``--overwrite``)."""
+    summary = _check_path(output_dir, "output_dir") / SUMMARY_FILE
+    for entry in earlier_run_files(output_dir) + ([summary] if os.path.lexists(summary) else []):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,9 +232,10 @@ def checkpoint_folder(output_dir, step: int) -> Path:
     return _check_path(output_dir, "output_dir") / f"{CHECKPOINT_PREFIX}{step}"
 
 
-def latest_checkpoint(output_dir) -> Path:
+def find_latest_checkpoint(output_dir) -> Optional[Path]:
     """The complete ``checkpoint-STEP`` folder with the largest STEP in ``output_dir`` (a complete
-    one moved aside by a save killed while replacing it counts, under its hidden name)."""
+    one moved aside by a save killed while replacing it counts, under its hidden name); None when
+    there is none."""
     output_dir = _check_path(output_dir, "output_dir")
     found = {}
     entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
@@ -175,10 +251,16 @@ def latest_checkpoint(output_dir) -> Path:
         match = sibling and sibling["kind"] == "old" and _CHECKPOINT.fullmatch(sibling["name"])
         if match and int(match["step"]) not in found and not path.is_symlink() and all((path / n).is_file() for n in CHECKPOINT_FILES):
             found[int(match["step"])] = path
-    if not found:
+    return found[max(found)] if found else None
+
+
+def latest_checkpoint(output_dir) -> Path:
+    """:func:`find_latest_checkpoint`, or a ValueError when ``output_dir`` holds none."""
+    found = find_latest_checkpoint(output_dir)
+    if found is None:
         raise ValueError(f"`resume`: no checkpoint ({CHECKPOINT_PREFIX}STEP with {TRAINING_STATE_FILE}) in "
                          f"{str(output_dir)!r}")
-    return found[max(found)]
+    return found
 
 
 def save_trainable_state(model, path) -> None:
@@ -260,6 +342,7 @@ def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: 
     return int(saved["step"])
 
 
-__all__ = ["CHECKPOINT_FILES", "CHECKPOINT_PREFIX", "OPTIMIZER_FILE", "RNG_FILE", "TRAINABLE_FILE",
-           "TRAINING_STATE_FILE", "atomic_folder", "check_output_dir", "checkpoint_folder", "latest_checkpoint",
+__all__ = ["CHECKPOINT_FILES", "CHECKPOINT_PREFIX", "LOCK_FILE", "OPTIMIZER_FILE", "RNG_FILE",
+           "SUMMARY_FILE", "TRAINABLE_FILE", "TRAINING_STATE_FILE", "atomic_folder", "check_output_dir", "checkpoint_folder",
+           "earlier_run_files", "find_latest_checkpoint", "latest_checkpoint", "lock_output_dir", "remove_earlier_run",
            "load_checkpoint", "read_rng_state", "read_training_state", "save_checkpoint", "save_trainable_state"]

@@ -59,6 +59,7 @@ class TrainConfig:
     save_every: int = 0
     output_dir: Optional[str] = None
     resume: Optional[str] = None
+    overwrite: bool = False  # a new run may replace an earlier run's checkpoints in output_dir
     backend: str = "auto"
     baseline: str = "none"
     precision: str = "auto"
@@ -101,8 +102,12 @@ class TrainConfig:
         _check_float(self.max_grad_norm, "max_grad_norm", low=0.0)
         if self.lr is not None:
             _check_float(self.lr, "lr", low=0.0, low_open=True)
-        if not isinstance(self.prefix_projection, bool) or not isinstance(self.progress, bool):
-            raise TypeError("`prefix_projection` and `progress` must be bools")
+        for name in ("prefix_projection", "progress", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        if self.overwrite and self.resume is not None:
+            raise ValueError("`overwrite` and `resume` do not combine: one replaces the earlier run, the other "
+                             "continues it")
         if self.init_text is not None:
             if not isinstance(self.init_text, str):
                 raise TypeError(f"`init_text` must be a str or None, got {type(self.init_text).__name__}")
@@ -281,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default=d.output_dir,
                    help="checkpoints and summary.json (default: none, nothing is written)")
     g.add_argument("--resume", nargs="?", const="latest", default=d.resume,
-                   help="checkpoint folder to continue from; bare --resume: the latest in --output-dir")
+                   help="checkpoint folder to continue from; bare --resume: the latest in --output-dir (none yet: "
+                        "start from step 0)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="remove an earlier run's checkpoints and summary from --output-dir (refused otherwise)")
     g = p.add_argument_group("execution")
     g.add_argument("--backend", default=d.backend, choices=BACKENDS, help="ptuning_fast's backend")
     g.add_argument("--baseline", default=d.baseline, choices=BASELINES,
