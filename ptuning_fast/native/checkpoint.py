@@ -39,6 +39,8 @@ from peft import PeftConfig, PeftType
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from ..config import check_sizes
+from ..hf.introspection import learned_position_limit
 from .adapters import (PROMPT_TYPES, adapter_parts, check_adapter_identifier, check_config_fits_model, check_holder,
                        encoded_prompt_table, make_encoder)
 from .options import PromptOptions
@@ -386,6 +388,10 @@ def read_adapter_folder(model_id, *, is_trainable: bool = False, adapter_name: s
     config = PeftConfig.from_pretrained(model_id)
     if config.peft_type not in PROMPT_TYPES:
         raise ValueError(f"the adapter in {model_id!r} is {config.peft_type.value}, not P_TUNING or PREFIX_TUNING")
+    try:
+        check_sizes(config)  # before anything is built from it
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path}: {exc}") from None
     options, has_encoder = PromptOptions(), False
     extras_path = os.path.join(model_id, OPTIONS_NAME)
     if os.path.isfile(extras_path):
@@ -435,6 +441,11 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
                                              optimizer=optimizer)
     model_id = os.fspath(model_id)
     check_config_fits_model(config, holder.get_base_model(), os.path.join(model_id, CONFIG_NAME))
+    limit = learned_position_limit(holder.get_base_model())
+    if config.peft_type == PeftType.P_TUNING and limit is not None and config.num_virtual_tokens >= limit:
+        raise ValueError(f"{os.path.join(model_id, CONFIG_NAME)}: num_virtual_tokens ({config.num_virtual_tokens}) "
+                         f"leaves no position for text: {type(holder.get_base_model()).__name__} has "
+                         f"max_position_embeddings={limit}")
     if adapter_name not in holder.prompt_encoder:
         if hasattr(holder, "prompt_options"):
             holder.add_adapter(adapter_name, config, options)
