@@ -168,9 +168,13 @@ def _resolve_base_model(model, config):
     ``"minilm"``, or a loaded transformers model / prompt holder), else the config's
     ``base_model_name_or_path`` when it is a local folder."""
     if model is None:
-        folder = _local_folder(getattr(config, "base_model_name_or_path", None))
+        named = getattr(config, "base_model_name_or_path", None)
+        folder = _local_folder(named)
         if folder is None:
             return None, None
+        if named != MINILM and not os.path.isabs(folder):
+            print(f"base model: the adapter config's base_model_name_or_path {named!r} is a relative path, read "
+                  f"from the current folder as {os.path.abspath(folder)} (pass --model to choose another)")
     elif isinstance(model, (str, os.PathLike)):
         folder = _local_folder(model)
         if folder is None:

@@ -160,6 +160,10 @@ def check_adapter_name(holder, name, argument: str) -> None:
 def resolve_rows(holder, adapter_names, batch_size: int, device) -> Rows:
     """The adapters of a batch's rows: ``adapter_names`` (one name per row) or the active adapter."""
     if adapter_names is None:
+        if holder.active_adapter not in holder.prompt_encoder:
+            raise ValueError(f"the active adapter {holder.active_adapter!r} is not among the model's adapters "
+                             f"{sorted(holder.prompt_encoder)} (deleted?): call set_adapter() with one of them, or "
+                             "pass `adapter_names`")
         return Rows([holder.active_adapter], None)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
         raise TypeError(f"`adapter_names` must be a list of adapter names (one per row), got "

@@ -35,12 +35,12 @@ import tempfile
 from typing import Optional
 
 import torch
-from peft import PeftConfig, PeftType
+from peft import PeftConfig, PeftType, TaskType
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from ..config import check_sizes
-from ..hf.introspection import learned_position_limit
+from ..hf.introspection import infer_task_type, learned_position_limit
 from .adapters import (PROMPT_TYPES, adapter_parts, check_adapter_identifier, check_config_fits_model, check_holder,
                        encoded_prompt_table, make_encoder)
 from .options import PromptOptions
@@ -208,8 +208,15 @@ def freeze_adapter(encoder, config):
     return frozen.train(encoder.training), frozen_config
 
 
-def _optimizer_tensors(optimizer):
-    """Optimizer state -> (tensors, metadata) for safetensors."""
+def _parameter_names(optimizer, module) -> list:
+    """The name in ``module`` of each of ``optimizer``'s parameters, in its order (None: not in it)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+
+
+def _optimizer_tensors(optimizer, module=None):
+    """Optimizer state -> (tensors, metadata) for safetensors; with ``module``, the metadata also
+    names each parameter (so that a load can tell parameters given in another order)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
@@ -220,6 +227,8 @@ def _optimizer_tensors(optimizer):
                 scalars[f"{index}.{name}"] = value
     try:
         metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+        if module is not None:
+            metadata["param_names"] = json.dumps(_parameter_names(optimizer, module))
     except TypeError as exc:
         raise ValueError(f"`optimizer` state holds values that cannot be written without pickle ({exc}); keep "
                          "hyper-parameters as plain numbers, or save the optimizer yourself") from None
@@ -275,21 +284,35 @@ def optimizer_state_from_file(path: str, optimizer: Optional[torch.optim.Optimiz
     return {"state": state, "param_groups": groups}
 
 
-def save_optimizer(optimizer, path: str) -> None:
-    tensors, metadata = _optimizer_tensors(optimizer)
+def save_optimizer(optimizer, path: str, module=None) -> None:
+    """``optimizer``'s state into ``path``; ``module`` (which holds its parameters) names them."""
+    tensors, metadata = _optimizer_tensors(optimizer, module)
     write_safetensors(tensors, path, metadata)
 
 
-def load_optimizer(optimizer, path: str) -> dict:
-    """Restore ``optimizer`` from ``path``; returns the state loaded."""
+def check_optimizer_matches(optimizer, path: str, module=None) -> dict:
+    """The state in ``path``, checked to fit ``optimizer``: the same parameter groups and sizes,
+    and (when the file names them and ``module`` is given) the same parameters in the same order."""
     groups = optimizer.param_groups
-    header_groups = _metadata_json(path, read_header(path)[1], "param_groups")
+    metadata = read_header(path)[1]
+    header_groups = _metadata_json(path, metadata, "param_groups")
     if not isinstance(header_groups, list) or len(header_groups) != len(groups) or any(
             not isinstance(a, dict) or len(a.get("params", ())) != len(b["params"])
             for a, b in zip(header_groups, groups)):
         raise ValueError(f"`optimizer` does not match the optimizer state in {path} (different parameter groups); "
                          "build it over the same parameters, in the same order, as when it was saved")
-    saved = optimizer_state_from_file(path, optimizer)
+    if module is not None and "param_names" in metadata:
+        saved, now = _metadata_json(path, metadata, "param_names"), _parameter_names(optimizer, module)
+        if saved != now:
+            raise ValueError(f"`optimizer` holds the parameters in another order than the state in {path} was saved "
+                             f"with: saved {saved}, now {now}; build it over the same parameters, in the same order")
+    return optimizer_state_from_file(path, optimizer)
+
+
+def load_optimizer(optimizer, path: str, module=None) -> dict:
+    """Restore ``optimizer`` from ``path`` (checked by :func:`check_optimizer_matches`); returns the
+    state loaded."""
+    saved = check_optimizer_matches(optimizer, path, module)
     optimizer.load_state_dict(saved)
     return saved
 
@@ -339,7 +362,7 @@ def save_adapter(model, save_directory: str, adapter_name: Optional[str] = None,
             tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
             write_safetensors(tensors, os.path.join(staging, ENCODER_NAME))
             if optimizer is not None:
-                save_optimizer(optimizer, os.path.join(staging, OPTIMIZER_NAME))
+                save_optimizer(optimizer, os.path.join(staging, OPTIMIZER_NAME), encoder)
         write_json(extras, os.path.join(staging, OPTIONS_NAME))
         written = [n for n in (ENCODER_NAME, OPTIMIZER_NAME, WEIGHTS_NAME, CONFIG_NAME, OPTIONS_NAME)
                    if os.path.isfile(os.path.join(staging, n))]
@@ -446,6 +469,13 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
         raise ValueError(f"{os.path.join(model_id, CONFIG_NAME)}: num_virtual_tokens ({config.num_virtual_tokens}) "
                          f"leaves no position for text: {type(holder.get_base_model()).__name__} has "
                          f"max_position_embeddings={limit}")
+    base = holder.get_base_model()
+    model_task = infer_task_type(base)
+    if config.task_type is not None and model_task != TaskType.FEATURE_EXTRACTION \
+            and TaskType(config.task_type) != model_task:
+        raise ValueError(f"{os.path.join(model_id, CONFIG_NAME)}: the adapter is for task_type "
+                         f"{TaskType(config.task_type).value}, but {type(base).__name__} is a {model_task.value} model: "
+                         "its outputs would not be the task's; load it onto a model of that task")
     if adapter_name not in holder.prompt_encoder:
         if hasattr(holder, "prompt_options"):
             holder.add_adapter(adapter_name, config, options)
@@ -458,18 +488,24 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     if not is_trainable and not holder.peft_config[adapter_name].inference_mode:
         raise ValueError(f"adapter {adapter_name!r} of the model is built for training; load the encoded "
                          "prompts into a new adapter name, or pass `is_trainable=True`")
+    saved_optimizer = None
+    if optimizer is not None:  # checked before anything is loaded
+        saved_optimizer = check_optimizer_matches(optimizer, os.path.join(model_id, OPTIMIZER_NAME), encoder)
     _load_weights(encoder, model_id, resume=is_trainable)
+    if hasattr(holder, "prompt_options"):  # the folder's options, not those the name had before
+        holder.prompt_options[adapter_name] = options
     if is_trainable:
         encoder.requires_grad_(True)
-        if optimizer is not None:
-            load_optimizer(optimizer, os.path.join(model_id, OPTIMIZER_NAME))
+        if saved_optimizer is not None:
+            optimizer.load_state_dict(saved_optimizer)
     else:
         encoder.requires_grad_(False)
         encoder.eval()
     return holder
 
 
-__all__ = ["FLOATING_DTYPES", "adapter_directory", "check_inside", "encoded_prompts", "freeze_adapter",
-           "load_adapter_into", "load_optimizer", "optimizer_state_from_file", "prompt_embeddings_to_save",
-           "read_adapter_folder", "read_header", "read_json", "read_prompt_embeddings", "read_tensors", "save_adapter",
-           "save_optimizer", "write_bytes", "write_json", "write_safetensors", "write_text"]
+__all__ = ["FLOATING_DTYPES", "adapter_directory", "check_inside", "check_optimizer_matches", "encoded_prompts",
+           "freeze_adapter", "load_adapter_into", "load_optimizer", "optimizer_state_from_file",
+           "prompt_embeddings_to_save", "read_adapter_folder", "read_header", "read_json", "read_prompt_embeddings",
+           "read_tensors", "save_adapter", "save_optimizer", "write_bytes", "write_json", "write_safetensors",
+           "write_text"]

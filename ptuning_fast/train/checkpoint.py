@@ -31,8 +31,8 @@ except ImportError:  # Windows: no advisory locks; one job per folder is then th
 
 import torch
 
-from ..native.checkpoint import (check_inside, load_optimizer, optimizer_state_from_file, read_header, read_json,
-                                 read_tensors, save_optimizer, write_json, write_safetensors)
+from ..native.checkpoint import (check_inside, check_optimizer_matches, read_header, read_json, read_tensors,
+                                 save_optimizer, write_json, write_safetensors)
 from .config import TrainConfig, check_config
 from .model import trainable_parameters
 
@@ -279,7 +279,7 @@ def save_checkpoint(folder, peft_model, optimizer, step: int, config: TrainConfi
     with atomic_folder(folder) as temporary:
         peft_model.save_pretrained(str(temporary))
         save_trainable_state(peft_model, temporary / TRAINABLE_FILE)
-        save_optimizer(optimizer, str(temporary / OPTIMIZER_FILE))
+        save_optimizer(optimizer, str(temporary / OPTIMIZER_FILE), peft_model)
         write_safetensors(rng, str(temporary / RNG_FILE))
         write_json({"format": FORMAT_VERSION, "step": step, "config": config.to_dict(), "labels": labels},
                    str(temporary / TRAINING_STATE_FILE))
@@ -328,14 +328,14 @@ def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: 
     params = trainable_parameters(peft_model)
     state = read_tensors(str(folder / TRAINABLE_FILE), {name: p.shape for name, p in params.items()})
     optimizer_file = str(folder / OPTIMIZER_FILE)
-    optimizer_state = optimizer_state_from_file(optimizer_file, optimizer)
+    optimizer_state = check_optimizer_matches(optimizer, optimizer_file, peft_model)
     if saved["step"] > 0 and not optimizer_state["state"]:
         raise ValueError(f"{optimizer_file} holds no optimizer state, but the checkpoint is at step {saved['step']}")
     rng = read_rng_state(str(folder / RNG_FILE))
     with torch.no_grad():  # every file checked: now restore
         for name, p in params.items():
             p.copy_(state[name])
-    load_optimizer(optimizer, optimizer_file)
+    optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -151,7 +151,8 @@ def test_tasks_option_errors(task_files):
     for flags, error, message in [
         (["--tasks", "sentiment.jsonl"], ValueError, "`tasks` entries must look like NAME=FILE"),
         (["--tasks", "a=x.jsonl", "a=y.jsonl"], ValueError, "`tasks` names \\['a'\\] more than once"),
-        (["--tasks", "a/b=x.jsonl"], ValueError, "task name 'a/b' must be"),
+        (["--tasks", "a/b=x.jsonl"], ValueError, "task name 'a/b' must start with a letter or digit, then letters"),
+        (["--tasks", "sst.2=x.jsonl"], ValueError, "task name 'sst.2' must .* '_' and '-' only"),
         (["--tasks", "a="], ValueError, "task 'a' has no data file"),
         (["--tasks", *files, "--data", "x.jsonl"], ValueError, "`tasks` and `data` do not combine"),
         (["--tasks", *files, "--baseline", "peft"], ValueError, "PEFT runs one prompt adapter per batch"),
