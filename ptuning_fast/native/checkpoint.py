@@ -20,8 +20,10 @@ PEFT does):
 Every file is written to a temporary name and renamed into place, so a reader never sees half a
 file, and a link planted at a file's name is replaced, not written through. An adapter's files are
 all written aside first, then renamed into its folder: a save that fails midway (disk full) leaves
-the folder as it was. Loads refuse a file that is a link out of the folder they were given. The functions work on any holder of prompt adapters (a ``PTuningModel`` or a ``PeftModel``,
-by their attributes; see :mod:`ptuning_fast.native.adapters`).
+the folder as it was. Loads refuse a file that is a link out of the folder they were given, and
+check every file from its safetensors header (names, shapes, floating dtypes), then for finite
+values, before anything is restored. The functions work on any holder of prompt adapters (a
+``PTuningModel`` or a ``PeftModel``, by their attributes; see :mod:`ptuning_fast.native.adapters`).
 """
 from __future__ import annotations
 
@@ -474,8 +476,8 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     if config.task_type is not None and model_task != TaskType.FEATURE_EXTRACTION \
             and TaskType(config.task_type) != model_task:
         raise ValueError(f"{os.path.join(model_id, CONFIG_NAME)}: the adapter is for task_type "
-                         f"{TaskType(config.task_type).value}, but {type(base).__name__} is a {model_task.value} model: "
-                         "its outputs would not be the task's; load it onto a model of that task")
+                         f"{TaskType(config.task_type).value}, but {type(base).__name__} is a {model_task.value} "
+                         "model: its outputs would not be the task's; load it onto a model of that task")
     if adapter_name not in holder.prompt_encoder:
         if hasattr(holder, "prompt_options"):
             holder.add_adapter(adapter_name, config, options)

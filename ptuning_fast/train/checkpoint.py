@@ -12,7 +12,12 @@
 
 A checkpoint is built whole in a hidden sibling folder, synced to disk, then renamed into place,
 so a process killed at any moment leaves every earlier checkpoint loadable and no half-written
-``checkpoint-STEP``.
+``checkpoint-STEP``; a link planted at its name is replaced, and resuming refuses a linked
+checkpoint or a file linked out of it. Resuming checks every file (header, dtypes, shapes, finite
+values, the JSON's keys) before restoring anything.
+
+One job uses an output folder at a time: it holds an ``flock`` on ``OUTPUT_DIR/.job.lock``, which
+the system drops when the job's process ends, however it ends.
 """
 from __future__ import annotations
 
@@ -249,7 +254,8 @@ def find_latest_checkpoint(output_dir) -> Optional[Path]:
     for path in entries:
         sibling = _SIBLING.fullmatch(path.name)
         match = sibling and sibling["kind"] == "old" and _CHECKPOINT.fullmatch(sibling["name"])
-        if match and int(match["step"]) not in found and not path.is_symlink() and all((path / n).is_file() for n in CHECKPOINT_FILES):
+        if match and int(match["step"]) not in found and not path.is_symlink() \
+                and all((path / n).is_file() for n in CHECKPOINT_FILES):
             found[int(match["step"])] = path
     return found[max(found)] if found else None
 
@@ -342,7 +348,7 @@ def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: 
     return int(saved["step"])
 
 
-__all__ = ["CHECKPOINT_FILES", "CHECKPOINT_PREFIX", "LOCK_FILE", "OPTIMIZER_FILE", "RNG_FILE",
-           "SUMMARY_FILE", "TRAINABLE_FILE", "TRAINING_STATE_FILE", "atomic_folder", "check_output_dir", "checkpoint_folder",
-           "earlier_run_files", "find_latest_checkpoint", "latest_checkpoint", "lock_output_dir", "remove_earlier_run",
-           "load_checkpoint", "read_rng_state", "read_training_state", "save_checkpoint", "save_trainable_state"]
+__all__ = ["CHECKPOINT_FILES", "CHECKPOINT_PREFIX", "LOCK_FILE", "OPTIMIZER_FILE", "RNG_FILE", "SUMMARY_FILE",
+           "TRAINABLE_FILE", "TRAINING_STATE_FILE", "atomic_folder", "check_output_dir", "checkpoint_folder",
+           "earlier_run_files", "find_latest_checkpoint", "latest_checkpoint", "load_checkpoint", "lock_output_dir",
+           "read_rng_state", "read_training_state", "remove_earlier_run", "save_checkpoint", "save_trainable_state"]

@@ -109,7 +109,8 @@ def test_optimizer_files_are_checked_before_restoring(saved, tmp_path):
     ints = dict(tensors)
     ints[moment] = tensors[moment].long()
     cases["int"] = (ints, metadata, f"tensor '{moment}' is I64")
-    cases["not_json"] = (tensors, {**metadata, "param_groups": "{not json"}, "metadata 'param_groups' is not valid JSON")
+    cases["not_json"] = (tensors, {**metadata, "param_groups": "{not json"},
+                         "metadata 'param_groups' is not valid JSON")
     cases["no_groups"] = (tensors, {"format": "pt"}, "no 'param_groups' in its metadata")
     cases["stray_key"] = ({**tensors, "other": torch.zeros(2)}, metadata, "tensor 'other' is not the state of one")
     for name, (content, meta, message) in cases.items():

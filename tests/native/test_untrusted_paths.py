@@ -52,7 +52,8 @@ def test_good_names_round_trip(tmp_path):
     assert os.path.isfile(tmp_path / "task_2-b" / "adapter_model.safetensors")
     loaded = load_adapter(build("llama")[0].eval(), tmp_path / "task_2-b", adapter_name="task_2-b")
     ids = random_ids(2, 5, 1)
-    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids, adapter_names=["task_2-b"] * 2).logits)
+    torch.testing.assert_close(loaded(input_ids=ids).logits,
+                               model(input_ids=ids, adapter_names=["task_2-b"] * 2).logits)
 
 
 @pytest.mark.parametrize("file", ["adapter_config.json", "adapter_model.safetensors", "ptuning_fast_config.json",
@@ -126,3 +127,17 @@ def test_a_save_failing_midway_leaves_the_old_adapter_folder(tmp_path, monkeypat
     torch.testing.assert_close(load_file(tmp_path / checkpoint.WEIGHTS_NAME)["prompt_embeddings"],
                                checkpoint.prompt_embeddings_to_save(model.prompt_encoder["default"],
                                                                     model.peft_config["default"]))
+
+
+def test_inspect_replaces_links_planted_in_its_output_folder(tmp_path):
+    model = get_ptuning_model(build("gpt2")[0], KINDS["mlp"]("CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"keep me")
+    (tmp_path / "out").mkdir()
+    for name in ("similarity.png", "norms.png"):
+        os.symlink(outside, tmp_path / "out" / name)
+    result = ptuning_fast.inspect_adapter(tmp_path / "adapter", tmp_path / "out")
+    assert outside.read_bytes() == b"keep me"
+    for path in (result.similarity, result.norms):
+        assert not os.path.islink(path) and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

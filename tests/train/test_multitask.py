@@ -4,6 +4,7 @@ batch mixing the tasks' rows; a mixed batch must give each adapter the gradient 
 Tiny models from configs, two small task files (sentiment, and sentiment with flipped labels).
 """
 import json
+import os
 
 import pytest
 import torch
@@ -162,3 +163,16 @@ def test_tasks_option_errors(task_files):
             train.parse_args(flags)
     with pytest.raises(TypeError, match="`tasks` must be a non-empty list"):
         train.TrainConfig(tasks="a=x.jsonl")
+
+
+def test_a_linked_adapters_folder_is_replaced_not_written_through(task_files, tiny_models, tmp_path):
+    from ptuning_fast import train
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(elsewhere, out / "adapters")
+    train.run(job_config(task_files, tiny_models, "classification", "v1", output_dir=str(out), steps=1))
+    assert os.listdir(elsewhere) == []
+    assert not (out / "adapters").is_symlink() and (out / "adapters" / "flipped" / "adapter_config.json").is_file()

@@ -64,10 +64,13 @@ def test_resume_refuses_a_checkpoint_file_linked_out_of_its_folder(tiny_bert, sm
 # ------------------------------------------------------------------------------------------------
 # One job per folder; a new run never mixes with an earlier one
 # ------------------------------------------------------------------------------------------------
+# Another process holding the folder's lock as a job does (flock on .job.lock, its pid inside); plain
+# Python, so that it starts in milliseconds.
 HOLDER = """
-import sys
-from ptuning_fast.train.checkpoint import lock_output_dir
-lock_output_dir(sys.argv[1])
+import fcntl, os, sys
+fd = os.open(os.path.join(sys.argv[1], sys.argv[2]), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, str(os.getpid()).encode())
 print("locked", flush=True)
 sys.stdin.read()
 """
@@ -77,8 +80,8 @@ def test_a_second_process_cannot_use_a_locked_output_folder_until_its_holder_die
     data, eval_data = small_data
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), LOCK_FILE], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         config = tiny_config(tiny_bert, data=data, eval_data=eval_data, steps=1, output_dir=str(out))
