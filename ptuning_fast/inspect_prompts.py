@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from peft import PeftType
 
+from ._files import write_bytes, write_text
 from ._validation import check_positive_int
 from .native.adapters import check_config_fits_model
-from .native.checkpoint import CONFIG_NAME, read_adapter_folder, read_prompt_embeddings, write_bytes, write_text
+from .native.checkpoint import CONFIG_NAME, read_adapter_folder, read_prompt_embeddings
 from .native.text_init import layer_key_values
 
 MINILM = "minilm"  # the embedded MiniLM-L6 BERT, as ``ptuning-fast train --model`` names it

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from .._files import write_text
+
 SUFFIXES = (".jsonl", ".json", ".csv")
 
 
@@ -111,7 +113,7 @@ def write_examples(examples, path) -> Path:
             isinstance(e, dict) and "text" in e and "label" in e for e in examples):
         raise TypeError("`examples` must be a list of dicts with keys 'text' and 'label'")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with io.StringIO(newline="") as handle:
         if path.suffix.lower() == ".csv":
             writer = csv.DictWriter(handle, fieldnames=["text", "label"])
             writer.writeheader()
@@ -119,4 +121,5 @@ def write_examples(examples, path) -> Path:
         else:
             for e in examples:
                 handle.write(json.dumps({"text": e["text"], "label": e["label"]}) + "\n")
+        write_text(handle.getvalue(), str(path))  # renamed into place
     return path

@@ -27,11 +27,9 @@ values, before anything is restored. The functions work on any holder of prompt 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import secrets
 import shutil
 import tempfile
 from typing import Optional
@@ -41,6 +39,7 @@ from peft import PeftConfig, PeftType, TaskType
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from .._files import check_inside, write_bytes, write_text
 from ..config import check_sizes
 from ..hf.introspection import infer_task_type, learned_position_limit
 from .adapters import (PROMPT_TYPES, adapter_parts, check_adapter_identifier, check_config_fits_model, check_holder,
@@ -63,58 +62,12 @@ def adapter_directory(save_directory: str, adapter_name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Files: safetensors and JSON, each written atomically and read with an error naming the file
 # ---------------------------------------------------------------------------------------------
-def _open_temporary(path: str):
-    """(fd, name) of a new file beside ``path``, created exclusively (never an existing file or link)."""
-    directory, name = os.path.split(path)
-    while True:
-        temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666), \
-                temporary
-        except FileExistsError:
-            continue
-
-
-@contextlib.contextmanager
-def _replacing(path: str):
-    """Yield an open temporary file beside ``path``; renamed over ``path`` when the block succeeds
-    (a rename replaces a link at ``path`` rather than writing where it points), removed otherwise."""
-    fd, temporary = _open_temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle, temporary
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def write_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
-    with _replacing(path) as (handle, _):
-        handle.write(save(tensors, metadata={"format": "pt", **(metadata or {})}))
-
-
-def write_bytes(data: bytes, path: str) -> None:
-    with _replacing(path) as (handle, _):
-        handle.write(data)
-
-
-def write_text(text: str, path: str) -> None:
-    write_bytes(text.encode("utf-8"), path)
+    write_bytes(save(tensors, metadata={"format": "pt", **(metadata or {})}), path)
 
 
 def write_json(data, path: str) -> None:
     write_text(json.dumps(data, indent=2, sort_keys=True), path)
-
-
-def check_inside(path: str, folder: str) -> str:
-    """``path``, unless it is (or goes through) a link leading out of ``folder``: a load reads only
-    what lies in the folder it was given."""
-    real_folder = os.path.realpath(folder)
-    if os.path.commonpath([os.path.realpath(path), real_folder]) != real_folder:
-        raise ValueError(f"{path} is a link out of {folder}: refusing to read it")
-    return path
 
 
 # safetensors' dtype names of floating-point tensors (what prompts, weights and optimizer moments may be)
@@ -506,8 +459,7 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     return holder
 
 
-__all__ = ["FLOATING_DTYPES", "adapter_directory", "check_inside", "check_optimizer_matches", "encoded_prompts",
-           "freeze_adapter", "load_adapter_into", "load_optimizer", "optimizer_state_from_file",
-           "prompt_embeddings_to_save", "read_adapter_folder", "read_header", "read_json", "read_prompt_embeddings",
-           "read_tensors", "save_adapter", "save_optimizer", "write_bytes", "write_json", "write_safetensors",
-           "write_text"]
+__all__ = ["FLOATING_DTYPES", "adapter_directory", "check_optimizer_matches", "encoded_prompts", "freeze_adapter",
+           "load_adapter_into", "load_optimizer", "optimizer_state_from_file", "prompt_embeddings_to_save",
+           "read_adapter_folder", "read_header", "read_json", "read_prompt_embeddings", "read_tensors", "save_adapter",
+           "save_optimizer", "write_json", "write_safetensors"]

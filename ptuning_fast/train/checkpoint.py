@@ -36,8 +36,9 @@ except ImportError:  # Windows: no advisory locks; one job per folder is then th
 
 import torch
 
-from ..native.checkpoint import (check_inside, check_optimizer_matches, read_header, read_json, read_tensors,
-                                 save_optimizer, write_json, write_safetensors)
+from .._files import check_inside
+from ..native.checkpoint import (check_optimizer_matches, read_header, read_json, read_tensors, save_optimizer,
+                                 write_json, write_safetensors)
 from .config import TrainConfig, check_config
 from .model import trainable_parameters
 

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
+from .._files import write_text
 from ..backend import resolve_backend
 from ..hf.introspection import is_decoder_only
-from ..native.checkpoint import write_text
 from .checkpoint import (SUMMARY_FILE, check_output_dir, checkpoint_folder, earlier_run_files,
                          find_latest_checkpoint, load_checkpoint, lock_output_dir, remove_earlier_run, save_checkpoint)
 from .config import TrainConfig, check_config
