@@ -121,7 +121,14 @@ def read_tensors(path: str, expected: dict, *, dtypes=FLOATING_DTYPES, finite: b
     return tensors
 
 
+MAX_JSON_BYTES = 16 * 2**20  # configs, options and training states are kilobytes
+
+
 def read_json(path: str):
+    """The JSON in ``path`` (a config or state file: at most :data:`MAX_JSON_BYTES`)."""
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{path} holds {size} bytes, more than the {MAX_JSON_BYTES} a config or state file may")
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
@@ -459,7 +466,7 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     return holder
 
 
-__all__ = ["FLOATING_DTYPES", "adapter_directory", "check_optimizer_matches", "encoded_prompts", "freeze_adapter",
-           "load_adapter_into", "load_optimizer", "optimizer_state_from_file", "prompt_embeddings_to_save",
-           "read_adapter_folder", "read_header", "read_json", "read_prompt_embeddings", "read_tensors", "save_adapter",
-           "save_optimizer", "write_json", "write_safetensors"]
+__all__ = ["FLOATING_DTYPES", "MAX_JSON_BYTES", "adapter_directory", "check_optimizer_matches", "encoded_prompts",
+           "freeze_adapter", "load_adapter_into", "load_optimizer", "optimizer_state_from_file",
+           "prompt_embeddings_to_save", "read_adapter_folder", "read_header", "read_json", "read_prompt_embeddings",
+           "read_tensors", "save_adapter", "save_optimizer", "write_json", "write_safetensors"]

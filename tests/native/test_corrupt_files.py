@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from tests.tiny_models import build, prompt_configs
 
 from ptuning_fast import get_ptuning_model, load_adapter
-from ptuning_fast.native.checkpoint import ENCODER_NAME, OPTIMIZER_NAME, WEIGHTS_NAME, read_tensors
+from ptuning_fast.native.checkpoint import ENCODER_NAME, MAX_JSON_BYTES, OPTIMIZER_NAME, WEIGHTS_NAME, read_tensors
 
 KINDS = prompt_configs(4)
 BIG = 12 * 2**30  # bytes: a tensor that must never be read
@@ -129,3 +129,11 @@ def test_read_tensors_names_missing_and_extra_keys(tmp_path):
         read_tensors(path, {"a": (2,), "c": None})
     got = read_tensors(path, {"a": (2,), "b": None})
     assert torch.equal(got["a"], load_file(path)["a"])
+
+
+def test_an_oversized_json_file_is_refused_unread(saved, tmp_path):
+    folder = _copy(saved, tmp_path, "big_json")
+    with open(folder / "ptuning_fast_config.json", "r+b") as handle:
+        handle.truncate(MAX_JSON_BYTES + 1)  # sparse: nothing to read if the size is checked first
+    with pytest.raises(ValueError, match=f"ptuning_fast_config.json holds {MAX_JSON_BYTES + 1} bytes, more than"):
+        _load(folder)
