@@ -105,7 +105,11 @@ def lock_output_dir(path) -> Callable[[], None]:
         lock_path = folder / LOCK_FILE
         if lock_path.is_symlink():  # never ours: replaced, not followed
             lock_path.unlink()
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as err:
+            raise ValueError(f"`output_dir`: cannot open its lock file {str(lock_path)!r}: {err.strerror or err}") \
+                from None
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -139,3 +139,17 @@ def test_resume_with_no_checkpoint_yet_starts_from_step_zero(tiny_bert, small_da
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     with pytest.raises(ValueError, match="is not a checkpoint of this job"):  # a named folder must exist
         train.run(tiny_config(tiny_bert, resume=str(tmp_path / "missing"), **common))
+
+
+def test_a_lock_file_that_is_a_folder_or_a_link_is_handled(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / LOCK_FILE).mkdir()
+    with pytest.raises(ValueError, match="cannot open its lock file"):
+        checkpoint.lock_output_dir(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    os.symlink(outside, tmp_path / "b" / LOCK_FILE)
+    release = checkpoint.lock_output_dir(tmp_path / "b")
+    release()
+    assert outside.read_text() == "keep me" and not (tmp_path / "b" / LOCK_FILE).is_symlink()
