@@ -15,6 +15,31 @@ from peft.tuners.p_tuning.config import PromptEncoderReparameterizationType
 
 from ._validation import check_positive_int
 
+# Sane upper bounds of a config's sizes, checked before anything is allocated (an adapter_config.json
+# or command line asking for 10**9 virtual tokens must fail in a line, not after allocating 100 GB).
+SIZE_LIMITS = {
+    "num_virtual_tokens": 2**14,  # prompts of thousands of tokens already leave little room for text
+    "token_dim": 2**15,  # the widest released models are 16-25k wide
+    "encoder_hidden_size": 2**15,
+    "encoder_num_layers": 64,  # the LSTM encoder's depth (PEFT uses 2)
+    "num_layers": 2**10,
+    "num_attention_heads": 2**10,
+    "num_transformer_submodules": 2,
+}
+
+
+def check_sizes(config) -> None:
+    """Refuse a size over :data:`SIZE_LIMITS` (or not a positive int), naming the field and its limit."""
+    for name, limit in SIZE_LIMITS.items():
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        check_positive_int(value, name)
+        if value > limit:
+            raise ValueError(f"`{name}` ({value}) is over the limit of {limit}: sizes are bounded before anything is "
+                             f"allocated ({', '.join(f'{k} <= {v}' for k, v in SIZE_LIMITS.items())})")
+
+
 ENCODER_TYPE_ERROR = "Prompt encoder type not recognized. Please use one of MLP (recommended) or LSTM."
 
 
@@ -56,6 +81,7 @@ class PromptEncoderConfig(_PeftPromptEncoderConfig):
     def __post_init__(self):
         super().__post_init__()
         self.encoder_reparameterization_type = normalize_encoder_type(self.encoder_reparameterization_type)
+        check_sizes(self)
 
     @classmethod
     def from_peft(cls, config) -> "PromptEncoderConfig":
@@ -74,6 +100,7 @@ class PrefixTuningConfig(_PeftPrefixTuningConfig):
         super().__post_init__()
         if self.init_weights not in PREFIX_INIT_WEIGHTS:
             raise ValueError(f"`init_weights` must be None (random) or \"zero\", got {self.init_weights!r}")
+        check_sizes(self)
 
     @classmethod
     def from_peft(cls, config) -> "PrefixTuningConfig":
@@ -82,5 +109,5 @@ class PrefixTuningConfig(_PeftPrefixTuningConfig):
 
 _PEFT_TYPES = {PromptEncoderConfig: "P_TUNING", PrefixTuningConfig: "PREFIX_TUNING"}
 
-__all__ = ["PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
-           "normalize_encoder_type", "read_encoder_config"]
+__all__ = ["SIZE_LIMITS", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
+           "check_sizes", "normalize_encoder_type", "read_encoder_config"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from peft import PeftType
 
+from ._files import write_bytes, write_text
 from ._validation import check_positive_int
 from .native.adapters import check_config_fits_model
-from .native.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter_folder, read_safetensors
+from .native.checkpoint import CONFIG_NAME, read_adapter_folder, read_prompt_embeddings
 from .native.text_init import layer_key_values
 
 MINILM = "minilm"  # the embedded MiniLM-L6 BERT, as ``ptuning-fast train --model`` names it
@@ -63,18 +65,11 @@ def read_prompts(checkpoint: str):
         raise TypeError(f"`checkpoint` must be a path to an adapter folder, got {type(checkpoint).__name__}")
     checkpoint = os.fspath(checkpoint)
     config, _, _ = read_adapter_folder(checkpoint)
-    path = os.path.join(checkpoint, WEIGHTS_NAME)
-    weights = read_safetensors(path)
-    if "prompt_embeddings" not in weights:
-        raise ValueError(f"{path} holds {sorted(weights)}, not `prompt_embeddings`")
-    prompts = weights["prompt_embeddings"].float()
     if config.peft_type == PeftType.P_TUNING:
         expected = (config.num_virtual_tokens * (config.num_transformer_submodules or 1), config.token_dim)
     else:
         expected = (config.num_virtual_tokens, config.num_layers * 2 * config.token_dim)
-    if tuple(prompts.shape) != expected:
-        raise ValueError(f"`prompt_embeddings` in {path} has shape {tuple(prompts.shape)}, but "
-                         f"{os.path.join(checkpoint, CONFIG_NAME)} gives {expected}")
+    prompts = read_prompt_embeddings(checkpoint, expected).float()
     if config.peft_type == PeftType.PREFIX_TUNING:  # PEFT's flat layout: ((l * 2 + s) * Hkv + h) * Dh + d
         prompts = prompts.view(config.num_virtual_tokens, config.num_layers, 2, config.token_dim)
     return config, prompts
@@ -112,6 +107,12 @@ def _figure(rows: int, columns: int, panel_size: float):
     return figure, axes
 
 
+def _save_figure(figure, path: str) -> None:
+    png = io.BytesIO()
+    figure.savefig(png, dpi=110, format="png")
+    write_bytes(png.getvalue(), path)  # renamed into place: a link at `path` is replaced, not followed
+
+
 def _plot_similarity(prompts: torch.Tensor, deep: bool, path: str, title: str) -> None:
     if deep:
         layers = _panel_layers(prompts.shape[1])
@@ -129,7 +130,7 @@ def _plot_similarity(prompts: torch.Tensor, deep: bool, path: str, title: str) -
             ax.set_ylabel("virtual token")
     figure.colorbar(image, ax=axes.ravel().tolist(), label="cosine similarity")
     figure.suptitle(title)
-    figure.savefig(path, dpi=110)
+    _save_figure(figure, path)
 
 
 def _plot_norms(prompts: torch.Tensor, deep: bool, path: str, title: str) -> None:
@@ -150,7 +151,7 @@ def _plot_norms(prompts: torch.Tensor, deep: bool, path: str, title: str) -> Non
         ax.set_xlabel("virtual token")
         ax.set_ylabel("L2 norm")
     figure.suptitle(title)
-    figure.savefig(path, dpi=110)
+    _save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +169,13 @@ def _resolve_base_model(model, config):
     ``"minilm"``, or a loaded transformers model / prompt holder), else the config's
     ``base_model_name_or_path`` when it is a local folder."""
     if model is None:
-        folder = _local_folder(getattr(config, "base_model_name_or_path", None))
+        named = getattr(config, "base_model_name_or_path", None)
+        folder = _local_folder(named)
         if folder is None:
             return None, None
+        if named != MINILM and not os.path.isabs(folder):
+            print(f"base model: the adapter config's base_model_name_or_path {named!r} is a relative path, read "
+                  f"from the current folder as {os.path.abspath(folder)} (pass --model to choose another)")
     elif isinstance(model, (str, os.PathLike)):
         folder = _local_folder(model)
         if folder is None:
@@ -307,8 +312,7 @@ def inspect_adapter(checkpoint, output_dir, *, model=None, tokenizer=None, top_k
     nearest_path = None
     if nearest is not None:
         nearest_path = os.path.join(output_dir, NEAREST_FILE)
-        with open(nearest_path, "w") as handle:
-            json.dump(nearest, handle, indent=2, ensure_ascii=False)
+        write_text(json.dumps(nearest, indent=2, ensure_ascii=False), nearest_path)
 
     print(f"{checkpoint}: {kind}, {prompts.shape[0]} virtual tokens")
     print(_table(prompts, deep, nearest))

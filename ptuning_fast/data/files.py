@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from .._files import write_text
+
 SUFFIXES = (".jsonl", ".json", ".csv")
 
 
@@ -38,6 +40,15 @@ def _read_text(path: Path) -> str:
                          "the file as UTF-8") from None
 
 
+MAX_LABEL_CHARS = 1000  # a class name, not a text
+
+
+def _shown(value) -> str:
+    """``value`` for an error message: its repr, cut to 80 characters."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else f"{shown[:77]}..."
+
+
 def read_examples(path, text_column: str = "text", label_column: str = "label") -> list[dict]:
     """Read ``[{"text": ..., "label": ...}]`` from a JSONL (one object a line) or CSV file, in UTF-8
     (a leading byte-order mark is skipped).
@@ -53,8 +64,12 @@ def read_examples(path, text_column: str = "text", label_column: str = "label") 
         raise ValueError(f"`path` {str(path)!r} does not exist or is not a file")
 
     rows = []
-    with io.StringIO(_read_text(path), newline="") as handle:  # newline="": as open() for the csv module
+    text = _read_text(path)
+    with io.StringIO(text, newline="") as handle:  # newline="": as open() for the csv module
         if path.suffix.lower() == ".csv":
+            # The csv module refuses fields over 128 KiB; any field of this file is shorter than the file.
+            # (The limit is the module's own: it is only ever raised here, never lowered.)
+            csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
             reader = csv.DictReader(handle)
             for line, row in enumerate(reader, start=2):
                 rows.append((line, row))
@@ -77,9 +92,14 @@ def read_examples(path, text_column: str = "text", label_column: str = "label") 
                 raise ValueError(f"{path}:{line}: missing column {column!r} (set with `{argument}`)")
         text, label = row[text_column], row[label_column]
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}:{line}: column {text_column!r} must be a non-empty string, got {text!r}")
-        if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
-            raise ValueError(f"{path}:{line}: column {label_column!r} must be a string or an int, got {label!r}")
+            raise ValueError(f"{path}:{line}: column {text_column!r} must be a non-empty string, got {_shown(text)}")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, str)
+                                                                           and not label.strip()):
+            raise ValueError(f"{path}:{line}: column {label_column!r} must be a non-blank string or an int, got "
+                             f"{_shown(label)}")
+        if len(str(label)) > MAX_LABEL_CHARS:
+            raise ValueError(f"{path}:{line}: column {label_column!r} holds a label of {len(str(label))} characters "
+                             f"(at most {MAX_LABEL_CHARS}): is it the text column?")
         examples.append({"text": text, "label": label})
     if not examples:
         raise ValueError(f"`path` {str(path)!r} holds no examples")
@@ -93,7 +113,7 @@ def write_examples(examples, path) -> Path:
             isinstance(e, dict) and "text" in e and "label" in e for e in examples):
         raise TypeError("`examples` must be a list of dicts with keys 'text' and 'label'")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with io.StringIO(newline="") as handle:
         if path.suffix.lower() == ".csv":
             writer = csv.DictWriter(handle, fieldnames=["text", "label"])
             writer.writeheader()
@@ -101,4 +121,5 @@ def write_examples(examples, path) -> Path:
         else:
             for e in examples:
                 handle.write(json.dumps({"text": e["text"], "label": e["label"]}) + "\n")
+        write_text(handle.getvalue(), str(path))  # renamed into place
     return path

@@ -91,13 +91,13 @@ def _linear_kernel(
     if HAS_BIAS:
         bias = cast_rtne(tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE)
         acc += bias.to(tl.float32)[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
+    if RELU:  # as torch.relu: NaN stays NaN (tl.maximum may return the 0 instead)
+        acc = tl.where(acc < 0, 0.0, acc)
     tile_mask = mask_m[:, None] & mask_n[None, :]
     if HAS_GATE:
         gate = tl.load(gate_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                        mask=tile_mask, other=0.0)
-        acc = tl.where(gate > 0, acc, 0.0)
+        acc = tl.where(gate <= 0, 0.0, acc)  # as torch's ReLU backward: a NaN activation passes the gradient
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              cast_rtne(acc, c_ptr.dtype.element_ty, EMULATE_RTNE), mask=tile_mask)
     if ROW_SUM:
@@ -156,7 +156,7 @@ def _linear_backward_kernel(
 
     if NEED_GRAD_INPUT:
         if GATE_GRAD_INPUT:
-            grad_inp = tl.where(inp > 0, grad_inp, 0.0)
+            grad_inp = tl.where(inp <= 0, 0.0, grad_inp)  # as torch's ReLU backward (NaN passes)
         tl.store(grad_inp_ptr + offs_m[:, None] * stride_dim + offs_k[None, :] * stride_dik,
                  cast_rtne(grad_inp, grad_inp_ptr.dtype.element_ty, EMULATE_RTNE), mask=mk_mask)
 

@@ -12,6 +12,7 @@ mixes that cannot share a batch are refused, saying why).
 from __future__ import annotations
 
 import copy
+import re
 from typing import List, Optional
 
 import torch
@@ -134,6 +135,21 @@ def task_of(holder) -> TaskType:
     return next(iter(holder.peft_config.values())).task_type
 
 
+# Adapter names name folders (a saved adapter's sub-folder) and module keys: identifiers, never paths.
+ADAPTER_NAME_RULE = "letters, digits, '_' and '-' only (1 to 128 of them)"
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def check_adapter_identifier(name, argument: str = "adapter_name") -> str:
+    """``name`` if it can name an adapter (and its folder), else a TypeError/ValueError giving the rule."""
+    if not isinstance(name, str):
+        raise TypeError(f"`{argument}` must be a str ({ADAPTER_NAME_RULE}), got {type(name).__name__}")
+    if not _ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"`{argument}` {name!r} is not a valid adapter name: use {ADAPTER_NAME_RULE} (it names "
+                         "the adapter's folder when saved, so paths, '.' and '..' are refused)")
+    return name
+
+
 def check_adapter_name(holder, name, argument: str) -> None:
     if not isinstance(name, str):
         raise TypeError(f"`{argument}` must hold adapter names (str), got {name!r}")
@@ -144,6 +160,10 @@ def check_adapter_name(holder, name, argument: str) -> None:
 def resolve_rows(holder, adapter_names, batch_size: int, device) -> Rows:
     """The adapters of a batch's rows: ``adapter_names`` (one name per row) or the active adapter."""
     if adapter_names is None:
+        if holder.active_adapter not in holder.prompt_encoder:
+            raise ValueError(f"the active adapter {holder.active_adapter!r} is not among the model's adapters "
+                             f"{sorted(holder.prompt_encoder)} (deleted?): call set_adapter() with one of them, or "
+                             "pass `adapter_names`")
         return Rows([holder.active_adapter], None)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
         raise TypeError(f"`adapter_names` must be a list of adapter names (one per row), got "
@@ -240,7 +260,8 @@ def prompt_tables(holder, rows: Rows, batch_size: int, device):
     return torch.cat(tables), offsets[rows.index]
 
 
-__all__ = ["PROMPT_TYPES", "Rows", "adapter_parts", "check_adapter_name", "check_config_fits_model", "check_holder",
+__all__ = ["ADAPTER_NAME_RULE", "PROMPT_TYPES", "Rows", "adapter_parts", "check_adapter_identifier",
+           "check_adapter_name", "check_config_fits_model", "check_holder",
            "check_not_other_peft_types", "encoded_prompt_table", "make_encoder", "prefix_weights",
            "prepare_config", "prompt_lengths", "prompt_tables", "resolve_rows", "rows_kind", "rows_options",
            "task_of"]

@@ -18,8 +18,12 @@ PEFT does):
 ``ptuning_fast_config.json`` holds the native model's :class:`~ptuning_fast.native.options.PromptOptions`.
 
 Every file is written to a temporary name and renamed into place, so a reader never sees half a
-file. The functions work on any holder of prompt adapters (a ``PTuningModel`` or a ``PeftModel``,
-by their attributes; see :mod:`ptuning_fast.native.adapters`).
+file, and a link planted at a file's name is replaced, not written through. An adapter's files are
+all written aside first, then renamed into its folder: a save that fails midway (disk full) leaves
+the folder as it was. Loads refuse a file that is a link out of the folder they were given, and
+check every file from its safetensors header (names, shapes, floating dtypes), then for finite
+values, before anything is restored. The functions work on any holder of prompt adapters (a
+``PTuningModel`` or a ``PeftModel``, by their attributes; see :mod:`ptuning_fast.native.adapters`).
 """
 from __future__ import annotations
 
@@ -31,12 +35,15 @@ import tempfile
 from typing import Optional
 
 import torch
-from peft import PeftConfig, PeftType
+from peft import PeftConfig, PeftType, TaskType
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save
 
-from .adapters import (PROMPT_TYPES, adapter_parts, check_config_fits_model, check_holder, encoded_prompt_table,
-                       make_encoder)
+from .._files import check_inside, write_bytes, write_text
+from ..config import check_sizes
+from ..hf.introspection import infer_task_type, learned_position_limit
+from .adapters import (PROMPT_TYPES, adapter_parts, check_adapter_identifier, check_config_fits_model, check_holder,
+                       encoded_prompt_table, make_encoder)
 from .options import PromptOptions
 
 CONFIG_NAME = "adapter_config.json"
@@ -56,44 +63,72 @@ def adapter_directory(save_directory: str, adapter_name: str) -> str:
 # Files: safetensors and JSON, each written atomically and read with an error naming the file
 # ---------------------------------------------------------------------------------------------
 def write_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, temporary, metadata={"format": "pt", **(metadata or {})})
-    os.replace(temporary, path)
+    write_bytes(save(tensors, metadata={"format": "pt", **(metadata or {})}), path)
 
 
 def write_json(data, path: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-    os.replace(temporary, path)
+    write_text(json.dumps(data, indent=2, sort_keys=True), path)
 
 
-def _write_peft_config(config, directory: str) -> None:
-    """``adapter_config.json`` exactly as PEFT writes it (its own ``save_pretrained``), renamed into place."""
-    temporary = tempfile.mkdtemp(prefix=".config-", dir=directory)
-    try:
-        config.save_pretrained(temporary)
-        os.replace(os.path.join(temporary, CONFIG_NAME), os.path.join(directory, CONFIG_NAME))
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+# safetensors' dtype names of floating-point tensors (what prompts, weights and optimizer moments may be)
+FLOATING_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def read_safetensors(path: str, device: str = "cpu") -> dict:
-    try:
-        return load_file(path, device=device)
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+def _unreadable(path: str, exc) -> ValueError:
+    return ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}")
 
 
-def read_safetensors_metadata(path: str) -> dict:
+def read_header(path: str):
+    """({key: (shape, safetensors dtype name)}, metadata) of a safetensors file, from its header
+    alone: no tensor is read."""
     try:
         with safe_open(path, framework="pt") as handle:
-            return handle.metadata() or {}
+            header = {}
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                header[key] = (tuple(part.get_shape()), part.get_dtype())
+            return header, handle.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+        raise _unreadable(path, exc) from None
+
+
+def read_tensors(path: str, expected: dict, *, dtypes=FLOATING_DTYPES, finite: bool = True,
+                 device: str = "cpu", other_keys: bool = False) -> dict:
+    """The tensors of a safetensors file, checked against ``expected`` ({key: shape, or None for
+    any shape}) from the header before any tensor is read: the same keys (others are left unread
+    with ``other_keys``, else refused), those shapes, dtypes in ``dtypes``; then, as each is read,
+    finite values (``finite``). Each error names the file and key."""
+    header, _ = read_header(path)
+    missing = sorted(set(expected) - set(header))
+    unexpected = [] if other_keys else sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} holds other tensors than expected: missing {missing}, unexpected {unexpected}")
+    for key, shape in expected.items():
+        saved_shape, dtype = header[key]
+        if dtype not in dtypes:
+            raise ValueError(f"{path}: tensor {key!r} is {dtype}; expected one of {list(dtypes)}")
+        if shape is not None and saved_shape != tuple(shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {saved_shape}, expected {tuple(shape)}")
+    tensors = {}
+    try:
+        with safe_open(path, framework="pt", device=device) as handle:
+            for key in expected:
+                tensors[key] = handle.get_tensor(key)
+                if finite and not bool(torch.isfinite(tensors[key]).all()):  # once, at load
+                    raise ValueError(f"{path}: tensor {key!r} holds NaN or Inf")
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+    return tensors
+
+
+MAX_JSON_BYTES = 16 * 2**20  # configs, options and training states are kilobytes
 
 
 def read_json(path: str):
+    """The JSON in ``path`` (a config or state file: at most :data:`MAX_JSON_BYTES`)."""
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{path} holds {size} bytes, more than the {MAX_JSON_BYTES} a config or state file may")
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
@@ -135,8 +170,15 @@ def freeze_adapter(encoder, config):
     return frozen.train(encoder.training), frozen_config
 
 
-def _optimizer_tensors(optimizer):
-    """Optimizer state -> (tensors, metadata) for safetensors."""
+def _parameter_names(optimizer, module) -> list:
+    """The name in ``module`` of each of ``optimizer``'s parameters, in its order (None: not in it)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+
+
+def _optimizer_tensors(optimizer, module=None):
+    """Optimizer state -> (tensors, metadata) for safetensors; with ``module``, the metadata also
+    names each parameter (so that a load can tell parameters given in another order)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
@@ -147,41 +189,94 @@ def _optimizer_tensors(optimizer):
                 scalars[f"{index}.{name}"] = value
     try:
         metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+        if module is not None:
+            metadata["param_names"] = json.dumps(_parameter_names(optimizer, module))
     except TypeError as exc:
         raise ValueError(f"`optimizer` state holds values that cannot be written without pickle ({exc}); keep "
                          "hyper-parameters as plain numbers, or save the optimizer yourself") from None
     return tensors, metadata
 
 
-def optimizer_state_from_file(path: str) -> dict:
-    """The ``state_dict`` of an optimizer written by :func:`save_adapter` (or the training job)."""
-    metadata = read_safetensors_metadata(path)
-    tensors = read_safetensors(path)
-    if "param_groups" not in metadata:
-        raise ValueError(f"{path} is not an optimizer state written by ptuning_fast (no param_groups)")
+def _metadata_json(path: str, metadata: dict, key: str, default=None):
+    if key not in metadata:
+        if default is not None:
+            return default
+        raise ValueError(f"{path} is not an optimizer state written by ptuning_fast (no {key!r} in its metadata)")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON: {exc}") from None
+
+
+def optimizer_state_from_file(path: str, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """The ``state_dict`` of an optimizer written by :func:`save_adapter` (or the training job),
+    checked from the file's header (and against ``optimizer``'s parameters, when given: each state
+    tensor a scalar or of its parameter's shape) before any tensor is read."""
+    header, metadata = read_header(path)
+    groups = _metadata_json(path, metadata, "param_groups")
+    scalars = _metadata_json(path, metadata, "scalars", default={})
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise ValueError(f"{path}: metadata 'param_groups' must be a list of groups with 'params' lists")
+    if not isinstance(scalars, dict):
+        raise ValueError(f"{path}: metadata 'scalars' must be a JSON object")
+    params = None if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
+    count = sum(len(g["params"]) for g in groups)
+    expected = {}
+    for key, (shape, _) in header.items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) >= count:
+            raise ValueError(f"{path}: tensor {key!r} is not the state of one of its {count} parameters "
+                             "('state.INDEX.NAME')")
+        if params is not None and shape != () and int(parts[1]) < len(params) \
+                and shape != tuple(params[int(parts[1])].shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {shape}, but parameter {parts[1]} of `optimizer` "
+                             f"has shape {tuple(params[int(parts[1])].shape)}")
+        expected[key] = shape
     state = {}
-    for key, value in tensors.items():
+    for key, value in read_tensors(path, expected).items():
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = value
-    for key, value in json.loads(metadata.get("scalars", "{}")).items():
-        index, name = key.split(".", 1)
+    for key, value in scalars.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or not name or int(index) >= count:
+            raise ValueError(f"{path}: metadata 'scalars' key {key!r} is not 'INDEX.NAME' of one of its {count} "
+                             "parameters")
         state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+    return {"state": state, "param_groups": groups}
 
 
-def save_optimizer(optimizer, path: str) -> None:
-    tensors, metadata = _optimizer_tensors(optimizer)
+def save_optimizer(optimizer, path: str, module=None) -> None:
+    """``optimizer``'s state into ``path``; ``module`` (which holds its parameters) names them."""
+    tensors, metadata = _optimizer_tensors(optimizer, module)
     write_safetensors(tensors, path, metadata)
 
 
-def load_optimizer(optimizer, path: str) -> None:
-    saved = optimizer_state_from_file(path)
-    groups = saved["param_groups"]
-    if len(groups) != len(optimizer.param_groups) or any(
-            len(a["params"]) != len(b["params"]) for a, b in zip(groups, optimizer.param_groups)):
-        raise ValueError("`optimizer` does not match the saved optimizer state (different parameter groups); "
+def check_optimizer_matches(optimizer, path: str, module=None) -> dict:
+    """The state in ``path``, checked to fit ``optimizer``: the same parameter groups and sizes,
+    and (when the file names them and ``module`` is given) the same parameters in the same order."""
+    groups = optimizer.param_groups
+    metadata = read_header(path)[1]
+    header_groups = _metadata_json(path, metadata, "param_groups")
+    if not isinstance(header_groups, list) or len(header_groups) != len(groups) or any(
+            not isinstance(a, dict) or len(a.get("params", ())) != len(b["params"])
+            for a, b in zip(header_groups, groups)):
+        raise ValueError(f"`optimizer` does not match the optimizer state in {path} (different parameter groups); "
                          "build it over the same parameters, in the same order, as when it was saved")
+    if module is not None and "param_names" in metadata:
+        saved, now = _metadata_json(path, metadata, "param_names"), _parameter_names(optimizer, module)
+        if saved != now:
+            raise ValueError(f"`optimizer` holds the parameters in another order than the state in {path} was saved "
+                             f"with: saved {saved}, now {now}; build it over the same parameters, in the same order")
+    return optimizer_state_from_file(path, optimizer)
+
+
+def load_optimizer(optimizer, path: str, module=None) -> dict:
+    """Restore ``optimizer`` from ``path`` (checked by :func:`check_optimizer_matches`); returns the
+    state loaded."""
+    saved = check_optimizer_matches(optimizer, path, module)
     optimizer.load_state_dict(saved)
+    return saved
 
 
 def save_adapter(model, save_directory: str, adapter_name: Optional[str] = None, *, save_encoder: bool = False,
@@ -192,6 +287,7 @@ def save_adapter(model, save_directory: str, adapter_name: Optional[str] = None,
     loading with ``is_trainable=True`` needs to resume training.
     """
     encoder, config, options, adapter_name = adapter_parts(model, adapter_name)
+    check_adapter_identifier(adapter_name)
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"`save_directory` must be a path, got {type(save_directory).__name__}")
     if os.path.isfile(save_directory):
@@ -205,26 +301,40 @@ def save_adapter(model, save_directory: str, adapter_name: Optional[str] = None,
     if save_encoder and config.inference_mode:
         raise ValueError(f"adapter {adapter_name!r} holds encoded prompts only (loaded for inference, or frozen): "
                          "there is no encoder to save")
-    directory = adapter_directory(os.fspath(save_directory), adapter_name)
+    save_directory = os.fspath(save_directory)
+    directory = adapter_directory(save_directory, adapter_name)
+    if os.path.islink(directory):
+        raise ValueError(f"`save_directory`: {directory} is a link; the adapter {adapter_name!r} is written only "
+                         f"inside {save_directory}")
     os.makedirs(directory, exist_ok=True)
-
-    write_safetensors({"prompt_embeddings": prompt_embeddings_to_save(encoder, config)},
-                      os.path.join(directory, WEIGHTS_NAME))
     saved_config = copy.deepcopy(config)
     saved_config.inference_mode = True  # as PEFT: the folder holds the encoded prompts
     if saved_config.base_model_name_or_path is None:
         base = model.get_base_model()
         saved_config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
-    _write_peft_config(saved_config, directory)
-
-    if save_encoder:
-        tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-        write_safetensors(tensors, os.path.join(directory, ENCODER_NAME))
-        if optimizer is not None:
-            save_optimizer(optimizer, os.path.join(directory, OPTIMIZER_NAME))
     extras = {"format_version": FORMAT_VERSION, "prompt_options": options.to_dict(),
               "encoder_saved": bool(save_encoder)}
-    write_json(extras, os.path.join(directory, OPTIONS_NAME))
+    # Every file is written aside first; only complete files are renamed in (the options last).
+    staging = tempfile.mkdtemp(prefix=".adapter-", dir=directory)
+    try:
+        write_safetensors({"prompt_embeddings": prompt_embeddings_to_save(encoder, config)},
+                          os.path.join(staging, WEIGHTS_NAME))
+        saved_config.save_pretrained(staging)  # adapter_config.json exactly as PEFT writes it
+        if save_encoder:
+            tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+            write_safetensors(tensors, os.path.join(staging, ENCODER_NAME))
+            if optimizer is not None:
+                save_optimizer(optimizer, os.path.join(staging, OPTIMIZER_NAME), encoder)
+        write_json(extras, os.path.join(staging, OPTIONS_NAME))
+        written = [n for n in (ENCODER_NAME, OPTIMIZER_NAME, WEIGHTS_NAME, CONFIG_NAME, OPTIONS_NAME)
+                   if os.path.isfile(os.path.join(staging, n))]
+        for name in (ENCODER_NAME, OPTIMIZER_NAME):  # an earlier save's, which would not match the new prompts
+            if name not in written and os.path.lexists(os.path.join(directory, name)):
+                os.unlink(os.path.join(directory, name))
+        for name in written:
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -237,8 +347,7 @@ def read_adapter_folder(model_id, *, is_trainable: bool = False, adapter_name: s
     load asks (``config.inference_mode`` is set to ``not is_trainable``)."""
     if not isinstance(is_trainable, bool):
         raise TypeError(f"`is_trainable` must be a bool, got {is_trainable!r}")
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise TypeError(f"`adapter_name` must be a non-empty str, got {adapter_name!r}")
+    check_adapter_identifier(adapter_name)
     if optimizer is not None and not is_trainable:
         raise ValueError("restoring an `optimizer` needs `is_trainable=True`")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -252,6 +361,9 @@ def read_adapter_folder(model_id, *, is_trainable: bool = False, adapter_name: s
     if not os.path.isfile(os.path.join(model_id, WEIGHTS_NAME)):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {model_id!r}; ptuning_fast reads safetensors only "
                                 "(re-save a pickled adapter_model.bin with safetensors)")
+    for name in (CONFIG_NAME, WEIGHTS_NAME, OPTIONS_NAME, ENCODER_NAME, OPTIMIZER_NAME):
+        if os.path.lexists(os.path.join(model_id, name)):
+            check_inside(os.path.join(model_id, name), model_id)
     raw = read_json(config_path)
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
@@ -261,6 +373,10 @@ def read_adapter_folder(model_id, *, is_trainable: bool = False, adapter_name: s
     config = PeftConfig.from_pretrained(model_id)
     if config.peft_type not in PROMPT_TYPES:
         raise ValueError(f"the adapter in {model_id!r} is {config.peft_type.value}, not P_TUNING or PREFIX_TUNING")
+    try:
+        check_sizes(config)  # before anything is built from it
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path}: {exc}") from None
     options, has_encoder = PromptOptions(), False
     extras_path = os.path.join(model_id, OPTIONS_NAME)
     if os.path.isfile(extras_path):
@@ -279,33 +395,23 @@ def read_adapter_folder(model_id, *, is_trainable: bool = False, adapter_name: s
     return config, options, has_encoder
 
 
+def read_prompt_embeddings(model_id: str, shape: tuple, device: str = "cpu") -> torch.Tensor:
+    """``prompt_embeddings`` of the adapter folder ``model_id``, checked to be of ``shape``, floating
+    and finite before use."""
+    # PEFT's file may also hold a task head (modules_to_save): PEFT loads it; it is never read here.
+    return read_tensors(os.path.join(model_id, WEIGHTS_NAME), {"prompt_embeddings": shape}, device=device,
+                        other_keys=True)["prompt_embeddings"]
+
+
 def _load_weights(encoder, model_id: str, resume: bool) -> None:
     device = str(encoder.embedding.weight.device)
     if resume:
         path = os.path.join(model_id, ENCODER_NAME)
-        tensors = read_safetensors(path, device)
-        state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
-        expected = encoder.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{path} does not match the encoder its config builds: missing {missing}, "
-                             f"unexpected {unexpected}")
-        shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
-                  if tuple(v.shape) != tuple(expected[k].shape)}
-        if shapes:
-            raise ValueError(f"{path} holds tensors of other shapes than the encoder its config builds "
-                             f"(saved, expected): {shapes}")
-        encoder.load_state_dict(state, strict=True)
+        expected = encoder.state_dict()  # floating weights only (the encoders hold no buffers)
+        tensors = read_tensors(path, {f"encoder.{k}": v.shape for k, v in expected.items()}, device=device)
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items()}, strict=True)
         return
-    path = os.path.join(model_id, WEIGHTS_NAME)
-    weights = read_safetensors(path, device)
-    if "prompt_embeddings" not in weights:
-        raise ValueError(f"{WEIGHTS_NAME} in {model_id!r} holds {sorted(weights)}, not `prompt_embeddings`")
-    embeddings = weights["prompt_embeddings"]
-    expected = tuple(encoder.embedding.weight.shape)
-    if tuple(embeddings.shape) != expected:
-        raise ValueError(f"`prompt_embeddings` in {model_id!r} has shape {tuple(embeddings.shape)}, but the "
-                         f"adapter config gives {expected}")
+    embeddings = read_prompt_embeddings(model_id, tuple(encoder.embedding.weight.shape), device)
     with torch.no_grad():
         encoder.embedding.weight.copy_(embeddings)
 
@@ -320,6 +426,18 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
                                              optimizer=optimizer)
     model_id = os.fspath(model_id)
     check_config_fits_model(config, holder.get_base_model(), os.path.join(model_id, CONFIG_NAME))
+    limit = learned_position_limit(holder.get_base_model())
+    if config.peft_type == PeftType.P_TUNING and limit is not None and config.num_virtual_tokens >= limit:
+        raise ValueError(f"{os.path.join(model_id, CONFIG_NAME)}: num_virtual_tokens ({config.num_virtual_tokens}) "
+                         f"leaves no position for text: {type(holder.get_base_model()).__name__} has "
+                         f"max_position_embeddings={limit}")
+    base = holder.get_base_model()
+    model_task = infer_task_type(base)
+    if config.task_type is not None and model_task != TaskType.FEATURE_EXTRACTION \
+            and TaskType(config.task_type) != model_task:
+        raise ValueError(f"{os.path.join(model_id, CONFIG_NAME)}: the adapter is for task_type "
+                         f"{TaskType(config.task_type).value}, but {type(base).__name__} is a {model_task.value} "
+                         "model: its outputs would not be the task's; load it onto a model of that task")
     if adapter_name not in holder.prompt_encoder:
         if hasattr(holder, "prompt_options"):
             holder.add_adapter(adapter_name, config, options)
@@ -332,17 +450,23 @@ def load_adapter_into(holder, model_id, adapter_name: str = "default", *, is_tra
     if not is_trainable and not holder.peft_config[adapter_name].inference_mode:
         raise ValueError(f"adapter {adapter_name!r} of the model is built for training; load the encoded "
                          "prompts into a new adapter name, or pass `is_trainable=True`")
+    saved_optimizer = None
+    if optimizer is not None:  # checked before anything is loaded
+        saved_optimizer = check_optimizer_matches(optimizer, os.path.join(model_id, OPTIMIZER_NAME), encoder)
     _load_weights(encoder, model_id, resume=is_trainable)
+    if hasattr(holder, "prompt_options"):  # the folder's options, not those the name had before
+        holder.prompt_options[adapter_name] = options
     if is_trainable:
         encoder.requires_grad_(True)
-        if optimizer is not None:
-            load_optimizer(optimizer, os.path.join(model_id, OPTIMIZER_NAME))
+        if saved_optimizer is not None:
+            optimizer.load_state_dict(saved_optimizer)
     else:
         encoder.requires_grad_(False)
         encoder.eval()
     return holder
 
 
-__all__ = ["adapter_directory", "encoded_prompts", "freeze_adapter", "load_adapter_into", "load_optimizer",
-           "optimizer_state_from_file", "prompt_embeddings_to_save", "read_adapter_folder", "read_json",
-           "read_safetensors", "save_adapter", "save_optimizer", "write_json", "write_safetensors"]
+__all__ = ["FLOATING_DTYPES", "MAX_JSON_BYTES", "adapter_directory", "check_optimizer_matches", "encoded_prompts",
+           "freeze_adapter", "load_adapter_into", "load_optimizer", "optimizer_state_from_file",
+           "prompt_embeddings_to_save", "read_adapter_folder", "read_header", "read_json", "read_prompt_embeddings",
+           "read_tensors", "save_adapter", "save_optimizer", "write_json", "write_safetensors"]

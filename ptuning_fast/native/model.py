@@ -31,8 +31,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._validation import INDEX_DTYPES, check_tensor, check_token_tensor
 from ..hf.compat import get_cache
 from ..hf.heads import check_per_token_inputs
-from .adapters import (check_adapter_name, check_not_other_peft_types, make_encoder, prepare_config, resolve_rows,
-                       task_of)
+from .adapters import (check_adapter_identifier, check_adapter_name, check_not_other_peft_types, make_encoder,
+                       prepare_config, resolve_rows, task_of)
 from .checkpoint import freeze_adapter, load_adapter_into, read_adapter_folder, save_adapter
 from .forward import prompt_forward
 from .generate import prompt_generate
@@ -89,8 +89,7 @@ class PTuningModel(torch.nn.Module):
     # ---------------------------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name: str, config, options: Optional[PromptOptions] = None) -> None:
         """Add a prompt adapter built from ``config`` (not made active: see :meth:`set_adapter`)."""
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise TypeError(f"`adapter_name` must be a non-empty str, got {adapter_name!r}")
+        check_adapter_identifier(adapter_name)
         if adapter_name in self.prompt_encoder:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         options = PromptOptions() if options is None else options

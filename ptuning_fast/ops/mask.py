@@ -63,6 +63,16 @@ def _extension(device: torch.device):
     return ext
 
 
+# Prompt lengths (and prompt columns) above this are refused before anything is allocated: the
+# mask has B * S * (P + S) entries, and positions P + S must stay far from int64's end.
+MAX_PROMPT_LENGTH = 2**20
+
+
+def _check_prompt_length(value: int, name: str) -> None:
+    if value > MAX_PROMPT_LENGTH:
+        raise ValueError(f"`{name}` ({value}) is over the limit of {MAX_PROMPT_LENGTH} prompt columns")
+
+
 def _check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
@@ -93,8 +103,10 @@ def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, 
                              f"`attention_mask` has batch size {batch}")
     else:
         check_positive_int(prompt_lengths, "prompt_lengths", allow_zero=True)
+        _check_prompt_length(prompt_lengths, "prompt_lengths")
     if num_prompt_columns is not None:
         check_positive_int(num_prompt_columns, "num_prompt_columns", allow_zero=True)
+        _check_prompt_length(num_prompt_columns, "num_prompt_columns")
 
     # Data-dependent checks, gathered so that they cost a single device->host transfer.
     # Integer masks are read as transformers reads them (nonzero = real) with no check, so the
@@ -125,6 +137,7 @@ def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, 
         shortest, longest = values
         if shortest < 0:
             raise ValueError(f"`prompt_lengths` must be >= 0, got a row with {shortest}")
+        _check_prompt_length(longest, "prompt_lengths")
     else:
         longest = 0
     P = longest if num_prompt_columns is None else num_prompt_columns

@@ -17,7 +17,9 @@ are trained; the base model is frozen. What the job does:
   (``PeftModel.from_pretrained`` loads it) plus the full trainable state, the optimizer, the RNG
   and the step, in safetensors and JSON (never pickle), from which ``--resume`` continues the run
   exactly where it stopped. Each is written whole, then renamed into place (see
-  :mod:`ptuning_fast.train.checkpoint`).
+  :mod:`ptuning_fast.train.checkpoint`). ``--resume`` with no checkpoint yet starts from step 0.
+- One job per ``OUTPUT_DIR`` at a time (a lock a killed job's successor takes over); a new run
+  into a folder holding an earlier run's checkpoints needs ``--overwrite`` (or ``--resume``).
 - ``--head-steps N`` (classification) trains only the new classifier head for the first N steps,
   with the prompts frozen, then both.
 - ``--init-text TEXT`` starts every prompt adapter as those words

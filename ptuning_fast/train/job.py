@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .._files import write_text
 from ..backend import resolve_backend
 from ..hf.introspection import is_decoder_only
-from .checkpoint import check_output_dir, checkpoint_folder, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (SUMMARY_FILE, check_output_dir, checkpoint_folder, earlier_run_files,
+                         find_latest_checkpoint, load_checkpoint, lock_output_dir, remove_earlier_run, save_checkpoint)
 from .config import TrainConfig, check_config
 from .data import (Encoded, count_targets, encode_examples, global_batch, label_names, label_token_ids, load_examples,
                    make_batch, pool)
@@ -21,8 +24,6 @@ from .model import build_model, check_prompt_fits, init_prompts, is_prompt_param
     trainable_parameters
 from .optim import learning_rate_at, make_optimizer
 from .processes import all_reduce_gradients, autocast, peak_memory, setup_distributed, shard_frozen_blocks, uses_bf16
-
-SUMMARY_FILE = "summary.json"
 
 
 class Job:
@@ -40,6 +41,11 @@ class Job:
             check_output_dir(config.output_dir)
         self.dist = setup_distributed(config)
         self.device = self.dist.device
+        self.close = lambda: None
+        if config.output_dir is not None and self.dist.is_main:
+            self.close = lock_output_dir(config.output_dir)  # one job per output folder
+            weakref.finalize(self, self.close)
+        self.resume_from = self.checkpoint_to_resume()
         self.check_processes()
         if config.baseline == "none":
             try:
@@ -71,7 +77,7 @@ class Job:
         self.left_pad = self.uses_left_padding()
         self.peft_model.to(self.device).train()
         self.text_init = None
-        if config.init_text is not None and config.resume is None:  # resumed: the checkpoint's prompts win
+        if config.init_text is not None and self.resume_from is None:  # resumed: the checkpoint's prompts win
             self.init_prompts_from_text(tokenizer)
         self.groups = self.parameter_groups()
         self.params = [p for group in self.groups.values() for p in group]
@@ -79,8 +85,8 @@ class Job:
         self.optimizer = make_optimizer(self.params, config)
 
         self.start_step = 0
-        if config.resume is not None:
-            folder = latest_checkpoint(config.output_dir) if str(config.resume) == "latest" else Path(config.resume)
+        if self.resume_from is not None:
+            folder = self.resume_from
             self.start_step = load_checkpoint(folder, self.peft_model, self.optimizer, config, self.labels)
             if self.start_step >= self.total_steps:
                 raise ValueError(f"`resume`: the checkpoint is at step {self.start_step}, the job has only "
@@ -94,6 +100,29 @@ class Job:
     # --------------------------------------------------------------------------------------------
     # Hooks of the set-up
     # --------------------------------------------------------------------------------------------
+    def checkpoint_to_resume(self) -> Optional[Path]:
+        """The checkpoint ``--resume`` continues from (None: start at step 0). A new run into a
+        folder holding an earlier run's checkpoints is refused, unless ``--overwrite`` (which
+        removes them first): the two runs would mix at the next ``--resume``."""
+        config = self.config
+        if config.resume is not None and str(config.resume) != "latest":
+            return Path(config.resume)
+        if config.output_dir is None:
+            return None
+        if config.resume is not None:  # "latest"
+            found = find_latest_checkpoint(config.output_dir)
+            if found is None:  # a preempted job restarts with the same command line at any moment
+                self.log(f"--resume: no checkpoint in {config.output_dir} yet: starting from step 0")
+            return found
+        earlier = earlier_run_files(config.output_dir)
+        if earlier and not config.overwrite:
+            raise ValueError(f"`output_dir` {str(config.output_dir)!r} holds an earlier run's "
+                             f"{', '.join(p.name for p in earlier[:4])}{' ...' if len(earlier) > 4 else ''}: pass "
+                             "--overwrite to replace them, --resume to continue that run, or another --output-dir")
+        if earlier and self.dist.is_main:
+            remove_earlier_run(config.output_dir)
+        return None
+
     def check_processes(self) -> None:
         """Refuse a process layout the job cannot run (any is fine here)."""
 
@@ -320,7 +349,7 @@ class Job:
         }
         if config.output_dir is not None and self.dist.is_main:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(config.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            write_text(json.dumps(summary, indent=2), str(Path(config.output_dir) / SUMMARY_FILE))
         self.log(format_summary(summary))
         return summary
 

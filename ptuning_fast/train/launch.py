@@ -24,8 +24,11 @@ def run(config: TrainConfig) -> TrainResult:
     check_config(config)
     with use_backend(config.backend):  # the caller's choice comes back afterwards
         job = MultiTaskJob(config) if config.tasks else Job(config)
-        job.train()
-        return TrainResult(job.summary(), job.peft_model)
+        try:
+            job.train()
+            return TrainResult(job.summary(), job.peft_model)
+        finally:
+            job.close()  # the output folder is free for the next job
 
 
 def main(argv=None) -> dict:

@@ -138,6 +138,8 @@ class MultiTaskJob(Job):
 
     def write_outputs(self, folder: Path) -> None:
         """Each task's adapter in PEFT's format under ``folder/adapters/<task>/``, and every trained tensor."""
+        if (folder / ADAPTERS_DIR).is_symlink():  # replaced, never written through
+            (folder / ADAPTERS_DIR).unlink()
         self.peft_model.save_pretrained(str(folder / ADAPTERS_DIR), save_encoder=True)
         save_trainable_state(self.peft_model, folder / TRAINABLE_FILE)
 

@@ -29,7 +29,8 @@ def _assert_same(expected: dict, got: dict) -> None:
 
 
 def _hidden(folder: Path) -> list:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    """Leftovers of writes (the lock of the folder's job is no leftover)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != checkpoint.LOCK_FILE)
 
 
 def test_no_pickle_is_written_or_read(tiny_bert, small_data, tmp_path, monkeypatch):
@@ -252,7 +253,7 @@ def test_killed_runs_resume_to_the_adapter_of_an_uninterrupted_run(tiny_bert, sm
             done = _complete_steps(out) if out.exists() else set()
             if STEPS in done:
                 break
-            process = launch(0.03, out, *(["--resume"] if done else []))
+            process = launch(0.03, out, "--resume")  # one command line, whether a checkpoint exists yet or not
             in_save = lambda: any(out.glob(f".checkpoint-*.tmp-{process.pid}"))  # noqa: E731
             if where == "save":  # inside the next save
                 reached = _wait(in_save, process)
@@ -266,7 +267,7 @@ def test_killed_runs_resume_to_the_adapter_of_an_uninterrupted_run(tiny_bert, sm
             _complete_steps(out)  # every checkpoint-STEP left behind is complete
         assert killed_in_a_save >= 1
         while STEPS not in _complete_steps(out):
-            assert finished(launch(0, out, *(["--resume"] if _complete_steps(out) else [])))
+            assert finished(launch(0, out, "--resume"))
         assert finished(reference)
     finally:
         for process in processes:
@@ -280,3 +281,27 @@ def test_killed_runs_resume_to_the_adapter_of_an_uninterrupted_run(tiny_bert, sm
     got = load_file(out / f"checkpoint-{STEPS}" / train.TRAINABLE_FILE)
     _assert_same(expected, got)
     assert any(not torch.equal(got[k], load_file(out / "checkpoint-1" / train.TRAINABLE_FILE)[k]) for k in got)
+
+
+def test_two_jobs_started_on_one_output_folder(tiny_bert, small_data, tmp_path):
+    """Started together on one --output-dir: one job runs, the other is refused at once, naming the
+    folder and the job that holds it (before, they removed each other's temporary folders)."""
+    data, eval_data = small_data
+    out = tmp_path / "shared"
+    flags = ["--model", tiny_bert, "--data", data, "--eval-data", eval_data, "--batch-size", "8", "--steps", "4",
+             "--save-every", "1", "--num-virtual-tokens", "3", "--encoder-hidden-size", "16", "--max-length", "24",
+             "--eval-every", "0", "--device", "cpu", "--no-progress", "--output-dir", str(out)]
+    log_path = tmp_path / "log.txt"
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        jobs = [Forked(server, 0.2, flags, log_path) for _ in range(2)]  # 0.2 s a step: they overlap
+        codes = sorted(job.wait() for job in jobs)
+    finally:
+        server.stdin.close()
+        server.wait()
+    log = log_path.read_text()
+    assert codes == [0, 1], log[-3000:]
+    refusals = [line for line in log.splitlines() if line.startswith("ValueError: `output_dir`")]
+    assert len(refusals) == 1 and "is in use by another job (process " in refusals[0], log[-3000:]
+    assert _complete_steps(out) == {1, 2, 3, 4} and not _hidden(out)

@@ -4,6 +4,7 @@ batch mixing the tasks' rows; a mixed batch must give each adapter the gradient 
 Tiny models from configs, two small task files (sentiment, and sentiment with flipped labels).
 """
 import json
+import os
 
 import pytest
 import torch
@@ -151,7 +152,8 @@ def test_tasks_option_errors(task_files):
     for flags, error, message in [
         (["--tasks", "sentiment.jsonl"], ValueError, "`tasks` entries must look like NAME=FILE"),
         (["--tasks", "a=x.jsonl", "a=y.jsonl"], ValueError, "`tasks` names \\['a'\\] more than once"),
-        (["--tasks", "a/b=x.jsonl"], ValueError, "task name 'a/b' must be"),
+        (["--tasks", "a/b=x.jsonl"], ValueError, "task name 'a/b' must start with a letter or digit, then letters"),
+        (["--tasks", "sst.2=x.jsonl"], ValueError, "task name 'sst.2' must .* '_' and '-' only"),
         (["--tasks", "a="], ValueError, "task 'a' has no data file"),
         (["--tasks", *files, "--data", "x.jsonl"], ValueError, "`tasks` and `data` do not combine"),
         (["--tasks", *files, "--baseline", "peft"], ValueError, "PEFT runs one prompt adapter per batch"),
@@ -161,3 +163,16 @@ def test_tasks_option_errors(task_files):
             train.parse_args(flags)
     with pytest.raises(TypeError, match="`tasks` must be a non-empty list"):
         train.TrainConfig(tasks="a=x.jsonl")
+
+
+def test_a_linked_adapters_folder_is_replaced_not_written_through(task_files, tiny_models, tmp_path):
+    from ptuning_fast import train
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(elsewhere, out / "adapters")
+    train.run(job_config(task_files, tiny_models, "classification", "v1", output_dir=str(out), steps=1))
+    assert os.listdir(elsewhere) == []
+    assert not (out / "adapters").is_symlink() and (out / "adapters" / "flipped" / "adapter_config.json").is_file()
