@@ -16,7 +16,8 @@ from peft import PeftType, TaskType
 
 from .._validation import check_index_range
 from ..hf.compat import CACHE_KWARG
-from ..hf.introspection import accepts, check_position_range, is_checkpointing, is_decoder_only
+from ..hf.introspection import (accepts, check_position_range, check_supports_cache, first_position, is_checkpointing,
+                                is_decoder_only, takes_fused_mask)
 from ..ops.mask import build_prompt_attention_mask
 from ..prefix_tuning.cache import PrefixKVCache
 from ..prefix_tuning.functional import prefix_attention_mask, prefix_cache_for, run_over_prefix_cache
@@ -30,18 +31,37 @@ def fused_prefix_mask(model, attention_mask: torch.Tensor, prompt_lengths) -> Op
     :func:`ptuning_fast.build_prompt_attention_mask`, or None where the model must build its own.
     ``prompt_lengths``: an int, or (B,) per-row lengths (each row's prefix in the last columns).
 
-    transformers uses a 4D mask as given, so this only serves attention implementations that read
-    one (``sdpa``: boolean, ``eager``: additive in the model's dtype) and models without
-    sliding-window or encoder-decoder masks, whose layers do not all read the same mask.
+    transformers uses a 4D mask as given, so this only serves models that read the mask for
+    nothing but attention, in one form for every layer (:func:`~ptuning_fast.hf.introspection.takes_fused_mask`):
+    ``sdpa`` gets it boolean, ``eager`` additive in the model's dtype.
     """
-    config = model.config
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in ("sdpa", "eager") or getattr(config, "is_encoder_decoder", False):
+    if not takes_fused_mask(model):
         return None
-    if getattr(config, "sliding_window", None) is not None or getattr(config, "layer_types", None):
-        return None
-    dtype = torch.bool if implementation == "sdpa" else model.get_input_embeddings().weight.dtype
+    dtype = torch.bool if model.config._attn_implementation == "sdpa" else model.get_input_embeddings().weight.dtype
     return build_prompt_attention_mask(attention_mask, prompt_lengths, causal=is_decoder_only(model), dtype=dtype)
+
+
+def v1_attention_mask(model, layout: PromptLayout, caller_mask_given: bool) -> Optional[torch.Tensor]:
+    """The mask a v1 (P_TUNING) forward hands the model, in the form PEFT's path gives attention:
+
+    - no caller mask and one prompt in front of every row: None (a plain concatenation; the
+      model builds its own mask, or none: SDPA's causal fast path);
+    - a caller mask, one prompt in front of every row: the (B, P + S) 2D mask, as PEFT hands it
+      (the model sees whether it holds padding, and passes no mask when it holds none);
+    - rows with masked columns by construction (prompts of several lengths, packed rows): the
+      fused 4D mask where the model takes one, else the 2D mask.
+    """
+    if layout.prompt_index is None and layout.text_columns is None:
+        return layout.attention_mask if caller_mask_given else None
+    fused = fused_prefix_mask(model, layout.attention_mask, 0)
+    return layout.attention_mask if fused is None else fused
+
+
+def model_position_ids(model, position_ids: torch.Tensor) -> torch.Tensor:
+    """Layout positions (the first token at 0) in the model's numbering (RoBERTa-style models
+    start at ``padding_idx + 1``)."""
+    first = first_position(model)
+    return position_ids + first if first else position_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +145,8 @@ def prompt_forward(holder, rows: Rows, input_ids, attention_mask, inputs_embeds,
     """The base model's forward with the rows' prompts; ``kwargs`` are the model's other arguments
     (labels, token_type_ids, position_ids (the text's own), QA spans...)."""
     task, model = task_of(holder), holder.base_model
+    if rows_kind(holder, rows) == PeftType.PREFIX_TUNING:
+        check_supports_cache(model)
     decoder_only = is_decoder_only(model)
     layout, prefix, inputs = layout_batch(holder, rows, input_ids, attention_mask, inputs_embeds,
                                           kwargs.pop("position_ids", None), pad_left=decoder_only)
@@ -140,11 +162,9 @@ def prompt_forward(holder, rows: Rows, input_ids, attention_mask, inputs_embeds,
                                                  for key in ("start_positions", "end_positions")}
     _check_positions_fit(holder, rows, layout, prefix)
     if rows_kind(holder, rows) == PeftType.P_TUNING:
-        # The 4D mask in one pass where the model reads one (skips its own mask building).
-        fused = fused_prefix_mask(model, layout.attention_mask, 0)
-        kwargs["attention_mask"] = layout.attention_mask if fused is None else fused
+        kwargs["attention_mask"] = v1_attention_mask(model, layout, attention_mask is not None)
         if task != TaskType.SEQ_2_SEQ_LM and layout.position_ids is not None and accepts(model, "position_ids"):
-            kwargs["position_ids"] = layout.position_ids
+            kwargs["position_ids"] = model_position_ids(model, layout.position_ids)
         out = model(return_dict=True, **kwargs)
     else:
         _add_prefix(holder, rows, layout, prefix, kwargs)
@@ -201,9 +221,9 @@ def _add_prefix(holder, rows: Rows, layout: PromptLayout, prefix, kwargs) -> Non
             kwargs["decoder_attention_mask"] = prefix_attention_mask(kwargs["decoder_attention_mask"], prefix)
         return
     if layout.position_ids is not None and accepts(model, "position_ids"):
-        kwargs["position_ids"] = layout.position_ids
+        kwargs["position_ids"] = model_position_ids(model, layout.position_ids)
     mask = fused_prefix_mask(model, layout.attention_mask, prefix)
     kwargs["attention_mask"] = prefix_attention_mask(layout.attention_mask, prefix) if mask is None else mask
 
 
-__all__ = ["fused_prefix_mask", "layout_batch", "prompt_forward"]
+__all__ = ["fused_prefix_mask", "layout_batch", "model_position_ids", "prompt_forward", "v1_attention_mask"]

@@ -27,8 +27,12 @@ BATCH, LENGTH = 3, 6
 KINDS = ("P_TUNING", "PREFIX_TUNING")
 CHECKS = ("forward", "forward_padded", "generate", "generate_padded", "native")
 
-# Cells where the accelerated route is known to differ for a reason fixed elsewhere: (name, kind, check) -> reason
-KNOWN = {}
+# Cells where the accelerated route is known to differ for a reason fixed elsewhere: (name, kind, check) -> reason.
+# PEFT's P_TUNING generate() numbers every column (it drops position_ids); the route counts real
+# tokens there. Models whose positions come from the 2D mask itself (OPT, Bloom's ALiBi) agree.
+_POSITIONS_FROM_MASK = {"opt", "bloom"}
+KNOWN = {(name, "P_TUNING", "generate_padded"): "issue 25: padded generate positions, fixed on the route branch"
+         for name in ARCHITECTURES if is_causal_lm(name) and name not in _POSITIONS_FROM_MASK}
 
 
 def _config(name, kind):
@@ -98,13 +102,21 @@ def _peft_or_refusal(request, compute_reference):
         return None
 
 
+def assert_refuses(action):
+    """A clear refusal: a ValueError raised by this package (or PEFT's config checks), not an error
+    from deep inside the model."""
+    with pytest.raises(ValueError) as info:
+        action()
+    origin = str(info.traceback[-1].path)
+    assert "/transformers/" not in origin and "/torch/" not in origin, f"{info.value!r} raised in {origin}"
+
+
 def check_forward(request, name, kind, padded):
     peft, fast = twins(name, kind)
     inputs = inputs_for(name, seed=7 + padded, padded=padded)
     ref = _peft_or_refusal(request, lambda: run(peft, inputs))
     if ref is None:
-        with pytest.raises(ValueError):
-            run(fast, inputs)
+        assert_refuses(lambda: run(fast, inputs))
         return
     out, score, grads = run(fast, inputs)
     _assert_same_outputs(out, ref[0])
@@ -125,8 +137,7 @@ def check_generate(request, name, kind, padded):
     inputs = inputs_for(name, seed=11 + padded, padded=padded)
     ref = _peft_or_refusal(request, lambda: _generate(peft, name, inputs))
     if ref is None:
-        with pytest.raises(ValueError):
-            _generate(fast, name, inputs)
+        assert_refuses(lambda: _generate(fast, name, inputs))
         return
     tokens, scores = _generate(fast, name, inputs)
     torch.testing.assert_close(scores, ref[1], rtol=1e-5, atol=1e-5)
@@ -137,12 +148,15 @@ def check_native(request, name, kind):
     """The native model on an unpadded batch: PEFT's numbers, per-token outputs at the input's columns."""
     peft, _ = twins(name, kind)
     task = task_of(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = get_ptuning_model(build_base(name), _config(name, kind))
-    ours.prompt_encoder.load_state_dict(peft.prompt_encoder.state_dict())
     inputs = inputs_for(name, seed=13, padded=False)
     del inputs["attention_mask"]
+
+    def native_model():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_ptuning_model(build_base(name), _config(name, kind))
+        model.prompt_encoder.load_state_dict(peft.prompt_encoder.state_dict())
+        return model
 
     def reference():
         out = peft(**inputs)
@@ -151,9 +165,9 @@ def check_native(request, name, kind):
 
     ref = _peft_or_refusal(request, reference)
     if ref is None:
-        with pytest.raises(ValueError):
-            ours(**inputs)
+        assert_refuses(lambda: native_model()(**inputs))
         return
+    ours = native_model()
     got = ours(**inputs)
     torch.testing.assert_close(got.logits, ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.loss, ref[1], rtol=1e-5, atol=1e-6)
