@@ -131,7 +131,8 @@ def takes_fused_mask(model) -> bool:
     return (getattr(config, "model_type", None) in FUSED_MASK_MODEL_TYPES
             and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
             and not getattr(config, "is_encoder_decoder", False)
-            and getattr(config, "sliding_window", None) is None and not getattr(config, "layer_types", None))
+            and getattr(config, "sliding_window", None) is None
+            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ()))
 
 
 def supports_cache(model) -> bool:
