@@ -41,20 +41,28 @@ def fused_prefix_mask(model, attention_mask: torch.Tensor, prompt_lengths) -> Op
     return build_prompt_attention_mask(attention_mask, prompt_lengths, causal=is_decoder_only(model), dtype=dtype)
 
 
-def v1_attention_mask(model, layout: PromptLayout, caller_mask_given: bool) -> Optional[torch.Tensor]:
-    """The mask a v1 (P_TUNING) forward hands the model, in the form PEFT's path gives attention:
+def attention_mask_for(model, layout: PromptLayout, prefix, caller_mask_given: bool) -> Optional[torch.Tensor]:
+    """The mask a forward hands the model, in the form PEFT's path gives attention (``prefix``:
+    the deep prompts' lengths, an int or (B,) per row; 0 for v1 prompts):
 
-    - no caller mask and one prompt in front of every row: None (a plain concatenation; the
-      model builds its own mask, or none: SDPA's causal fast path);
-    - a caller mask, one prompt in front of every row: the (B, P + S) 2D mask, as PEFT hands it
-      (the model sees whether it holds padding, and passes no mask when it holds none);
+    - one prompt in front of every row, v1 or deep on a bidirectional model: None when the
+      caller gave no mask (a plain concatenation), else the (B, P + S) 2D mask as PEFT hands it;
+      the model builds its own 4D mask, or none where nothing is masked (SDPA's fast path);
+    - deep prompts on a causal model: the prefix offsets the causal mask, so the model always
+      builds one; the fused 4D mask replaces it where the model takes one;
     - rows with masked columns by construction (prompts of several lengths, packed rows): the
       fused 4D mask where the model takes one, else the 2D mask.
     """
-    if layout.prompt_index is None and layout.text_columns is None:
-        return layout.attention_mask if caller_mask_given else None
-    fused = fused_prefix_mask(model, layout.attention_mask, 0)
-    return layout.attention_mask if fused is None else fused
+    uniform = isinstance(prefix, int) and layout.prompt_index is None and layout.text_columns is None
+    if uniform and (prefix == 0 or not is_decoder_only(model)):
+        if not caller_mask_given:
+            return None
+        return prefix_attention_mask(layout.attention_mask, prefix) if prefix else layout.attention_mask
+    fused = fused_prefix_mask(model, layout.attention_mask, prefix)
+    if fused is not None:
+        return fused
+    return prefix_attention_mask(layout.attention_mask, prefix) if not isinstance(prefix, int) or prefix \
+        else layout.attention_mask
 
 
 def model_position_ids(model, position_ids: torch.Tensor) -> torch.Tensor:
@@ -162,12 +170,12 @@ def prompt_forward(holder, rows: Rows, input_ids, attention_mask, inputs_embeds,
                                                  for key in ("start_positions", "end_positions")}
     _check_positions_fit(holder, rows, layout, prefix)
     if rows_kind(holder, rows) == PeftType.P_TUNING:
-        kwargs["attention_mask"] = v1_attention_mask(model, layout, attention_mask is not None)
+        kwargs["attention_mask"] = attention_mask_for(model, layout, 0, attention_mask is not None)
         if task != TaskType.SEQ_2_SEQ_LM and layout.position_ids is not None and accepts(model, "position_ids"):
             kwargs["position_ids"] = model_position_ids(model, layout.position_ids)
         out = model(return_dict=True, **kwargs)
     else:
-        _add_prefix(holder, rows, layout, prefix, kwargs)
+        _add_prefix(holder, rows, layout, prefix, kwargs, attention_mask is not None)
         out = _run_with_prefix(model, kwargs)
     if not layout.outputs_in_layout:
         _gather_outputs(out, layout, task)
@@ -207,7 +215,7 @@ def _run_with_prefix(model, kwargs):
     return run_over_prefix_cache(model, kwargs.pop(CACHE_KWARG), return_dict=True, **kwargs)
 
 
-def _add_prefix(holder, rows: Rows, layout: PromptLayout, prefix, kwargs) -> None:
+def _add_prefix(holder, rows: Rows, layout: PromptLayout, prefix, kwargs, caller_mask_given: bool) -> None:
     """Deep prompts: the prefix cache (each adapter encoded once, written into the rows that
     use it), the (B, P + S) or fused 4D mask, and the positions (per-row prefix lengths)."""
     model = holder.base_model
@@ -222,8 +230,7 @@ def _add_prefix(holder, rows: Rows, layout: PromptLayout, prefix, kwargs) -> Non
         return
     if layout.position_ids is not None and accepts(model, "position_ids"):
         kwargs["position_ids"] = model_position_ids(model, layout.position_ids)
-    mask = fused_prefix_mask(model, layout.attention_mask, prefix)
-    kwargs["attention_mask"] = prefix_attention_mask(layout.attention_mask, prefix) if mask is None else mask
+    kwargs["attention_mask"] = attention_mask_for(model, layout, prefix, caller_mask_given)
 
 
-__all__ = ["fused_prefix_mask", "layout_batch", "model_position_ids", "prompt_forward", "v1_attention_mask"]
+__all__ = ["fused_prefix_mask", "layout_batch", "model_position_ids", "prompt_forward", "attention_mask_for"]

@@ -1,0 +1,69 @@
+"""What SDPA receives: the ``attn_mask`` and ``is_causal`` of every attention call, recorded for
+plain PEFT and the accelerated route on the same batch. Where PEFT's path hands SDPA no mask
+(an unpadded v1 prompt), so does this package (PyTorch may then pick its flash kernel); where a
+mask is needed (padding, a prefix in the cache), both hand the same one."""
+import pytest
+import torch
+
+from ptuning_fast import get_ptuning_model
+
+from .architectures import build_base
+from .test_matrix import _config, inputs_for, twins
+
+
+class SdpaRecorder:
+    """Records (attn_mask, is_causal) of each ``torch.nn.functional.scaled_dot_product_attention`` call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        original = torch.nn.functional.scaled_dot_product_attention
+
+        def record(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+            self.calls.append((None if attn_mask is None else attn_mask.clone(), bool(is_causal)))
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record)
+
+    def take(self, model, inputs):
+        self.calls = []
+        with torch.no_grad():
+            model(**inputs)
+        return self.calls
+
+
+def _as_bool(mask):
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def _inputs(name, case):
+    inputs = inputs_for(name, seed=17, padded=case == "padded")
+    if case == "no mask":
+        del inputs["attention_mask"]
+    return inputs
+
+
+@pytest.mark.peft_oracle
+@pytest.mark.parametrize("case", ["no mask", "all-ones mask", "padded"])
+@pytest.mark.parametrize("kind", ["P_TUNING", "PREFIX_TUNING"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_sdpa_gets_what_peft_gives_it(monkeypatch, name, kind, case):
+    peft, fast = twins(name, kind)
+    recorder = SdpaRecorder(monkeypatch)
+    inputs = _inputs(name, case)
+    expected, got = recorder.take(peft, inputs), recorder.take(fast, inputs)
+    assert len(got) == len(expected) == 2  # one call per layer
+    for (mask, causal), (ref_mask, ref_causal) in zip(got, expected):
+        assert (mask is None) == (ref_mask is None) and causal == ref_causal
+        if mask is not None:
+            assert torch.equal(_as_bool(mask).expand_as(ref_mask), _as_bool(ref_mask))
+    if kind == "P_TUNING" and case != "padded":  # PEFT's unpadded v1 path: no mask at all
+        assert all(mask is None for mask, _ in got)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_native_unpadded_v1_hands_no_mask(monkeypatch, name):
+    model = get_ptuning_model(build_base(name), _config(name, "P_TUNING"))
+    recorder = SdpaRecorder(monkeypatch)
+    calls = recorder.take(model, _inputs(name, "no mask"))
+    assert calls and all(mask is None and causal == (name == "llama") for mask, causal in calls)
