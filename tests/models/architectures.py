@@ -1,7 +1,5 @@
 """Tiny random transformers models of many architectures (hidden 32, 2 layers, vocabulary 61),
 built from their configs: the coverage matrix's models. Dropout is off everywhere."""
-import functools
-
 import torch
 import transformers
 
@@ -100,6 +98,9 @@ ARCHITECTURES = {
 PROMPT_CONFIG_FIELDS = {"distilbert": dict(token_dim=32, num_layers=2, num_attention_heads=4)}
 
 
+DECODER_HEADS = ("llama_cls", "qwen2_cls", "gemma2_cls", "gpt2_cls")  # classification heads on decoders
+
+
 def task_of(name: str) -> str:
     return ARCHITECTURES[name][3]
 
@@ -115,7 +116,7 @@ def is_causal_lm(name: str) -> bool:
 def padding_side(name: str) -> str:
     """The side the model's users pad: left for decoder-only models (generation appends on the
     right, the sequence-classification head reads the last real token), right otherwise."""
-    return "left" if task_of(name) in ("CAUSAL_LM",) or name.endswith("_cls") and name != "bert" else "right"
+    return "left" if task_of(name) == "CAUSAL_LM" or name in DECODER_HEADS else "right"
 
 
 def build_base(name: str, seed: int = 0):
@@ -125,7 +126,3 @@ def build_base(name: str, seed: int = 0):
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config).eval()
 
-
-@functools.lru_cache(maxsize=None)
-def _built(name: str, seed: int):
-    return build_base(name, seed)

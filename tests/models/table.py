@@ -1,4 +1,6 @@
-"""Run the coverage matrix and print the README's "Supported models" table (markdown).
+"""Run the coverage matrix and print the README's "Supported models" table (markdown): per cell,
+✓ (equal to plain PEFT), refused (plain PEFT fails too; a clear ValueError here), known (an
+expected failure of the matrix, with its reason), FAIL, or - (the check does not apply).
 
     python -m tests.models.table [pytest arguments...]
 """
@@ -6,7 +8,7 @@ import sys
 
 import pytest
 
-from .architectures import ARCHITECTURES, task_of
+from .architectures import ARCHITECTURES
 from .test_matrix import CHECKS, KINDS, _applies
 
 _HEADINGS = {"forward": "forward", "forward_padded": "padded", "generate": "generate",
@@ -24,22 +26,22 @@ class _Collector:
         key = tuple(report.nodeid.split("[", 1)[1].rstrip("]").split("-"))
         refused = any(name == "peft_raises" for name, _ in report.user_properties)
         if hasattr(report, "wasxfail"):
-            mark = "xfail"
+            mark = "known"
         elif report.passed:
-            mark = "refused" if refused else "="
+            mark = "refused" if refused else "✓"
         else:
             mark = "FAIL" if report.failed else "skip"
-        if key not in self.cells or mark != "=":
+        if key not in self.cells or mark != "✓":
             self.cells[key] = mark
 
 
 def table(cells) -> str:
     columns = [(kind, check) for kind in KINDS for check in CHECKS]
-    lines = ["| model | task | " + " | ".join(f"{_SHORT[k]} {_HEADINGS[c]}" for k, c in columns) + " |",
+    lines = ["| model | class | " + " | ".join(f"{_SHORT[k]} {_HEADINGS[c]}" for k, c in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     for name in ARCHITECTURES:
         marks = [cells.get((name, k, c), "?") if _applies(name, c) else "-" for k, c in columns]
-        lines.append(f"| {name} | {task_of(name)} | " + " | ".join(marks) + " |")
+        lines.append(f"| {name} | {ARCHITECTURES[name][1]} | " + " | ".join(marks) + " |")
     return "\n".join(lines)
 
 
