@@ -235,6 +235,7 @@ def check_position_range(model, longest_position: int, num_virtual_tokens, seq_l
                          f"max_position_embeddings={limit}: use fewer virtual tokens or shorter text")
 
 
-__all__ = ["accepts", "check_position_range", "checkpointing_layers", "is_checkpointing", "infer_task_type", "is_decoder_only", "learned_position_limit",
-           "check_supports_cache", "first_position", "supports_cache", "takes_fused_mask", "FUSED_MASK_MODEL_TYPES",
-           "model_dtype", "prefix_geometry", "seq2seq_prefix_geometry", "text_config"]
+__all__ = ["FUSED_MASK_MODEL_TYPES", "accepts", "check_position_range", "check_supports_cache", "checkpointing_layers",
+           "first_position", "infer_task_type", "is_checkpointing", "is_decoder_only", "learned_position_limit",
+           "model_dtype", "prefix_geometry", "seq2seq_prefix_geometry", "supports_cache", "takes_fused_mask",
+           "text_config"]

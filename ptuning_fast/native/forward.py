@@ -2,9 +2,10 @@
 
 ``prompt_forward(holder, rows, ...)`` lays the batch out (:mod:`ptuning_fast.native.layout`),
 puts the v1 prompts among the input embeddings or the deep prompts into the KV cache
-(:func:`ptuning_fast.prefix_tuning.functional.prefix_cache_for`) with the mask in the form PEFT's
-path gives attention (:func:`attention_mask_for`), runs the model, and returns per-token outputs at the caller's columns (or in
-PEFT's layout with ``positions="peft"``). ``holder``: see :mod:`ptuning_fast.native.adapters`.
+(:func:`ptuning_fast.prefix_tuning.functional.prefix_cache_for`), hands the model the mask in the
+form PEFT's path gives attention (:func:`attention_mask_for`), runs it, and returns per-token
+outputs at the caller's columns (or in PEFT's layout with ``positions="peft"``). ``holder``: see
+:mod:`ptuning_fast.native.adapters`.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from tests.tiny_models import randomize_
 import ptuning_fast
 from ptuning_fast import get_ptuning_model
 
-from .architectures import ARCHITECTURES, PROMPT_CONFIG_FIELDS, VOCAB, build_base, is_causal_lm, pad_token_of, padding_side, task_of
+from .architectures import (ARCHITECTURES, PROMPT_CONFIG_FIELDS, VOCAB, build_base, is_causal_lm, pad_token_of,
+                            padding_side, task_of)
 
 T = 4  # virtual tokens
 BATCH, LENGTH = 3, 6
