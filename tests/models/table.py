@@ -12,7 +12,7 @@ from .architectures import ARCHITECTURES
 from .test_matrix import CHECKS, KINDS, _applies
 
 _HEADINGS = {"forward": "forward", "forward_padded": "padded", "generate": "generate",
-             "generate_padded": "padded generate", "native": "native"}
+             "generate_padded": "padded generate", "mixed": "mixed", "native": "native"}
 _SHORT = {"P_TUNING": "v1", "PREFIX_TUNING": "deep"}
 
 
