@@ -11,7 +11,7 @@ import pytest
 from .architectures import ARCHITECTURES
 from .test_matrix import CHECKS, KINDS, _applies
 
-_HEADINGS = {"forward": "forward", "forward_padded": "padded", "generate": "generate",
+_HEADINGS = {"forward": "forward", "forward_padded": "padded", "forward_bf16": "bf16 autocast", "generate": "generate",
              "generate_padded": "padded generate", "mixed": "mixed", "native": "native"}
 _SHORT = {"P_TUNING": "v1", "PREFIX_TUNING": "deep"}
 
