@@ -7,7 +7,10 @@ import torch
 
 from ptuning_fast import get_ptuning_model
 
-from .architectures import build_base
+from .architectures import ARCHITECTURES, build_base
+
+# Every architecture of the matrix whose attention runs through SDPA
+SDPA_MODELS = [name for name in ARCHITECTURES if build_base(name).config._attn_implementation == "sdpa"]
 from .test_matrix import _config, inputs_for, twins
 
 
@@ -43,22 +46,26 @@ def _inputs(name, case):
     return inputs
 
 
+# Plain PEFT fails on these (the matrix checks this package's refusal there)
+PEFT_FAILS = {("falcon", "PREFIX_TUNING"), ("distilbert", "PREFIX_TUNING")}
+
+
 @pytest.mark.peft_oracle
 @pytest.mark.parametrize("case", ["no mask", "all-ones mask", "padded"])
-@pytest.mark.parametrize("kind", ["P_TUNING", "PREFIX_TUNING"])
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("name, kind", [(name, kind) for name in SDPA_MODELS for kind in ("P_TUNING", "PREFIX_TUNING")
+                                        if (name, kind) not in PEFT_FAILS])
 def test_sdpa_gets_what_peft_gives_it(monkeypatch, name, kind, case):
     peft, fast = twins(name, kind)
     recorder = SdpaRecorder(monkeypatch)
     inputs = _inputs(name, case)
     expected, got = recorder.take(peft, inputs), recorder.take(fast, inputs)
-    assert len(got) == len(expected) == 2  # one call per layer
+    assert len(got) == len(expected) >= 2  # one call per attention layer
     for (mask, causal), (ref_mask, ref_causal) in zip(got, expected):
         assert (mask is None) == (ref_mask is None) and causal == ref_causal
         if mask is not None:
             assert torch.equal(_as_bool(mask).expand_as(ref_mask), _as_bool(ref_mask))
-    if kind == "P_TUNING" and case != "padded":  # PEFT's unpadded v1 path: no mask at all
-        assert all(mask is None for mask, _ in got)
+    if kind == "P_TUNING" and case != "padded" and name in ("llama", "gpt2", "bert"):
+        assert all(mask is None for mask, _ in got)  # PEFT's unpadded v1 path: no mask at all (fast kernels)
 
 
 @pytest.mark.parametrize("name", ["llama", "bert"])
