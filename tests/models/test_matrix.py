@@ -20,12 +20,14 @@ from tests.test_peft_route import run
 from tests.tiny_models import randomize_
 
 import ptuning_fast
+from conftest import _peft_prompt_learning_broken
 from ptuning_fast import get_ptuning_model
 
 from .architectures import (ARCHITECTURES, PROMPT_CONFIG_FIELDS, VOCAB, build_base, is_causal_lm, pad_token_of,
                             padding_side, task_of)
 
 T = 4  # virtual tokens
+PEFT_BROKEN_HERE = _peft_prompt_learning_broken()
 BATCH, LENGTH = 3, 6
 KINDS = ("P_TUNING", "PREFIX_TUNING")
 CHECKS = ("forward", "forward_padded", "forward_bf16", "generate", "generate_padded", "mixed", "native")
@@ -132,10 +134,14 @@ def _assert_same_grads(got, ref):
 
 
 def _peft_or_refusal(request, compute_reference):
-    """PEFT's result, or None (the cell then checks for a refusal) where plain PEFT raises."""
+    """PEFT's result, or None (the cell then checks for a refusal) where plain PEFT raises. On a
+    transformers release where PEFT's prompt learning is broken (conftest.py) its failures are
+    no refusal: the cell is an expected failure there."""
     try:
         return compute_reference()
     except Exception as exc:  # noqa: BLE001 - any failure of plain PEFT makes the cell a refusal check
+        if PEFT_BROKEN_HERE:
+            pytest.xfail(f"plain PEFT's prompt learning fails on this transformers release: {exc!r:.200}")
         request.node.user_properties.append(("peft_raises", f"{type(exc).__name__}: {str(exc)[:120]}"))
         return None
 
