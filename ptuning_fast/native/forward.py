@@ -33,8 +33,9 @@ def fused_prefix_mask(model, attention_mask: torch.Tensor, prompt_lengths) -> Op
     ``prompt_lengths``: an int, or (B,) per-row lengths (each row's prefix in the last columns).
 
     transformers uses a 4D mask as given, so this only serves models that read the mask for
-    nothing but attention, in one form for every layer (:func:`~ptuning_fast.hf.introspection.takes_fused_mask`):
-    ``sdpa`` gets it boolean, ``eager`` additive in the model's dtype.
+    nothing but attention, in one form for every layer
+    (:func:`~ptuning_fast.hf.introspection.takes_fused_mask`): ``sdpa`` gets it boolean, ``eager``
+    additive in the model's dtype.
     """
     if not takes_fused_mask(model):
         return None
@@ -56,14 +57,15 @@ def attention_mask_for(model, layout: PromptLayout, prefix, caller_mask_given: b
     """
     uniform = isinstance(prefix, int) and layout.prompt_index is None and layout.text_columns is None
     if uniform and (prefix == 0 or not is_decoder_only(model)):
-        if not caller_mask_given:
-            return None
-        return prefix_attention_mask(layout.attention_mask, prefix) if prefix else layout.attention_mask
+        return _mask_2d(layout, prefix) if caller_mask_given else None
     fused = fused_prefix_mask(model, layout.attention_mask, prefix)
-    if fused is not None:
-        return fused
-    return prefix_attention_mask(layout.attention_mask, prefix) if not isinstance(prefix, int) or prefix \
-        else layout.attention_mask
+    return _mask_2d(layout, prefix) if fused is None else fused
+
+
+def _mask_2d(layout: PromptLayout, prefix) -> torch.Tensor:
+    """The (B, P + S) mask: the layout's, after any deep prompt's prefix columns."""
+    no_prefix = isinstance(prefix, int) and prefix == 0
+    return layout.attention_mask if no_prefix else prefix_attention_mask(layout.attention_mask, prefix)
 
 
 def model_position_ids(model, position_ids: torch.Tensor) -> torch.Tensor:
@@ -234,4 +236,4 @@ def _add_prefix(holder, rows: Rows, layout: PromptLayout, prefix, kwargs, caller
     kwargs["attention_mask"] = attention_mask_for(model, layout, prefix, caller_mask_given)
 
 
-__all__ = ["fused_prefix_mask", "layout_batch", "model_position_ids", "prompt_forward", "attention_mask_for"]
+__all__ = ["attention_mask_for", "fused_prefix_mask", "layout_batch", "model_position_ids", "prompt_forward"]
