@@ -27,10 +27,10 @@ from .architectures import (ARCHITECTURES, PROMPT_CONFIG_FIELDS, VOCAB, build_ba
                             padding_side, task_of)
 
 T = 4  # virtual tokens
-PEFT_BROKEN_HERE = _peft_prompt_learning_broken()
 BATCH, LENGTH = 3, 6
 KINDS = ("P_TUNING", "PREFIX_TUNING")
 CHECKS = ("forward", "forward_padded", "forward_bf16", "generate", "generate_padded", "mixed", "native")
+PEFT_BROKEN_HERE = _peft_prompt_learning_broken()  # plain PEFT's prompt learning fails on this release
 
 # Cells where the accelerated route is known to differ for a reason fixed elsewhere: (name, kind, check) -> reason.
 # PEFT's P_TUNING generate() numbers every column (it drops position_ids); the route counts real
@@ -42,7 +42,8 @@ KNOWN = {(name, "P_TUNING", "generate_padded"): "issue 25: padded generate posit
 # for these classification heads.
 KNOWN.update({(name, kind, "mixed"): "issue 25: mixed-batch heads of other module types, fixed on the route branch"
               for name in ("roberta", "xlm_roberta", "electra") for kind in KINDS})
-# Deep prompts under bf16 autocast: the prefix cache holds the model's dtype, not autocast's.
+# Deep prompts under bf16 autocast: the prefix cache holds the model's dtype, not autocast's (not
+# where PEFT keeps its own prefix path, Gemma 2/3; nor seq2seq caches; nor where PEFT refuses).
 KNOWN.update({(name, "PREFIX_TUNING", "forward_bf16"): "issue 25: deep prompts under bf16 autocast, fixed on the route "
               "branch" for name in ARCHITECTURES
               if name not in ("gemma2", "gemma3", "gemma2_cls", "t5", "bart", "falcon", "distilbert", "deberta_v2")})
