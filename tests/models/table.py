@@ -12,7 +12,8 @@ from .architectures import ARCHITECTURES
 from .test_matrix import CHECKS, KINDS, _applies
 
 _HEADINGS = {"forward": "forward", "forward_padded": "padded", "forward_bf16": "bf16 autocast", "generate": "generate",
-             "generate_padded": "padded generate", "mixed": "mixed", "native": "native"}
+             "generate_padded": "padded generate", "mixed": "mixed", "native": "native",
+             "native_padded": "native padded"}
 _SHORT = {"P_TUNING": "v1", "PREFIX_TUNING": "deep"}
 
 

@@ -7,7 +7,8 @@ trainable gradient of the accelerated PeftModel (unpadded, padded on the model's
 padded under bf16 autocast); greedy ``generate()`` tokens and scores (unpadded, and left-padded
 for causal LMs); a padded batch of two adapters (``adapter_names``) against each adapter's rows
 run alone in plain PEFT; the native model (``get_ptuning_model``) on an unpadded batch, where its
-semantics are PEFT's.
+semantics are PEFT's, and on batches padded on either side, where each row computes what it
+computes alone (the native model's own semantics).
 """
 import copy
 import functools
@@ -29,7 +30,8 @@ from .architectures import (ARCHITECTURES, PROMPT_CONFIG_FIELDS, VOCAB, build_ba
 T = 4  # virtual tokens
 BATCH, LENGTH = 3, 6
 KINDS = ("P_TUNING", "PREFIX_TUNING")
-CHECKS = ("forward", "forward_padded", "forward_bf16", "generate", "generate_padded", "mixed", "native")
+CHECKS = ("forward", "forward_padded", "forward_bf16", "generate", "generate_padded", "mixed", "native",
+          "native_padded")
 PEFT_BROKEN_HERE = _peft_prompt_learning_broken()  # plain PEFT's prompt learning fails on this release
 
 # Cells where the accelerated route is known to differ for a reason fixed elsewhere: (name, kind, check) -> reason.
@@ -47,6 +49,8 @@ KNOWN.update({(name, kind, "mixed"): "issue 25: mixed-batch heads of other modul
 KNOWN.update({(name, "PREFIX_TUNING", "forward_bf16"): "issue 25: deep prompts under bf16 autocast, fixed on the route "
               "branch" for name in ARCHITECTURES
               if name not in ("gemma2", "gemma3", "gemma2_cls", "t5", "bart", "falcon", "distilbert", "deberta_v2")})
+# Deep prompts PEFT refuses (the forward cells show it): the native model refuses them too.
+NATIVE_REFUSED = {("falcon", "PREFIX_TUNING"), ("distilbert", "PREFIX_TUNING"), ("deberta_v2", "PREFIX_TUNING")}
 # PEFT post-processes the prefix of Gemma 2/3: the route keeps PEFT's forward there, which has no mixed batches.
 MIXED_REFUSED = {(name, "PREFIX_TUNING") for name in ("gemma2", "gemma3", "gemma2_cls")}
 
@@ -297,6 +301,60 @@ def check_mixed(request, name, kind):
     _assert_same_grads(grads, ref_grads)
 
 
+@functools.lru_cache(maxsize=None)
+def native_model(name, kind):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_ptuning_model(build_base(name), _config(name, kind))
+    randomize_(model.prompt_encoder, 300)
+    return model
+
+
+def _padded_on(name, side):
+    """(ids, mask): rows of 6, 4 and 2 real tokens, padded on ``side``."""
+    ids = _ids(BATCH, LENGTH, 29)
+    mask = torch.zeros_like(ids)
+    for row, real in enumerate((LENGTH, 4, 2)):
+        if side == "left":
+            mask[row, LENGTH - real:] = 1
+        else:
+            mask[row, :real] = 1
+    return ids.masked_fill(mask == 0, pad_token_of(name)), mask
+
+
+def _row_scores(name, logits, mask):
+    """Per row, the squared logits at its real tokens (all of them for sequence heads and seq2seq)."""
+    per_token = logits.dim() == 3 and task_of(name) != "SEQ_2_SEQ_LM"
+    return [logits[r][mask[r].bool()] if per_token else logits[r] for r in range(logits.shape[0])]
+
+
+def check_native_padded(request, name, kind):
+    """The native model's own semantics (PEFT has no twin here: its padded rows see their padding):
+    each row of a batch padded on either side computes what it computes alone, logits and prompt
+    gradients."""
+    if (name, kind) in NATIVE_REFUSED:
+        ids, mask = _padded_on(name, "right")
+        assert_refuses(lambda: native_model(name, kind)(input_ids=ids, attention_mask=mask))
+        return
+    model = native_model(name, kind)
+    extra = {"decoder_input_ids": _ids(BATCH, 3, 30)} if task_of(name) == "SEQ_2_SEQ_LM" else {}
+    for side in ("left", "right"):
+        ids, mask = _padded_on(name, side)
+        model.zero_grad(set_to_none=True)
+        rows = _row_scores(name, model(input_ids=ids, attention_mask=mask, **extra).logits, mask)
+        sum(r.pow(2).sum() for r in rows).backward()
+        grads = {n: p.grad.clone() for n, p in model.prompt_encoder.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        for r in range(BATCH):
+            real = mask[r].bool()
+            alone = model(input_ids=ids[r:r + 1, real], **{k: v[r:r + 1] for k, v in extra.items()}).logits
+            alone = alone[0]
+            torch.testing.assert_close(rows[r], alone, rtol=1e-5, atol=1e-5, msg=f"{side} row {r}")
+            alone.pow(2).sum().backward()
+        alone_grads = {n: p.grad for n, p in model.prompt_encoder.named_parameters() if p.grad is not None}
+        _assert_same_grads(grads, alone_grads)
+
+
 def _applies(name, check):
     if check == "generate":
         return task_of(name) in ("CAUSAL_LM", "SEQ_2_SEQ_LM")
@@ -328,5 +386,7 @@ def test_cell(request, name, kind, check):
         check_generate(request, name, kind, padded=check.endswith("padded"))
     elif check == "mixed":
         check_mixed(request, name, kind)
+    elif check == "native_padded":
+        check_native_padded(request, name, kind)
     else:
         check_native(request, name, kind)
