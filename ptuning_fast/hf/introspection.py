@@ -87,18 +87,69 @@ def model_dtype(model_or_config) -> Optional[torch.dtype]:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
-_DECODER_ONLY = weakref.WeakKeyDictionary()  # model -> bool: the module walk happens once per model
-
-
 def is_decoder_only(model) -> bool:
     """True for causal decoder-only models (their heads read the last column; generation pads
-    left): no encoder-decoder config, and causal attention modules."""
-    known = _DECODER_ONLY.get(model)
-    if known is None:
-        known = not getattr(model.config, "is_encoder_decoder", False) and any(
-            getattr(module, "is_causal", False) is True for module in model.modules())
-        _DECODER_ONLY[model] = known
-    return known
+    left), from the model's class and config: not an encoder-decoder config, and a causal-LM
+    architecture in transformers' model mappings (BERT-like types, which are also masked-LM
+    models, only with ``config.is_decoder``)."""
+    config = model.config
+    return _is_decoder_only(type(model), getattr(config, "model_type", None),
+                            bool(getattr(config, "is_encoder_decoder", False)),
+                            bool(getattr(config, "is_decoder", False)))
+
+
+@functools.lru_cache(maxsize=256)
+def _is_decoder_only(cls, model_type, is_encoder_decoder: bool, is_decoder: bool) -> bool:
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    if is_encoder_decoder:
+        return False
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # bidirectional unless configured as a decoder
+        return is_decoder
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(c.__name__ in causal_classes for c in cls.__mro__)
+
+
+# Model types whose attention reads the mask only through transformers' mask builders, so that a
+# 4D mask handed in replaces exactly what they would build: tests/models/test_fused_mask.py holds
+# each against the model's own mask. Others read the 2D mask for more (OPT: its learned positions;
+# Bloom: ALiBi; DeBERTa: its embeddings) and get the 2D mask, as PEFT gives it.
+FUSED_MASK_MODEL_TYPES = frozenset({
+    "bert", "codegen", "cohere", "electra", "falcon", "gemma", "gpt2", "gpt_bigcode", "gpt_neox", "gptj", "llama",
+    "mixtral", "olmo2", "phi", "phi3", "qwen2", "qwen3", "qwen3_moe", "roberta", "stablelm", "starcoder2",
+    "xlm-roberta",
+})
+
+
+def takes_fused_mask(model) -> bool:
+    """Whether ``model`` can be handed this package's fused 4D mask instead of the 2D one: a type
+    of :data:`FUSED_MASK_MODEL_TYPES`, an attention that reads a 4D mask (``sdpa``: boolean,
+    ``eager``: additive), and one mask for every layer (no sliding windows, no per-layer types,
+    no encoder-decoder masks)."""
+    config = model.config
+    return (getattr(config, "model_type", None) in FUSED_MASK_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and not getattr(config, "is_encoder_decoder", False)
+            and getattr(config, "sliding_window", None) is None
+            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ()))
+
+
+def supports_cache(model) -> bool:
+    """Whether ``model`` (or its backbone, which PEFT runs for heads without one) takes a KV
+    cache: deep prompts live there."""
+    from .compat import CACHE_KWARG
+
+    backbone = getattr(model, "base_model", model)
+    return accepts(model, CACHE_KWARG) or accepts(backbone, CACHE_KWARG)
+
+
+def check_supports_cache(model) -> None:
+    """Refuse deep prompts (PREFIX_TUNING) on a model without a KV cache, naming its type."""
+    if not supports_cache(model):
+        raise ValueError(f"deep prompts (PREFIX_TUNING) live in the attention's KV cache, and "
+                         f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}) takes none: "
+                         "the model does not support past key values; use P_TUNING for it")
 
 
 _CHECKPOINTING_LAYERS = weakref.WeakKeyDictionary()  # model -> its GradientCheckpointingLayer modules
@@ -147,22 +198,30 @@ def infer_task_type(model) -> TaskType:
 
 
 _POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
-_POSITION_LIMIT = weakref.WeakKeyDictionary()  # model -> int or None
+_POSITION_TABLE = weakref.WeakKeyDictionary()  # model -> its learned position table, or None
+
+
+def _position_table(model) -> Optional[torch.nn.Embedding]:
+    if model not in _POSITION_TABLE:
+        _POSITION_TABLE[model] = next((module for name, module in model.named_modules()
+                                       if isinstance(module, torch.nn.Embedding)
+                                       and name.rsplit(".", 1)[-1] in _POSITION_TABLES), None)
+    return _POSITION_TABLE[model]
+
+
+def first_position(model) -> int:
+    """The position id of a sequence's first token: 0, or ``padding_idx + 1`` for models whose
+    learned position table reserves ``padding_idx`` for padding (RoBERTa, XLM-RoBERTa...)."""
+    table = _position_table(model)
+    return 0 if table is None or table.padding_idx is None else table.padding_idx + 1
 
 
 def learned_position_limit(model) -> Optional[int]:
-    """How many positions the model's learned absolute position embeddings cover (BERT's
-    ``position_embeddings``, GPT-2's ``wpe``...), or None when it has none (rotary or relative
-    positions extrapolate, so nothing is checked for them)."""
-    known = _POSITION_LIMIT.get(model, False)
-    if known is False:
-        known = None
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
-                known = module.num_embeddings
-                break
-        _POSITION_LIMIT[model] = known
-    return known
+    """How many positions, counted from the first one, the model's learned absolute position
+    embeddings cover (BERT's ``position_embeddings``, GPT-2's ``wpe``...), or None when it has none
+    (rotary or relative positions extrapolate, so nothing is checked for them)."""
+    table = _position_table(model)
+    return None if table is None else table.num_embeddings - first_position(model)
 
 
 def check_position_range(model, longest_position: int, num_virtual_tokens, seq_len: int) -> None:
@@ -176,5 +235,7 @@ def check_position_range(model, longest_position: int, num_virtual_tokens, seq_l
                          f"max_position_embeddings={limit}: use fewer virtual tokens or shorter text")
 
 
-__all__ = ["accepts", "check_position_range", "checkpointing_layers", "is_checkpointing", "infer_task_type", "is_decoder_only", "learned_position_limit",
-           "model_dtype", "prefix_geometry", "seq2seq_prefix_geometry", "text_config"]
+__all__ = ["FUSED_MASK_MODEL_TYPES", "accepts", "check_position_range", "check_supports_cache", "checkpointing_layers",
+           "first_position", "infer_task_type", "is_checkpointing", "is_decoder_only", "learned_position_limit",
+           "model_dtype", "prefix_geometry", "seq2seq_prefix_geometry", "supports_cache", "takes_fused_mask",
+           "text_config"]

@@ -2,9 +2,10 @@
 
 ``prompt_forward(holder, rows, ...)`` lays the batch out (:mod:`ptuning_fast.native.layout`),
 puts the v1 prompts among the input embeddings or the deep prompts into the KV cache
-(:func:`ptuning_fast.prefix_tuning.functional.prefix_cache_for`) with the fused 4D mask where the
-attention reads one, runs the model, and returns per-token outputs at the caller's columns (or in
-PEFT's layout with ``positions="peft"``). ``holder``: see :mod:`ptuning_fast.native.adapters`.
+(:func:`ptuning_fast.prefix_tuning.functional.prefix_cache_for`), hands the model the mask in the
+form PEFT's path gives attention (:func:`attention_mask_for`), runs it, and returns per-token
+outputs at the caller's columns (or in PEFT's layout with ``positions="peft"``). ``holder``: see
+:mod:`ptuning_fast.native.adapters`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from peft import PeftType, TaskType
 
 from .._validation import check_index_range
 from ..hf.compat import CACHE_KWARG
-from ..hf.introspection import accepts, check_position_range, is_checkpointing, is_decoder_only
+from ..hf.introspection import (accepts, check_position_range, check_supports_cache, first_position, is_checkpointing,
+                                is_decoder_only, takes_fused_mask)
 from ..ops.mask import build_prompt_attention_mask
 from ..prefix_tuning.cache import PrefixKVCache
 from ..prefix_tuning.functional import prefix_attention_mask, prefix_cache_for, run_over_prefix_cache
@@ -30,18 +32,47 @@ def fused_prefix_mask(model, attention_mask: torch.Tensor, prompt_lengths) -> Op
     :func:`ptuning_fast.build_prompt_attention_mask`, or None where the model must build its own.
     ``prompt_lengths``: an int, or (B,) per-row lengths (each row's prefix in the last columns).
 
-    transformers uses a 4D mask as given, so this only serves attention implementations that read
-    one (``sdpa``: boolean, ``eager``: additive in the model's dtype) and models without
-    sliding-window or encoder-decoder masks, whose layers do not all read the same mask.
+    transformers uses a 4D mask as given, so this only serves models that read the mask for
+    nothing but attention, in one form for every layer
+    (:func:`~ptuning_fast.hf.introspection.takes_fused_mask`): ``sdpa`` gets it boolean, ``eager``
+    additive in the model's dtype.
     """
-    config = model.config
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in ("sdpa", "eager") or getattr(config, "is_encoder_decoder", False):
+    if not takes_fused_mask(model):
         return None
-    if getattr(config, "sliding_window", None) is not None or getattr(config, "layer_types", None):
-        return None
-    dtype = torch.bool if implementation == "sdpa" else model.get_input_embeddings().weight.dtype
+    dtype = torch.bool if model.config._attn_implementation == "sdpa" else model.get_input_embeddings().weight.dtype
     return build_prompt_attention_mask(attention_mask, prompt_lengths, causal=is_decoder_only(model), dtype=dtype)
+
+
+def attention_mask_for(model, layout: PromptLayout, prefix, caller_mask_given: bool) -> Optional[torch.Tensor]:
+    """The mask a forward hands the model, in the form PEFT's path gives attention (``prefix``:
+    the deep prompts' lengths, an int or (B,) per row; 0 for v1 prompts):
+
+    - one prompt in front of every row, v1 or deep on a bidirectional model: None when the
+      caller gave no mask (a plain concatenation), else the (B, P + S) 2D mask as PEFT hands it;
+      the model builds its own 4D mask, or none where nothing is masked (SDPA's fast path);
+    - deep prompts on a causal model: the prefix offsets the causal mask, so the model always
+      builds one; the fused 4D mask replaces it where the model takes one;
+    - rows with masked columns by construction (prompts of several lengths, packed rows): the
+      fused 4D mask where the model takes one, else the 2D mask.
+    """
+    uniform = isinstance(prefix, int) and layout.prompt_index is None and layout.text_columns is None
+    if uniform and (prefix == 0 or not is_decoder_only(model)):
+        return _mask_2d(layout, prefix) if caller_mask_given else None
+    fused = fused_prefix_mask(model, layout.attention_mask, prefix)
+    return _mask_2d(layout, prefix) if fused is None else fused
+
+
+def _mask_2d(layout: PromptLayout, prefix) -> torch.Tensor:
+    """The (B, P + S) mask: the layout's, after any deep prompt's prefix columns."""
+    no_prefix = isinstance(prefix, int) and prefix == 0
+    return layout.attention_mask if no_prefix else prefix_attention_mask(layout.attention_mask, prefix)
+
+
+def model_position_ids(model, position_ids: torch.Tensor) -> torch.Tensor:
+    """Layout positions (the first token at 0) in the model's numbering (RoBERTa-style models
+    start at ``padding_idx + 1``)."""
+    first = first_position(model)
+    return position_ids + first if first else position_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +156,8 @@ def prompt_forward(holder, rows: Rows, input_ids, attention_mask, inputs_embeds,
     """The base model's forward with the rows' prompts; ``kwargs`` are the model's other arguments
     (labels, token_type_ids, position_ids (the text's own), QA spans...)."""
     task, model = task_of(holder), holder.base_model
+    if rows_kind(holder, rows) == PeftType.PREFIX_TUNING:
+        check_supports_cache(model)
     decoder_only = is_decoder_only(model)
     layout, prefix, inputs = layout_batch(holder, rows, input_ids, attention_mask, inputs_embeds,
                                           kwargs.pop("position_ids", None), pad_left=decoder_only)
@@ -140,14 +173,12 @@ def prompt_forward(holder, rows: Rows, input_ids, attention_mask, inputs_embeds,
                                                  for key in ("start_positions", "end_positions")}
     _check_positions_fit(holder, rows, layout, prefix)
     if rows_kind(holder, rows) == PeftType.P_TUNING:
-        # The 4D mask in one pass where the model reads one (skips its own mask building).
-        fused = fused_prefix_mask(model, layout.attention_mask, 0)
-        kwargs["attention_mask"] = layout.attention_mask if fused is None else fused
+        kwargs["attention_mask"] = attention_mask_for(model, layout, 0, attention_mask is not None)
         if task != TaskType.SEQ_2_SEQ_LM and layout.position_ids is not None and accepts(model, "position_ids"):
-            kwargs["position_ids"] = layout.position_ids
+            kwargs["position_ids"] = model_position_ids(model, layout.position_ids)
         out = model(return_dict=True, **kwargs)
     else:
-        _add_prefix(holder, rows, layout, prefix, kwargs)
+        _add_prefix(holder, rows, layout, prefix, kwargs, attention_mask is not None)
         out = _run_with_prefix(model, kwargs)
     if not layout.outputs_in_layout:
         _gather_outputs(out, layout, task)
@@ -187,7 +218,7 @@ def _run_with_prefix(model, kwargs):
     return run_over_prefix_cache(model, kwargs.pop(CACHE_KWARG), return_dict=True, **kwargs)
 
 
-def _add_prefix(holder, rows: Rows, layout: PromptLayout, prefix, kwargs) -> None:
+def _add_prefix(holder, rows: Rows, layout: PromptLayout, prefix, kwargs, caller_mask_given: bool) -> None:
     """Deep prompts: the prefix cache (each adapter encoded once, written into the rows that
     use it), the (B, P + S) or fused 4D mask, and the positions (per-row prefix lengths)."""
     model = holder.base_model
@@ -201,9 +232,8 @@ def _add_prefix(holder, rows: Rows, layout: PromptLayout, prefix, kwargs) -> Non
             kwargs["decoder_attention_mask"] = prefix_attention_mask(kwargs["decoder_attention_mask"], prefix)
         return
     if layout.position_ids is not None and accepts(model, "position_ids"):
-        kwargs["position_ids"] = layout.position_ids
-    mask = fused_prefix_mask(model, layout.attention_mask, prefix)
-    kwargs["attention_mask"] = prefix_attention_mask(layout.attention_mask, prefix) if mask is None else mask
+        kwargs["position_ids"] = model_position_ids(model, layout.position_ids)
+    kwargs["attention_mask"] = attention_mask_for(model, layout, prefix, caller_mask_given)
 
 
-__all__ = ["fused_prefix_mask", "layout_batch", "prompt_forward"]
+__all__ = ["attention_mask_for", "fused_prefix_mask", "layout_batch", "model_position_ids", "prompt_forward"]

@@ -31,6 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._validation import INDEX_DTYPES, check_tensor, check_token_tensor
 from ..hf.compat import get_cache
 from ..hf.heads import check_per_token_inputs
+from ..hf.introspection import check_supports_cache
 from .adapters import (check_adapter_identifier, check_adapter_name, check_not_other_peft_types, make_encoder,
                        prepare_config, resolve_rows, task_of)
 from .checkpoint import freeze_adapter, load_adapter_into, read_adapter_folder, save_adapter
@@ -99,6 +100,8 @@ class PTuningModel(torch.nn.Module):
         config = prepare_config(config, self.base_model, known.task_type if known is not None else None)
         if config.peft_type == PeftType.PREFIX_TUNING and options.placement != "prefix":
             raise ValueError("deep prompts (PREFIX_TUNING) live in the attention cache: `placement` must be 'prefix'")
+        if config.peft_type == PeftType.PREFIX_TUNING:
+            check_supports_cache(self.base_model)
         if options.placement == "template" and config.num_transformer_submodules != 1:
             raise ValueError("template placement puts the virtual tokens in the encoder input: it needs "
                              "`num_transformer_submodules=1`")

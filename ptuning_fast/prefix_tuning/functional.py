@@ -37,8 +37,8 @@ from .._deprecation import renamed_keywords, warn_deprecated
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
 from ..hf.compat import CACHE_KWARG
 from ..hf.heads import check_per_token_inputs
-from ..hf.introspection import (accepts, check_position_range, infer_task_type, model_dtype, prefix_geometry,
-                                seq2seq_prefix_geometry)
+from ..hf.introspection import (accepts, check_position_range, check_supports_cache, infer_task_type, model_dtype,
+                                prefix_geometry, seq2seq_prefix_geometry)
 from ..ops.mask import build_prompt_position_ids, check_positions, prompt_padding_mask
 from ..ops.prefix_cache import PrefixKVBuffer
 from ..ops.prefix_kv import PrefixWeights, check_adapter_index
@@ -134,6 +134,8 @@ def prefix_cache_for(model, weights: List[PrefixWeights], adapter_index: Optiona
     check_positive_int(max_new_tokens, "max_new_tokens", allow_zero=True)
     if dtype is None:
         dtype = model_dtype(model)
+    if isinstance(model, torch.nn.Module):
+        check_supports_cache(model)
     if getattr(getattr(model, "config", model), "is_encoder_decoder", False):
         return _seq2seq_prefix_cache(model, weights, adapter_index, batch_size, dtype)
     buffer = PrefixKVBuffer(weights, prefix_geometry(model), batch_size, adapter_index=adapter_index,
