@@ -24,14 +24,15 @@ from .adapters import Rows, prefix_weights, rows_kind, rows_options, task_of
 from .forward import layout_batch
 
 
-# The prefix step of the prompt_generate() call running in this thread / asyncio task:
-# (model, function of the model inputs), or None. Concurrent calls on one model each see their own.
-_PREFIX_STEP: contextvars.ContextVar = contextvars.ContextVar("ptuning_fast_prefix_step", default=None)
+# The step of the prompt_generate() call running in this thread / asyncio task over each step's
+# model inputs: (model, function of the model inputs), or None. Concurrent calls on one model each
+# see their own.
+_INPUTS_STEP: contextvars.ContextVar = contextvars.ContextVar("ptuning_fast_inputs_step", default=None)
 
 
-class _PrepareInputsWithPrefix:
+class _PrepareInputsWithStep:
     """Installed once as a model's ``prepare_inputs_for_generation``: the model's own method,
-    followed, inside a prompt_generate() call on this model, by that call's prefix step (read
+    followed, inside a prompt_generate() call on this model, by that call's step (read
     from a context variable, so nothing of a call is stored on the shared model). Keeps the
     original's signature, which generate() inspects."""
 
@@ -47,13 +48,27 @@ class _PrepareInputsWithPrefix:
 
     def __call__(self, *args, **kwargs):
         model_inputs = self._original()(*args, **kwargs)
-        step = _PREFIX_STEP.get()
+        step = _INPUTS_STEP.get()
         return model_inputs if step is None or step[0] is not self.model else step[1](model_inputs)
 
 
-def _install_prefix_step(model) -> None:
-    if not isinstance(model.__dict__.get("prepare_inputs_for_generation"), _PrepareInputsWithPrefix):
-        model.prepare_inputs_for_generation = _PrepareInputsWithPrefix(model)
+def _generate_with_step(model, kwargs: dict, step):
+    """``model.generate(**kwargs)`` with ``step`` applied to the model inputs of every step."""
+    if not isinstance(model.__dict__.get("prepare_inputs_for_generation"), _PrepareInputsWithStep):
+        model.prepare_inputs_for_generation = _PrepareInputsWithStep(model)
+    token = _INPUTS_STEP.set((model, step))
+    try:
+        return model.generate(**kwargs)
+    finally:
+        _INPUTS_STEP.reset(token)
+
+
+def _without_position_ids(model_inputs):
+    """PEFT's generate() of v1 prompts: each step's position ids dropped, so the model numbers the
+    columns itself (every column from the cache position for most; from the mask for OPT's learned
+    positions)."""
+    model_inputs["position_ids"] = None
+    return model_inputs
 
 
 def _first_present(*tensors):
@@ -97,11 +112,12 @@ def prompt_generate(holder, rows: Rows, input_ids, attention_mask, inputs_embeds
         check_position_range(model, layout.width + max_new_tokens - 1, layout.width - layout.text_length,
                              layout.text_length + max_new_tokens)
         kwargs["attention_mask"] = layout.attention_mask
-        if decoder_only and accepts(model, "position_ids"):
-            # given explicitly (every column, for "peft"): generate() would count real tokens from the mask
-            kwargs["position_ids"] = layout.position_ids if layout.position_ids is not None else torch.arange(
-                layout.width, device=layout.attention_mask.device).expand(layout.attention_mask.shape[0], -1)
-        out = model.generate(**kwargs)
+        if positions == "peft":
+            out = _generate_with_step(model, kwargs, _without_position_ids)
+        else:
+            if decoder_only and accepts(model, "position_ids"):
+                kwargs["position_ids"] = layout.position_ids
+            out = model.generate(**kwargs)
         return _with_input_ids(out, input_ids) if decoder_only and input_ids is not None else out
 
     batch = layout.attention_mask.shape[0]
@@ -128,12 +144,7 @@ def prompt_generate(holder, rows: Rows, input_ids, attention_mask, inputs_embeds
                                                          max_new_tokens=max_new_tokens, dtype=dtype)
         return model_inputs
 
-    _install_prefix_step(model)
-    token = _PREFIX_STEP.set((model, inject_prefix))
-    try:
-        out = model.generate(**kwargs)
-    finally:
-        _PREFIX_STEP.reset(token)
+    out = _generate_with_step(model, kwargs, inject_prefix)
     if decoder_only and input_ids is not None:  # transformers returned the laid-out ids + new tokens
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         return _with_input_ids(out, input_ids, new_tokens=sequences[:, layout.width:])

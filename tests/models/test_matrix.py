@@ -34,21 +34,6 @@ CHECKS = ("forward", "forward_padded", "forward_bf16", "generate", "generate_pad
           "native_padded")
 PEFT_BROKEN_HERE = _peft_prompt_learning_broken()  # plain PEFT's prompt learning fails on this release
 
-# Cells where the accelerated route is known to differ for a reason fixed elsewhere: (name, kind, check) -> reason.
-# PEFT's P_TUNING generate() numbers every column (it drops position_ids); the route counts real
-# tokens there. Models whose positions come from the 2D mask itself (OPT, Bloom's ALiBi) agree.
-_POSITIONS_FROM_MASK = {"opt", "bloom"}
-KNOWN = {(name, "P_TUNING", "generate_padded"): "issue 25: padded generate positions, fixed on the route branch"
-         for name in ARCHITECTURES if is_causal_lm(name) and name not in _POSITIONS_FROM_MASK}
-# PEFT's modules-to-save wrapper takes `adapter_names` only for some module types (Linear...), not
-# for these classification heads.
-KNOWN.update({(name, kind, "mixed"): "issue 25: mixed-batch heads of other module types, fixed on the route branch"
-              for name in ("roberta", "xlm_roberta", "electra") for kind in KINDS})
-# Deep prompts under bf16 autocast: the prefix cache holds the model's dtype, not autocast's (not
-# where PEFT keeps its own prefix path, Gemma 2/3; nor seq2seq caches; nor where PEFT refuses).
-KNOWN.update({(name, "PREFIX_TUNING", "forward_bf16"): "issue 25: deep prompts under bf16 autocast, fixed on the route "
-              "branch" for name in ARCHITECTURES
-              if name not in ("gemma2", "gemma3", "gemma2_cls", "t5", "bart", "falcon", "distilbert", "deberta_v2")})
 # Deep prompts PEFT refuses (the forward cells show it): the native model refuses them too.
 NATIVE_REFUSED = {("falcon", "PREFIX_TUNING"), ("distilbert", "PREFIX_TUNING"), ("deberta_v2", "PREFIX_TUNING")}
 # PEFT post-processes the prefix of Gemma 2/3: the route keeps PEFT's forward there, which has no mixed batches.
@@ -369,10 +354,7 @@ def _cells():
             for check in CHECKS:
                 if not _applies(name, check):
                     continue
-                marks = ()
-                if (name, kind, check) in KNOWN:
-                    marks = (pytest.mark.xfail(strict=True, reason=KNOWN[(name, kind, check)]),)
-                yield pytest.param(name, kind, check, id=f"{name}-{kind}-{check}", marks=marks)
+                yield pytest.param(name, kind, check, id=f"{name}-{kind}-{check}")
 
 
 @pytest.mark.peft_oracle
