@@ -18,8 +18,9 @@ row *packed*: the prompt and the real tokens in one block, the padding moved to 
 model reads from. Per-token outputs are then gathered back to the caller's columns.
 
 Positions come from :func:`ptuning_fast.ops.mask.build_prompt_position_ids`, the one definition
-of where text sits after a prompt. Choosing the layout reads the padding once (one host sync),
-except for ``"peft"`` and batches without an attention mask.
+of where text sits after a prompt. Choosing the layout reads the padding of a CPU batch (no sync);
+on an accelerator (and under torch.compile) a padded batch is packed without reading it, so the
+step never waits for the device. ``"peft"`` and batches without an attention mask read nothing.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._validation import reads_values
 from ..ops.mask import build_prompt_position_ids
 
 PromptLengths = Union[int, torch.Tensor]
@@ -105,10 +107,14 @@ def build_prompt_layout(attention_mask: torch.Tensor, prompt_lengths: PromptLeng
 
 
 def _padded_on_side(attention_mask: torch.Tensor, pad_left: bool) -> bool:
-    """Whether every row's padding sits on the side the model reads from: left (no real token
-    before a pad) for ``pad_left``, else right. One host sync."""
-    if attention_mask.shape[1] < 2 or torch.compiler.is_compiling():
-        return attention_mask.shape[1] < 2
+    """Whether every row's padding is known to sit on the side the model reads from: left (no real
+    token before a pad) for ``pad_left``, else right. Read only where values are read
+    (:func:`ptuning_fast._validation.reads_values`: CPU tensors; one host read); elsewhere (an
+    accelerator, torch.compile) False: the packed layout, exact for any padding, with no sync."""
+    if attention_mask.shape[1] < 2:
+        return True
+    if not reads_values(attention_mask):
+        return False
     real = attention_mask != 0
     # a real token before a pad (left padding) or after one (right padding): True > False
     first, second = (real[:, :-1], real[:, 1:]) if pad_left else (real[:, 1:], real[:, :-1])
