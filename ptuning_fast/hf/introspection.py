@@ -36,6 +36,19 @@ def _layers_and_heads(config) -> tuple:
     return int(num_layers), int(heads)
 
 
+def _once_per_model(cache: weakref.WeakKeyDictionary, model, compute):
+    """``compute(model)``, kept in ``cache`` for later calls. While torch.compile traces, computed
+    afresh (reads of the model's structure, folded into the graph): a lookup in a weak dict would
+    guard on its entries, which change as other models come and go (a recompile each time)."""
+    if torch.compiler.is_compiling():
+        return compute(model)
+    known = cache.get(model, _MISSING)
+    if known is _MISSING:
+        known = cache[model] = compute(model)
+    return known
+
+
+_MISSING = object()
 _GEOMETRY = weakref.WeakKeyDictionary()  # model -> PrefixGeometry, read off its config once
 
 
@@ -45,10 +58,7 @@ def prefix_geometry(model_or_config) -> PrefixGeometry:
     Decoder-only and encoder-only models; see :func:`seq2seq_prefix_geometry` for the others.
     For a model, read once (the shape of its attention, not a value of its weights)."""
     if isinstance(model_or_config, torch.nn.Module):
-        geometry = _GEOMETRY.get(model_or_config)
-        if geometry is None:
-            geometry = _GEOMETRY[model_or_config] = _prefix_geometry(model_or_config)
-        return geometry
+        return _once_per_model(_GEOMETRY, model_or_config, _prefix_geometry)
     return _prefix_geometry(model_or_config)
 
 
@@ -93,12 +103,8 @@ _DECODER_ONLY = weakref.WeakKeyDictionary()  # model -> bool: the module walk ha
 def is_decoder_only(model) -> bool:
     """True for causal decoder-only models (their heads read the last column; generation pads
     left): no encoder-decoder config, and causal attention modules."""
-    known = _DECODER_ONLY.get(model)
-    if known is None:
-        known = not getattr(model.config, "is_encoder_decoder", False) and any(
-            getattr(module, "is_causal", False) is True for module in model.modules())
-        _DECODER_ONLY[model] = known
-    return known
+    return _once_per_model(_DECODER_ONLY, model, lambda m: not getattr(m.config, "is_encoder_decoder", False) and any(
+        getattr(module, "is_causal", False) is True for module in m.modules()))
 
 
 _CHECKPOINTING_LAYERS = weakref.WeakKeyDictionary()  # model -> its GradientCheckpointingLayer modules
@@ -107,13 +113,10 @@ _CHECKPOINTING_LAYERS = weakref.WeakKeyDictionary()  # model -> its GradientChec
 def checkpointing_layers(model) -> list:
     """The layers of ``model`` that gradient checkpointing wraps (transformers'
     ``GradientCheckpointingLayer``), found once per model: the model's structure, not its values."""
-    layers = _CHECKPOINTING_LAYERS.get(model)
-    if layers is None:
-        from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        _CHECKPOINTING_LAYERS[model] = layers
-    return layers
+    return _once_per_model(_CHECKPOINTING_LAYERS, model, lambda model: [
+        m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)])
 
 
 def is_checkpointing(model) -> bool:
@@ -154,15 +157,14 @@ def learned_position_limit(model) -> Optional[int]:
     """How many positions the model's learned absolute position embeddings cover (BERT's
     ``position_embeddings``, GPT-2's ``wpe``...), or None when it has none (rotary or relative
     positions extrapolate, so nothing is checked for them)."""
-    known = _POSITION_LIMIT.get(model, False)
-    if known is False:
-        known = None
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
-                known = module.num_embeddings
-                break
-        _POSITION_LIMIT[model] = known
-    return known
+    return _once_per_model(_POSITION_LIMIT, model, _learned_position_limit)
+
+
+def _learned_position_limit(model) -> Optional[int]:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            return module.num_embeddings
+    return None
 
 
 def check_position_range(model, longest_position: int, num_virtual_tokens, seq_len: int) -> None:

@@ -61,7 +61,7 @@ def test_the_recorder_sees_the_package_reads_when_values_are_checked():
             _eval_forward(model, input_ids, attention_mask)
     own = reads.own()
     assert own and all("ptuning_fast" in r.filename for r in own)
-    assert {r.function for r in own} >= {"check_index_range", "_padded_on_side"}
+    assert {r.function for r in own} >= {"check_index_range", "_front_is_packed"}
     assert any(not r.own for r in reads.reads) or True  # transformers' own reads are not ours
 
 
