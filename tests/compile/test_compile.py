@@ -52,3 +52,24 @@ def test_compiled_training_step_and_eval_forward_equal_eager(kind, route):
         assert grads[name].abs().sum() > 0, name
         _close(grads[name], expected_grads[name])
     _close(_eval_forward(model, input_ids, attention_mask, compiled), _eval_forward(eager, input_ids, attention_mask))
+
+
+def _frames_over_lengths(model, lengths=(5, 7, 9, 12)) -> tuple:
+    """(frames compiled, graph breaks) of training steps of ``model`` over several sequence lengths."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    for seq_len in lengths:
+        _train_step(model, *batch(3, seq_len), call=compiled)
+    return counters["frames"]["ok"], sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sequence_lengths_recompile_no_more_than_peft_and_nothing_breaks_the_graph(kind):
+    peft_frames, peft_breaks = _frames_over_lengths(build(kind, "peft"))
+    for route in ROUTES:
+        frames, breaks = _frames_over_lengths(build(kind, route))
+        assert frames <= peft_frames and breaks == 0, (route, frames, peft_frames, breaks)
+    assert peft_breaks == 0 and peft_frames >= 1
