@@ -15,6 +15,7 @@ operations it launches.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import Counter
@@ -154,8 +155,10 @@ def launches_of(func, args, kwargs) -> int:
 
 
 class LaunchCounter(TorchDispatchMode):
-    """Counts the device operations of the code run inside it (see :func:`launches_of`), per aten
-    op name in ``by_op``; Triton launches are added by :func:`count_triton_launches`."""
+    """Counts the device operations of the code run inside it (see :func:`launches_of`), per op
+    in ``by_op``. A custom op of the package (the C++ mask builder) counts 1, and 1 more for the
+    ``mask != 0`` it runs on a mask that is not bool; a Triton kernel counts 1 at its launcher, which launches nothing while counting
+    (see :func:`as_on_cuda`)."""
 
     def __init__(self):
         super().__init__()
@@ -163,14 +166,51 @@ class LaunchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        n = launches_of(func, args, kwargs)
+        if func.namespace == "ptuning_fast":  # the C++ builder: its kernel, and `mask != 0` for a non-bool mask
+            self.by_op[f"ptuning_fast.{func._overloadpacket.__name__}"] += 1
+            if args[0].dtype != torch.bool:
+                self.by_op["aten.ne"] += 1
+            return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        produced = any(isinstance(t, torch.Tensor) for t in (result if isinstance(result, (list, tuple)) else [result]))
+        n = launches_of(func, args, kwargs) if produced else 0  # an op that returns no tensor runs no kernel
         if n:
             self.by_op[f"aten.{func._overloadpacket.__name__}"] += n
-        return func(*args, **kwargs)
+        return result
+
+    def add(self, name: str) -> None:
+        self.by_op[name] += 1
 
     @property
     def total(self) -> int:
         return sum(self.by_op.values())
 
 
-__all__ = ["ATEN_READS", "HostReads", "LaunchCounter", "Read", "launches_of"]
+@contextlib.contextmanager
+def as_on_cuda(counter: LaunchCounter):
+    """The package's CUDA code path on CPU or meta tensors, for counting: the Triton kernels are
+    chosen as on CUDA, and each launch is counted in ``counter`` at its launcher instead of run
+    (their outputs hold no meaningful values); checks that read values are off, as on CUDA."""
+    import importlib
+
+    from ptuning_fast.kernels._common import KernelCall
+
+    prefix_kv = importlib.import_module("ptuning_fast.ops.prefix_kv")  # the modules, not the functions
+    prompt_mlp = importlib.import_module("ptuning_fast.ops.prompt_mlp")
+
+    def count(call):
+        counter.add(f"triton.{getattr(call.kernel, '__name__', None) or call.kernel.fn.__name__}")
+
+    saved = [(prompt_mlp, "resolve_backend"), (prefix_kv, "resolve_backend"), (KernelCall, "launch")]
+    originals = [getattr(owner, name) for owner, name in saved]
+    prompt_mlp.resolve_backend = prefix_kv.resolve_backend = lambda device: "triton"
+    KernelCall.launch = count
+    try:
+        with ptuning_fast.value_checks("never"):
+            yield counter
+    finally:
+        for (owner, name), original in zip(saved, originals):
+            setattr(owner, name, original)
+
+
+__all__ = ["ATEN_READS", "HostReads", "LaunchCounter", "Read", "as_on_cuda", "launches_of"]
