@@ -30,12 +30,13 @@ def _reason(entry):
 
 
 def test_committed_counts_cover_every_path():
-    paths = {(e["path"].split(" B=")[0], e["step"]) for e in _entries()}
-    assert {step for _, step in paths} == {"train", "eval", "decode"}
+    entries = [(e["path"], e["step"]) for e in _entries()]
+    assert len(set(entries)) == len(entries)
+    assert {step for _, step in entries} == {"train", "eval", "decode"}
     for d in bench_launches.ENCODER["hidden"]:
-        assert (f"prompt_encoder T=20 d={d}", "train") in paths
-    assert sum(path.startswith("prefix llama-7b") for path, _ in paths) == 2 * 2  # with/without projection
-    assert sum(path.startswith("host") for path, _ in paths) == 4 * 3
+        assert sum(path.startswith(f"prompt_encoder T=20 d={d} ") for path, _ in entries) == 2  # train, eval
+    assert sum(path.startswith("prefix llama-7b") for path, _ in entries) == 2 * 2  # with/without projection
+    assert sum(path.startswith("host") for path, _ in entries) == 4 * 3  # 2 routes x 2 kinds x 3 steps
 
 
 def test_ours_launches_at_most_peft_and_makes_no_host_sync():
