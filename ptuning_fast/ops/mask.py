@@ -113,6 +113,9 @@ def _check_bool(value, name: str) -> bool:
     return value
 
 
+_UNBOUNDED_COLUMNS = 2 ** 62  # P of per-row lengths that positions need not know (no output has P columns)
+
+
 def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, num_prompt_columns,
                      need_columns: bool = True):
     """Check every argument; returns (prompt_lengths tensor or None, P).
@@ -175,8 +178,10 @@ def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, 
         shortest, longest = values
         if shortest < 0:
             raise ValueError(f"`prompt_lengths` must be >= 0, got a row with {shortest}")
-    else:  # not read: the given number of columns, or none needed (empty batch, position ids)
-        longest = 0 if num_prompt_columns is None else num_prompt_columns
+    elif num_prompt_columns is not None:  # not read: the given number of columns
+        longest = num_prompt_columns
+    else:  # not read and not needed (position ids): a bound the builders' clamp of lengths never meets
+        longest = 0 if batch == 0 else _UNBOUNDED_COLUMNS
     P = longest if num_prompt_columns is None else num_prompt_columns
     if longest > P:
         raise ValueError(f"`num_prompt_columns` ({P}) is smaller than the longest prompt ({longest})")
