@@ -36,6 +36,9 @@ def _layers_and_heads(config) -> tuple:
     return int(num_layers), int(heads)
 
 
+_MISSING = object()
+
+
 def _once_per_model(cache: weakref.WeakKeyDictionary, model, compute):
     """``compute(model)``, kept in ``cache`` for later calls. While torch.compile traces, computed
     afresh (reads of the model's structure, folded into the graph): a lookup in a weak dict would
@@ -48,7 +51,6 @@ def _once_per_model(cache: weakref.WeakKeyDictionary, model, compute):
     return known
 
 
-_MISSING = object()
 _GEOMETRY = weakref.WeakKeyDictionary()  # model -> PrefixGeometry, read off its config once
 
 
