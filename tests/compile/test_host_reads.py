@@ -74,3 +74,37 @@ def test_the_recorder_attributes_reads_by_frame():
         "Tensor.item", "aten._local_scalar_dense", "Tensor.__bool__", "aten._local_scalar_dense",
         "torch.tensor(list)"]
     assert not reads.own()
+
+
+@pytest.mark.parametrize("name, side", [("bert_token", "right"), ("bert_token", "left"), ("llama", "left"),
+                                        ("llama", "right")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_device_layout_computes_what_the_cpu_layout_computes(name, side, kind):
+    """Without reading the mask (a device run) a padded batch is packed; on CPU the mask may pick
+    the cheaper front layout: per-token outputs at the real tokens, the loss and the prompt
+    gradients are the same."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig
+
+    from tests.tiny_models import build as build_base, labels_for, padded_batch
+
+    base, task = build_base(name, 0)
+    config = (PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=20) if kind == "v1"
+              else PrefixTuningConfig(task_type=task, num_virtual_tokens=3))
+    model = ptuning_fast.get_ptuning_model(base, config)
+    ids, mask = padded_batch([4, 6, 2], 6, seed=3, side=side)
+    labels = labels_for(task, ids, 5)["labels"].masked_fill(mask == 0, -100)  # padding outputs mean nothing
+    results = {}
+    for mode in ("auto", "never"):
+        model.zero_grad(set_to_none=True)
+        with ptuning_fast.value_checks(mode):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            assert out.logits.shape[:2] == ids.shape  # outputs at the caller's columns
+        out.loss.backward()
+        results[mode] = (out.loss.detach(), out.logits.detach()[mask.bool()],
+                         [p.grad.clone() for p in model.prompt_encoder.parameters() if p.grad is not None])
+    (loss, logits, grads), (device_loss, device_logits, device_grads) = results["auto"], results["never"]
+    torch.testing.assert_close(device_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(device_logits, logits, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(device_grads) > 0
+    for got, expected in zip(device_grads, grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
