@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 
+from ._validation import value_checks  # where the checks that read tensor values run
 from .backend import get_backend, set_backend, use_backend  # the one backend switch
 from .ops import build_prompt_attention_mask, build_prompt_position_ids, prefix_kv, prompt_mlp_head
 
@@ -64,4 +65,4 @@ def __dir__():
 
 
 __all__ = sorted(["build_prompt_attention_mask", "build_prompt_position_ids", "get_backend", "prefix_kv",
-                  "prompt_mlp_head", "set_backend", "use_backend", *_LAZY])
+                  "prompt_mlp_head", "set_backend", "use_backend", "value_checks", *_LAZY])

@@ -36,6 +36,21 @@ def _layers_and_heads(config) -> tuple:
     return int(num_layers), int(heads)
 
 
+_MISSING = object()
+
+
+def _once_per_model(cache: weakref.WeakKeyDictionary, model, compute):
+    """``compute(model)``, kept in ``cache`` for later calls. While torch.compile traces, computed
+    afresh (reads of the model's structure, folded into the graph): a lookup in a weak dict would
+    guard on its entries, which change as other models come and go (a recompile each time)."""
+    if torch.compiler.is_compiling():
+        return compute(model)
+    known = cache.get(model, _MISSING)
+    if known is _MISSING:
+        known = cache[model] = compute(model)
+    return known
+
+
 _GEOMETRY = weakref.WeakKeyDictionary()  # model -> PrefixGeometry, read off its config once
 
 
@@ -45,10 +60,7 @@ def prefix_geometry(model_or_config) -> PrefixGeometry:
     Decoder-only and encoder-only models; see :func:`seq2seq_prefix_geometry` for the others.
     For a model, read once (the shape of its attention, not a value of its weights)."""
     if isinstance(model_or_config, torch.nn.Module):
-        geometry = _GEOMETRY.get(model_or_config)
-        if geometry is None:
-            geometry = _GEOMETRY[model_or_config] = _prefix_geometry(model_or_config)
-        return geometry
+        return _once_per_model(_GEOMETRY, model_or_config, _prefix_geometry)
     return _prefix_geometry(model_or_config)
 
 
@@ -158,13 +170,10 @@ _CHECKPOINTING_LAYERS = weakref.WeakKeyDictionary()  # model -> its GradientChec
 def checkpointing_layers(model) -> list:
     """The layers of ``model`` that gradient checkpointing wraps (transformers'
     ``GradientCheckpointingLayer``), found once per model: the model's structure, not its values."""
-    layers = _CHECKPOINTING_LAYERS.get(model)
-    if layers is None:
-        from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        _CHECKPOINTING_LAYERS[model] = layers
-    return layers
+    return _once_per_model(_CHECKPOINTING_LAYERS, model, lambda model: [
+        m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)])
 
 
 def is_checkpointing(model) -> bool:
@@ -202,11 +211,9 @@ _POSITION_TABLE = weakref.WeakKeyDictionary()  # model -> its learned position t
 
 
 def _position_table(model) -> Optional[torch.nn.Embedding]:
-    if model not in _POSITION_TABLE:
-        _POSITION_TABLE[model] = next((module for name, module in model.named_modules()
-                                       if isinstance(module, torch.nn.Embedding)
-                                       and name.rsplit(".", 1)[-1] in _POSITION_TABLES), None)
-    return _POSITION_TABLE[model]
+    return _once_per_model(_POSITION_TABLE, model, lambda m: next(
+        (module for name, module in m.named_modules()
+         if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES), None))
 
 
 def first_position(model) -> int:

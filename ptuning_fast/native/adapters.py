@@ -12,6 +12,8 @@ mixes that cannot share a batch are refused, saying why).
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import re
 from typing import List, Optional
 
@@ -229,13 +231,20 @@ def rows_options(holder, rows: Rows) -> PromptOptions:
     return holder.prompt_options[rows.names[0]]
 
 
+@functools.lru_cache(maxsize=64)
+def _on_device(values: tuple, device: torch.device) -> torch.Tensor:
+    """``values`` (adapter lengths or their offsets: a few ints) as an int64 tensor on ``device``,
+    copied there once per distinct tuple rather than once per step. Read only."""
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 def prompt_lengths(holder, rows: Rows, device):
     """Each row's prompt length: an int when every row has the same, else a (B,) int64 tensor;
     and the longest (an int: known without reading any tensor)."""
     lengths = [holder.peft_config[name].num_virtual_tokens for name in rows.names]
     if rows.index is None or len(set(lengths)) == 1:
         return lengths[0], lengths[0]
-    return torch.tensor(lengths, dtype=torch.long, device=device)[rows.index], max(lengths)
+    return _on_device(tuple(lengths), torch.device(device))[rows.index], max(lengths)
 
 
 def prefix_weights(holder, rows: Rows) -> list:
@@ -253,10 +262,9 @@ def prompt_tables(holder, rows: Rows, batch_size: int, device):
         lengths.append(config.num_virtual_tokens)
     if rows.index is None:
         return tables[0], 0
-    lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
     if len({t.dtype for t in tables}) > 1:
         tables = [t.float() for t in tables]
-    offsets = torch.cumsum(lengths_t, 0) - lengths_t
+    offsets = _on_device(tuple(itertools.accumulate([0] + lengths[:-1])), torch.device(device))
     return torch.cat(tables), offsets[rows.index]
 
 

@@ -19,7 +19,7 @@ from peft import PeftType, TaskType
 
 from ..hf.compat import CACHE_KWARG, get_cache
 from ..hf.introspection import accepts, check_position_range, is_decoder_only
-from ..prefix_tuning.functional import prefix_attention_mask, prefix_cache_for
+from ..prefix_tuning.functional import check_cache_implementation, prefix_attention_mask, prefix_cache_for
 from .adapters import Rows, prefix_weights, rows_kind, rows_options, task_of
 from .forward import layout_batch
 
@@ -120,6 +120,7 @@ def prompt_generate(holder, rows: Rows, input_ids, attention_mask, inputs_embeds
             out = model.generate(**kwargs)
         return _with_input_ids(out, input_ids) if decoder_only and input_ids is not None else out
 
+    check_cache_implementation(model, kwargs)
     batch = layout.attention_mask.shape[0]
     weights = prefix_weights(holder, rows)
     dtype = model.get_input_embeddings().weight.dtype

@@ -11,15 +11,17 @@ layout, and it costs a concatenation. What differs is the positions
 - ``"peft"``: every column counted, as PEFT's forward does; per-token outputs stay in the layout
   (prompt columns first), as PEFT returns them.
 
-Only when the padding is on the other side than the model reads (a right-padded batch for a
-decoder-only model, whose heads read the last column and whose generation appends there; a
-left-padded one for an encoder), or in template mode (virtual tokens inside the text), is each
-row *packed*: the prompt and the real tokens in one block, the padding moved to the side the
-model reads from. Per-token outputs are then gathered back to the caller's columns.
+A padded batch of a decoder-only model (whose heads read the last column, whose generation
+appends there and whose shifted loss reads the column before each token), a left-padded one of an
+encoder, and template mode (virtual tokens inside the text) have each row *packed*: the prompt and
+the real tokens in one block, the padding moved to the side the model reads from, as each row
+computes alone. Per-token outputs are then gathered back to the caller's columns.
 
 Positions come from :func:`ptuning_fast.ops.mask.build_prompt_position_ids`, the one definition
-of where text sits after a prompt. Choosing the layout reads the padding once (one host sync),
-except for ``"peft"`` and batches without an attention mask.
+of where text sits after a prompt. A CPU batch whose mask shows the front layout already packed
+(no padding; an encoder's right padding) takes it; on an accelerator (and under torch.compile) a
+padded batch is packed without reading the mask (the same numbers), so the step never waits for
+the device. ``"peft"`` and batches without an attention mask read nothing.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._validation import reads_values
 from ..ops.mask import build_prompt_position_ids
 
 PromptLengths = Union[int, torch.Tensor]
@@ -98,21 +101,27 @@ def build_prompt_layout(attention_mask: torch.Tensor, prompt_lengths: PromptLeng
     if longest is None:
         longest = (int(prompt_lengths.max()) if prompt_lengths.numel() else 0) if isinstance(
             prompt_lengths, torch.Tensor) else int(prompt_lengths)
-    if positions == "peft" or (placeholders is None and (not padded or _padded_on_side(attention_mask, pad_left))):
+    if positions == "peft" or (placeholders is None and (not padded or _front_is_packed(attention_mask, pad_left))):
         return _front_layout(attention_mask, prompt_lengths, longest, positions, position_ids, cache_prompt_lengths)
     return _packed_layout(attention_mask, prompt_lengths, longest, pad_left, positions, placeholders, position_ids,
                           cache_prompt_lengths)
 
 
-def _padded_on_side(attention_mask: torch.Tensor, pad_left: bool) -> bool:
-    """Whether every row's padding sits on the side the model reads from: left (no real token
-    before a pad) for ``pad_left``, else right. One host sync."""
-    if attention_mask.shape[1] < 2 or torch.compiler.is_compiling():
-        return attention_mask.shape[1] < 2
+def _front_is_packed(attention_mask: torch.Tensor, pad_left: bool) -> bool:
+    """Whether the front layout already places every row as packing would (so the cheaper one
+    serves): a batch without padding, or an encoder's right padding. A decoder's left padding is
+    packed too: the front layout would leave it between the prompt and the text, where the shifted
+    loss of a causal LM would read a padding column. Read only where values are read
+    (:func:`ptuning_fast._validation.reads_values`: CPU tensors, no sync); elsewhere (an
+    accelerator, torch.compile) the batch is packed, with the same numbers and no sync."""
+    if attention_mask.shape[1] == 0:
+        return True
+    if not reads_values(attention_mask):
+        return False
     real = attention_mask != 0
-    # a real token before a pad (left padding) or after one (right padding): True > False
-    first, second = (real[:, :-1], real[:, 1:]) if pad_left else (real[:, 1:], real[:, :-1])
-    return not bool(torch.gt(first, second).any())
+    if pad_left:
+        return bool(real.all())
+    return not bool(torch.gt(real[:, 1:], real[:, :-1]).any())  # no real token after a pad
 
 
 def _front_layout(attention_mask, prompt_lengths, longest, positions, position_ids, cache_prompt_lengths) -> PromptLayout:

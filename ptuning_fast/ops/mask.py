@@ -23,7 +23,7 @@ import torch
 
 from .._deprecation import renamed_keywords
 from .._extension import load_extension
-from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_tensor
+from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_tensor, reads_values
 from ..backend import get_backend
 from ..reference.mask import (live_prompt_columns, prompt_attention_mask_reference,
                               prompt_position_ids_reference)
@@ -57,8 +57,8 @@ def _extension(device: torch.device):
     """The loaded extension when it should build masks on ``device``, else None (use PyTorch)."""
     if get_backend() == "reference" or device.type not in ("cpu", "cuda"):
         return None
-    ext = load_extension()
-    if ext is None or (device.type == "cuda" and not ext.with_cuda()):
+    ext = _loaded_extension()
+    if ext is None or (device.type == "cuda" and not _EXTENSION_HAS_CUDA):
         return None
     return ext
 
@@ -73,17 +73,67 @@ def _check_prompt_length(value: int, name: str) -> None:
         raise ValueError(f"`{name}` ({value}) is over the limit of {MAX_PROMPT_LENGTH} prompt columns")
 
 
+_EXTENSION = False  # not looked for yet; then the module or None (plain globals: torch.compile traces them)
+_EXTENSION_HAS_CUDA = False
+
+
+def _loaded_extension():
+    global _EXTENSION, _EXTENSION_HAS_CUDA
+    if _EXTENSION is False:
+        if torch.compiler.is_compiling():  # loading is not traceable: PyTorch builds the same mask
+            return None
+        _EXTENSION = load_extension()
+        _EXTENSION_HAS_CUDA = _EXTENSION is not None and bool(_EXTENSION.with_cuda())
+    return _EXTENSION
+
+
+# The extension's two builders as custom ops with fake implementations, so that torch.compile
+# traces them into the graph (a pybind function is opaque to it) and knows their output shapes.
+@torch.library.custom_op("ptuning_fast::prompt_attention_mask", mutates_args=())
+def _attention_mask_op(attention_mask: torch.Tensor, prompt_lengths: Optional[torch.Tensor],
+                       num_prompt_columns: int, past_length: int, causal: bool, sliding_window: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    return _loaded_extension().prompt_attention_mask(attention_mask, prompt_lengths, num_prompt_columns,
+                                                     past_length, causal, sliding_window, dtype)
+
+
+@_attention_mask_op.register_fake
+def _(attention_mask, prompt_lengths, num_prompt_columns, past_length, causal, sliding_window, dtype):
+    batch, text_length = attention_mask.shape
+    return attention_mask.new_empty((batch, 1, text_length - past_length, num_prompt_columns + text_length),
+                                    dtype=dtype)
+
+
+@torch.library.custom_op("ptuning_fast::prompt_position_ids", mutates_args=())
+def _position_ids_op(attention_mask: torch.Tensor, prompt_lengths: Optional[torch.Tensor],
+                     num_prompt_columns: int, past_length: int, after_prompt: bool) -> torch.Tensor:
+    return _loaded_extension().prompt_position_ids(attention_mask, prompt_lengths, num_prompt_columns,
+                                                   past_length, after_prompt)
+
+
+@_position_ids_op.register_fake
+def _(attention_mask, prompt_lengths, num_prompt_columns, past_length, after_prompt):
+    batch, text_length = attention_mask.shape
+    return attention_mask.new_empty((batch, text_length - past_length), dtype=torch.long)
+
+
 def _check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
     return value
 
 
-def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, num_prompt_columns):
+_UNBOUNDED_COLUMNS = 2 ** 62  # P of per-row lengths that positions need not know (no output has P columns)
+
+
+def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, num_prompt_columns,
+                     need_columns: bool = True):
     """Check every argument; returns (prompt_lengths tensor or None, P).
 
-    One host sync at most, and none for a bool or integer mask with an int prompt length and no
-    ``padding_side`` check.
+    The checks of values (a floating mask holds 0/1, the padding side, lengths >= 0) run where
+    values are read (:func:`ptuning_fast._validation.reads_values`), in one device->host transfer.
+    ``P`` of per-row lengths is read from them only when it is needed (``need_columns``) and not
+    given (``num_prompt_columns``): it is an output shape.
     """
     check_tensor(attention_mask, "attention_mask", ndim=2, dtypes=MASK_DTYPES)
     batch, text_length = attention_mask.shape
@@ -109,37 +159,42 @@ def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, 
         _check_prompt_length(num_prompt_columns, "num_prompt_columns")
 
     # Data-dependent checks, gathered so that they cost a single device->host transfer.
-    # Integer masks are read as transformers reads them (nonzero = real) with no check, so the
-    # usual call (int or bool mask, int prompt length) never waits for the device.
+    # Integer masks are read as transformers reads them (nonzero = real) with no check.
+    check_values = reads_values(attention_mask)
+    read_lengths = lengths is not None and batch > 0 and (
+        check_values or (need_columns and num_prompt_columns is None))
+    float_mask = check_values and attention_mask.dtype.is_floating_point
+    side = check_values and padding_side is not None and text_length > 1
     stats = []
-    float_mask = attention_mask.dtype.is_floating_point
     if float_mask:  # e.g. an additive mask passed by mistake
         stats.append(((attention_mask != 0) & (attention_mask != 1)).any())
-    if padding_side is not None and text_length > 1:
+    if side:
         real = attention_mask != 0
         # Left padding: no real token is followed by a pad. Right padding: no pad by a real token.
         step = real[:, 1:] & ~real[:, :-1] if padding_side == "right" else real[:, :-1] & ~real[:, 1:]
         stats.append(step.any())
-    if lengths is not None and batch > 0:
+    if read_lengths:
         stats += list(torch.aminmax(lengths.long()))
     values = torch.stack([s.long() for s in stats]).tolist() if stats else []
 
     if float_mask and values.pop(0):
         raise ValueError("a floating `attention_mask` must hold only 0 and 1 (1 = real token, 0 = padding); "
                          "pass the 2D padding mask, not an additive mask")
-    if padding_side is not None and text_length > 1 and values.pop(0):
+    if side and values.pop(0):
         raise ValueError(f"`attention_mask` is not {padding_side}-padded: some row has a "
                          f"{'real token after a pad' if padding_side == 'right' else 'pad after a real token'}"
                          f" (check the tokenizer's padding_side)")
     if lengths is None:
         longest = prompt_lengths
-    elif batch > 0:
+    elif read_lengths:
         shortest, longest = values
         if shortest < 0:
             raise ValueError(f"`prompt_lengths` must be >= 0, got a row with {shortest}")
         _check_prompt_length(longest, "prompt_lengths")
-    else:
-        longest = 0
+    elif num_prompt_columns is not None:  # not read: the given number of columns
+        longest = num_prompt_columns
+    else:  # not read and not needed (position ids): a bound the builders' clamp of lengths never meets
+        longest = 0 if batch == 0 else _UNBOUNDED_COLUMNS
     P = longest if num_prompt_columns is None else num_prompt_columns
     if longest > P:
         raise ValueError(f"`num_prompt_columns` ({P}) is smaller than the longest prompt ({longest})")
@@ -210,8 +265,8 @@ def build_prompt_attention_mask(
         if lengths is None and P != prompt_lengths:
             lengths = torch.full((attention_mask.shape[0],), prompt_lengths, dtype=torch.long,
                                  device=attention_mask.device)
-        return ext.prompt_attention_mask(attention_mask, None if lengths is None else lengths.long(),
-                                         P, past_length, causal, sliding_window or 0, dtype)
+        return _attention_mask_op(attention_mask, None if lengths is None else lengths.long(),
+                                  P, past_length, causal, sliding_window or 0, dtype)
     return prompt_attention_mask_reference(
         attention_mask, _lengths_tensor(lengths, prompt_lengths, attention_mask.shape[0],
                                         attention_mask.device),
@@ -258,7 +313,8 @@ def build_prompt_position_ids(
     forward). Arguments as in :func:`build_prompt_attention_mask`; ``prompt_lengths`` may be per
     row. (``after_prompt=True/False`` is the deprecated form of ``"continue"``/``"restart"``.)
     """
-    lengths, P = _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, None)
+    lengths, P = _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, None,
+                                  need_columns=False)
     check_positions(positions)
     batch, device = attention_mask.shape[0], attention_mask.device
     if positions == "peft":
@@ -267,7 +323,7 @@ def build_prompt_position_ids(
     after_prompt = positions == "continue"
     ext = _extension(device)
     if ext is not None:
-        return ext.prompt_position_ids(attention_mask, None if lengths is None else lengths.long(),
-                                       P, past_length, after_prompt)
+        return _position_ids_op(attention_mask, None if lengths is None else lengths.long(),
+                                P, past_length, after_prompt)
     return prompt_position_ids_reference(attention_mask, _lengths_tensor(lengths, prompt_lengths, batch, device),
                                          past_length=past_length, after_prompt=after_prompt)

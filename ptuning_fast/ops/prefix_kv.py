@@ -206,6 +206,25 @@ class _TritonPrimitives:
         prefix_grad_triton(grad, g, order, row_ptr, starts, col0)
 
 
+_ONE_ADAPTER_ROWS: dict = {}  # (batch size, device) -> (order, row_ptr, starts): constants, read only
+
+
+def _one_adapter_rows(batch_size: int, device: torch.device) -> tuple:
+    """(order, row_ptr, starts) of one adapter over ``batch_size`` rows: 0..B-1, [0, B], [0]."""
+    if torch.compiler.is_compiling():
+        key = None
+    else:
+        key = (batch_size, device)
+        if key in _ONE_ADAPTER_ROWS:
+            return _ONE_ADAPTER_ROWS[key]
+    rows = (torch.arange(batch_size, dtype=torch.int32, device=device),
+            torch.arange(2, dtype=torch.int32, device=device) * batch_size,
+            torch.zeros(1, dtype=torch.int32, device=device))
+    if key is not None:
+        _ONE_ADAPTER_ROWS[key] = rows
+    return rows
+
+
 class _PrefixPlan:
     """Validated inputs of one prefix build, and the backend's two primitives."""
 
@@ -237,13 +256,12 @@ class _PrefixPlan:
         ``order[row_ptr[n]:row_ptr[n + 1]]``, its first prefix column ``starts[n]``."""
         if self._rows is None:
             dev, n = self.device, len(self.weights)
-            if self.adapter_index is None:
-                order = torch.arange(self.batch_size, dtype=torch.int32, device=dev)
-                row_ptr = torch.arange(2, dtype=torch.int32, device=dev) * self.batch_size
-            else:
-                order = torch.argsort(self.adapter_index, stable=True).to(torch.int32)
-                row_ptr = torch.zeros(n + 1, dtype=torch.int32, device=dev)
-                row_ptr[1:] = torch.cumsum(torch.bincount(self.adapter_index, minlength=n), 0)
+            if self.adapter_index is None:  # one adapter: the same constants every step, made once
+                self._rows = _one_adapter_rows(self.batch_size, dev)
+                return self._rows
+            order = torch.argsort(self.adapter_index, stable=True).to(torch.int32)
+            row_ptr = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+            row_ptr[1:] = torch.cumsum(torch.bincount(self.adapter_index, minlength=n), 0)
             starts = (torch.zeros(1, dtype=torch.int32, device=dev) if n == 1
                       else torch.tensor(self.starts, dtype=torch.int32, device=dev))
             self._rows = (order, row_ptr, starts)

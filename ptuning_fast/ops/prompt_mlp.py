@@ -198,7 +198,7 @@ class PromptMLPFunction(torch.autograd.Function):
 def compute_dtype_for(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype F.linear would compute in: the autocast dtype when autocast is on, else the weight's."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
 

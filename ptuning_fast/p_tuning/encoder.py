@@ -14,8 +14,9 @@ same weights as PEFT), warnings and errors. What differs is how it computes:
 - The indices PeftModel passes (0..T-1 in order, one row expanded over the batch) need no lookup:
   the head reads the embedding table directly and its output is viewed over the batch, so a
   training step of the MLP encoder is three kernel launches forward and three backward. Index
-  values are checked on every call (one host sync; skipped while compiling or capturing a CUDA
-  graph, where the general lookup path runs).
+  values are checked where reading them is free (CPU tensors; on an accelerator only with
+  ``ptuning_fast.value_checks("always")``); elsewhere the general lookup path runs, exact for any
+  row, with no host sync.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.p_tuning.model import PromptEncoder as _PeftPromptEncoder
 
-from .._validation import INDEX_DTYPES, check_config_int, check_positive_int, check_tensor
+from .._validation import INDEX_DTYPES, check_config_int, check_positive_int, check_tensor, reads_values
 from ..config import (PromptEncoderConfig, PromptEncoderReparameterizationType, normalize_encoder_type,
                       read_encoder_config)
 from ..ops.prompt_mlp import prompt_mlp_head
@@ -123,27 +124,20 @@ class PromptEncoder(_PeftPromptEncoder):
         """Raise ValueError for index values outside [0, total_virtual_tokens); return whether the
         first row is exactly 0..total-1 (then the encoded table is the answer, no lookup needed).
 
-        One host sync per call. Values cannot be read while compiling or capturing a CUDA graph:
-        then the general lookup path runs, exact for any row.
+        Reads values only where that is free (:func:`ptuning_fast._validation.reads_values`: CPU
+        tensors, or ``value_checks("always")``); elsewhere (an accelerator, torch.compile, CUDA
+        graph capture) nothing is read and the general lookup path runs, exact for any row.
         """
-        if torch.compiler.is_compiling() or indices.numel() == 0:
-            return False
-        if indices.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if indices.numel() == 0 or not reads_values(indices):
             return False
         total = self.total_virtual_tokens
         row = indices[0]
-        # PeftModel's tokens, 0..T-1 over the batch, are in range by construction: one comparison.
-        # Only for wide dtypes, where arange(total) cannot wrap around.
-        if (row.shape[0] == total and indices.dtype in (torch.int64, torch.int32)
-                and (indices.shape[0] == 1 or indices.stride(0) == 0)
-                and torch.equal(row, torch.arange(total, device=row.device, dtype=row.dtype))):
-            return True
         lo, hi = torch.aminmax(indices)
         if row.shape[0] == total:
             in_order = (row.long() == torch.arange(total, device=row.device)).all()
         else:
             in_order = torch.zeros((), dtype=torch.bool, device=row.device)
-        lo, hi, in_order = torch.stack([lo.long(), hi.long(), in_order.long()]).tolist()  # the one sync
+        lo, hi, in_order = torch.stack([lo.long(), hi.long(), in_order.long()]).tolist()  # the one read
         if lo < 0 or hi >= total:
             raise ValueError(f"`indices` holds indices outside [0, {total}): min {lo}, max {hi}")
         return bool(in_order)
@@ -172,8 +166,7 @@ class PromptEncoder(_PeftPromptEncoder):
             rows, inverse = indices[:1], None
         else:
             rows, inverse = torch.unique(indices, dim=0, return_inverse=True)
-        canonical = torch.arange(self.total_virtual_tokens, device=rows.device, dtype=rows.dtype)
-        if not same_rows and rows.shape == (1, self.total_virtual_tokens) and torch.equal(rows[0], canonical):
+        if not same_rows and rows.shape == (1, self.total_virtual_tokens) and first_row_in_order:
             encoded = self.encoded_prompts().unsqueeze(0)  # every row is the canonical sequence
         else:
             encoded = self._encode_sequences(F.embedding(rows, weight))

@@ -45,7 +45,10 @@ from ..ops.prefix_cache import AppendKV, PrefixKVBuffer
 
 
 def _in_backward() -> bool:
-    """True while the autograd engine runs a backward (where checkpointed layers are recomputed)."""
+    """True while the autograd engine runs a backward (where checkpointed layers are recomputed).
+    Never while torch.compile traces a forward (the engine's state is not part of the graph)."""
+    if torch.compiler.is_compiling():
+        return False
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1
 

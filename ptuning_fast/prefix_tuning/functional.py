@@ -349,6 +349,19 @@ def _dropped_cache_error(model, cache) -> RuntimeError:
         "a cache. Disable gradient checkpointing for this model.")
 
 
+def check_cache_implementation(model, generate_kwargs: dict) -> None:
+    """Deep prompts generate over a :class:`PrefixKVCache`, which grows as a dynamic cache does:
+    refuse ``cache_implementation`` asking for another kind (e.g. ``"static"``) rather than
+    replacing the cache ``generate()`` would build with it."""
+    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    implementation = generate_kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    if implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"generate(cache_implementation={implementation!r}) is not supported with deep prompts (PREFIX_TUNING): "
+            "their prefix lives in a PrefixKVCache, a dynamic cache written in place, not in a "
+            f"{implementation} cache; leave `cache_implementation` unset (or 'dynamic')")
+
+
 @torch.no_grad()
 def prefix_generate(
     model,
@@ -366,6 +379,7 @@ def prefix_generate(
     tells ``generate()`` the cache holds P tokens the input does not. Returns what generate
     returns (the input followed by the new tokens)."""
     model, encoders = _model_first(model, encoders, "prefix_generate")
+    check_cache_implementation(model, generate_kwargs)
     batch, seq_len, device = _check_text(model, input_ids, None)
     check_per_token_inputs(None, (batch, seq_len), device, {"attention_mask": attention_mask}, of="the text",
                            hint=_TEXT_HINT)

@@ -172,15 +172,13 @@ def test_positions_continue_or_restart(kind):
     if kind == "v2":
         assert torch.equal(positions["restart"], text)
         assert torch.equal(positions["continue"], (text + T) * mask)
-    else:  # v1 rows laid out as [prompt][pads][text]: prompt 0..T-1, then the real text
-        prompt = torch.arange(T)
+    else:  # v1 rows packed as [pads][prompt][text]: prompt 0..T-1, then the real text
         for row, real in enumerate(mask.bool()):
-            columns = positions["continue"][row]
-            assert torch.equal(columns[:T], prompt)
-            assert torch.equal(columns[T:][real], T + torch.arange(int(real.sum())))
-            restart = positions["restart"][row]
-            assert torch.equal(restart[:T], prompt)
-            assert torch.equal(restart[T:][real], torch.arange(int(real.sum())))
+            pads, n = int((~real).sum()), int(real.sum())
+            for mode, first in (("continue", T), ("restart", 0)):
+                columns = positions[mode][row]
+                assert torch.equal(columns[pads:pads + T], torch.arange(T))
+                assert torch.equal(columns[pads + T:], first + torch.arange(n))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""``torch.compile(model, fullgraph=True)`` of the accelerated and the native model, v1 and deep
+prompts: the training step (loss, logits, every prompt gradient) and the eval forward equal eager,
+with no graph break (fullgraph raises on one), and sequence lengths do not recompile more than
+plain PEFT does. CPU compiles are slow: a tiny Llama, the ``aot_eager`` backend, dynamo reset
+between tests."""
+import pytest
+import torch
+
+from tests.compile.paths import KINDS, ROUTES, batch, build, prompt_parameters
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _train_step(model, input_ids, attention_mask, call=None):
+    """(loss, logits, prompt gradients) of one training step of ``model`` run through ``call``
+    (the model itself, or its compiled form)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # padding outputs mean nothing
+    out = (model if call is None else call)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), out.logits.detach(), {n: p.grad.clone() for n, p in prompt_parameters(model)}
+
+
+def _eval_forward(model, input_ids, attention_mask, call=None):
+    model.eval()
+    with torch.no_grad():
+        return (model if call is None else call)(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_training_step_and_eval_forward_equal_eager(kind, route):
+    eager, model = build(kind, route), build(kind, route)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    input_ids, attention_mask = batch()
+    loss, logits, grads = _train_step(model, input_ids, attention_mask, compiled)
+    expected_loss, expected_logits, expected_grads = _train_step(eager, input_ids, attention_mask)
+    _close(loss, expected_loss)
+    _close(logits, expected_logits)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        assert grads[name].abs().sum() > 0, name
+        _close(grads[name], expected_grads[name])
+    _close(_eval_forward(model, input_ids, attention_mask, compiled), _eval_forward(eager, input_ids, attention_mask))
+
+
+def _frames_over_lengths(model, lengths=(5, 7, 9, 12)) -> tuple:
+    """(frames compiled, graph breaks) of training steps of ``model`` over several sequence lengths."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    for seq_len in lengths:
+        _train_step(model, *batch(3, seq_len), call=compiled)
+    return counters["frames"]["ok"], sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sequence_lengths_recompile_no_more_than_peft_and_nothing_breaks_the_graph(kind):
+    peft_frames, peft_breaks = _frames_over_lengths(build(kind, "peft"))
+    for route in ROUTES:
+        frames, breaks = _frames_over_lengths(build(kind, route))
+        assert frames <= peft_frames and breaks == 0, (route, frames, peft_frames, breaks)
+    assert peft_breaks == 0 and peft_frames >= 1
