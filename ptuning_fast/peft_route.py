@@ -221,10 +221,14 @@ def _route_modules_to_save(model) -> None:
 
 @contextlib.contextmanager
 def _head_rows_of_call(model, adapter_names, rows):
-    """The call's rows for the ``modules_to_save`` copies, in a context variable for the call."""
-    if adapter_names is not None:
-        _route_modules_to_save(model)
-    token = _HEAD_ROWS.set(None if adapter_names is None else _HeadRows(adapter_names, rows))
+    """The call's rows for the ``modules_to_save`` copies, in a context variable for the call.
+    Without ``adapter_names`` nothing is set (the variable's default: PEFT's own choice), which
+    keeps such a call traceable by torch.compile (Dynamo cannot trace ``ContextVar.set``)."""
+    if adapter_names is None:
+        yield
+        return
+    _route_modules_to_save(model)
+    token = _HEAD_ROWS.set(_HeadRows(adapter_names, rows))
     try:
         yield
     finally:
