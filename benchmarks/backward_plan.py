@@ -11,10 +11,7 @@ the kernel's time. Writes ``results/backward_plan.json``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,14 +26,9 @@ _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^
 
 def sass(compiled) -> list:
     """[(address, opcode, operands)] of the kernel's SASS."""
-    import triton
+    from ptuning_fast.kernels.aot import cuobjdump
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as handle:
-            handle.write(compiled.asm["cubin"])
-        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True,
-                              check=True).stdout
+    text = cuobjdump(compiled, "-sass")
     return [(int(a, 16), op, rest) for a, _, op, rest in _LINE.findall(text)]
 
 

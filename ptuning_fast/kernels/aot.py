@@ -107,16 +107,21 @@ def compile_call(call: KernelCall, chip: Chip):
 _USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def resource_usage(compiled) -> Resources:
-    """Registers, stack, spills (cuobjdump on the cubin) and shared memory of a compiled kernel."""
+def cuobjdump(compiled, flag: str) -> str:
+    """What Triton's bundled ``cuobjdump FLAG`` prints for a compiled kernel's cubin."""
     import triton
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as handle:
             handle.write(compiled.asm["cubin"])
-        report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path],
-                                capture_output=True, text=True, check=True).stdout
+        return subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, path], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(compiled) -> Resources:
+    """Registers, stack, spills (cuobjdump on the cubin) and shared memory of a compiled kernel."""
+    report = cuobjdump(compiled, "--dump-resource-usage")
     usage = _USAGE.findall(report)
     if len(usage) != 1:
         raise RuntimeError(f"expected one function in the cubin of {compiled.name}, cuobjdump says:\n{report}")
