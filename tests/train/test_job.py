@@ -315,6 +315,22 @@ def test_bf16_autocast_run(tiny_bert, small_data):
     assert all(p.dtype == torch.float32 for p in train.trainable_parameters(result.model).values())
 
 
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_bf16_autocast_deep_prompt_run_matches_the_peft_baseline(tiny_bert, tiny_llama, small_data, task):
+    """--precision bf16 (CPU autocast) with deep prompts: two steps train the prefix as plain PEFT
+    does under the same autocast (bf16 tolerance: the reduction orders differ)."""
+    data, eval_data = small_data
+    model = tiny_llama if task == "causal-lm" else tiny_bert
+    common = dict(task=task, data=data, eval_data=eval_data, prompt="v2", steps=2, device="cpu", precision="bf16")
+    fast = train.run(tiny_config(model, **common))
+    peft_run = train.run(tiny_config(model, baseline="peft", **common))
+    assert fast.summary["implementation"].startswith("ptuning_fast") and fast.summary["precision"] == "bf16"
+    expected, got = trainable_state(peft_run.model), trainable_state(fast.model)
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=2e-2, atol=2e-3, msg=name)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("prompt", ["v1", "v2"])
 def test_cuda_triton_run_matches_the_peft_baseline(tiny_bert, small_data, prompt):
