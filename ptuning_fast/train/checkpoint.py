@@ -51,12 +51,14 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINING_STATE_FILE)
 FORMAT_VERSION = 1
 # Options that must match between a checkpoint and the job resuming from it: every option that
-# changes the training trajectory (model, prompts, data and its split, batches, schedule,
-# optimizer, precision, seed). Not: evaluation, saving, output, backend and device choices.
+# changes the training trajectory (model, prompts, data and its split, batches, learning rate and
+# its warm-up, optimizer, precision, seed). Not: evaluation, saving, output, backend and device
+# choices; nor the run's length (`epochs`, `steps`), so that `--epochs 2 --resume` extends a
+# finished run (its schedule then spans the new length).
 RESUME_MUST_MATCH = ("model", "task", "prompt", "num_virtual_tokens", "encoder_type", "encoder_hidden_size",
                      "prefix_projection", "init_text", "data", "eval_data", "eval_fraction", "text_column",
-                     "label_column", "tasks", "template", "max_length", "batch_size", "epochs", "steps", "head_steps",
-                     "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm", "precision", "seed")
+                     "label_column", "tasks", "template", "max_length", "batch_size", "head_steps", "lr", "optimizer",
+                     "weight_decay", "warmup_ratio", "max_grad_norm", "precision", "seed")
 # Hidden siblings of a folder being written: ".NAME.tmp-PID" (incomplete) and ".NAME.old-PID" (a
 # complete folder of the same name, moved aside while its replacement is renamed into place).
 _SIBLING = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-\d+")

@@ -275,15 +275,15 @@ def test_resume_errors(tiny_bert, small_data, tmp_path):
 
 
 def test_resume_refuses_options_that_change_the_training(tiny_bert, small_data, tmp_path):
-    """Every option that changes the trajectory (learning rate, schedule, batches, seed, ...) must
+    """Every option that changes the trajectory (learning rate, warm-up, batches, seed, ...) must
     match the checkpoint's, each difference named; evaluation, saving and display options may
-    change; an omitted --lr equals its default given explicitly."""
+    change, and the run's length (a finished run extended); an omitted --lr equals its default."""
     data, eval_data = small_data
     common = dict(data=data, eval_data=eval_data, steps=3, save_every=1, output_dir=str(tmp_path))
     train.run(tiny_config(tiny_bert, **common))
     (tmp_path / "checkpoint-3").rename(tmp_path / "moved-3")
     changes = {"lr": 2e-2, "warmup_ratio": 0.5, "batch_size": 4, "seed": 1, "weight_decay": 0.1,
-               "max_grad_norm": 0.5, "optimizer": "sgd", "epochs": 2.0, "steps": 4, "max_length": 16,
+               "max_grad_norm": 0.5, "optimizer": "sgd", "max_length": 16,
                "precision": "bf16", "eval_fraction": 0.2, "template": "{text} Label:"}
     for key, value in changes.items():
         with pytest.raises(ValueError, match=rf"different options: {key}=.* \(now {re.escape(repr(value))}\)"):
@@ -295,6 +295,8 @@ def test_resume_refuses_options_that_change_the_training(tiny_bert, small_data, 
                                                              "save_every": 2, "backend": "reference"}))
     assert resumed.start_step == 2
     assert Job(tiny_config(tiny_bert, resume="latest", **{**common, "lr": None})).start_step == 2  # v1's default
+    longer = Job(tiny_config(tiny_bert, resume="latest", **{**common, "steps": 5}))
+    assert (longer.start_step, longer.total_steps) == (2, 5)
 
 
 def test_backend_is_checked_up_front_and_restored(tiny_bert, small_data, monkeypatch):
