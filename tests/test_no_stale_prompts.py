@@ -275,3 +275,33 @@ def test_trainer_evaluate_after_train_equals_a_plain_peft_twin(tmp_path):
     assert fast_after == pytest.approx(plain_after, rel=1e-4)
     saved = [load_file(tmp_path / f"adapter{i}" / "adapter_model.safetensors")["prompt_embeddings"] for i in (0, 1)]
     torch.testing.assert_close(saved[1], saved[0], rtol=1e-4, atol=1e-5)
+
+
+def test_training_over_frozen_prompts_names_the_cause():
+    """A training forward after freeze_prompts() with nothing trainable says so (instead of torch's
+    "element 0 of tensors does not require grad" at backward); a head trained beside the frozen
+    prompts, and forwards that do not train, keep working."""
+    base, task = build("bert_cls")
+    model = get_ptuning_model(base, KINDS["mlp"](task))
+    randomize_(model.prompt_encoder, 6)
+    ids = random_ids(2, 5, 23)
+    labels = torch.tensor([0, 2])
+    model.freeze_prompts()
+    model.train()
+    with pytest.raises(RuntimeError, match=r"freeze_prompts\(\).*unfreeze_prompts\(\)"):
+        model(input_ids=ids, labels=labels)
+    with torch.no_grad():  # not training: allowed
+        served = model(input_ids=ids, labels=labels).logits
+    model.eval()
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).logits, served, rtol=0, atol=0)
+    model.train()
+    head = model.base_model.classifier.weight
+    head.requires_grad_(True)  # a head trained over the frozen prompts: the prompts get no gradient
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert head.grad is not None and head.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.prompt_encoder.parameters())
+    head.requires_grad_(False)
+    model.unfreeze_prompts()  # the fix the error names
+    model(input_ids=ids, labels=labels).loss.backward()
+    grads = [p.grad for p in model.prompt_encoder["default"].parameters()]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -167,6 +167,23 @@ class PTuningModel(torch.nn.Module):
                 encoder, config = self._frozen.pop(name)
                 self.prompt_encoder[name], self.peft_config[name] = encoder, config
 
+    def _check_something_trains(self, inputs_embeds) -> None:
+        """A training forward (grad mode, model in training mode) where nothing requires grad would
+        fail only at ``backward()``, with torch's "element 0 of tensors does not require grad": name
+        the cause here. Host-side flags only (no sync); in a normal step the first prompt parameter
+        ends the search. Training a head (or anything else) beside frozen prompts is left alone."""
+        if any(p.requires_grad for p in self.prompt_encoder.parameters()):
+            return
+        if any(p.requires_grad for p in self.parameters()) or (inputs_embeds is not None and inputs_embeds.requires_grad):
+            return
+        frozen = sorted(self._frozen)
+        cause = (f"the prompts of {frozen} are frozen by freeze_prompts(): call model.unfreeze_prompts() to train them"
+                 if frozen else "the adapters were loaded for inference: load them with "
+                 "load_adapter(..., is_trainable=True) to train them")
+        raise RuntimeError(f"training forward with no trainable parameter: {cause}, or give some other parameter "
+                           "requires_grad=True. For a forward that does not train, use torch.no_grad() or "
+                           "model.eval().")
+
     # ---------------------------------------------------------------------------------- forward
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None,
                 position_ids=None, start_positions=None, end_positions=None, decoder_input_ids=None,
@@ -183,6 +200,8 @@ class PTuningModel(torch.nn.Module):
                              "use generate() for incremental decoding")
         text = check_model_inputs(self, input_ids, attention_mask, inputs_embeds,
                                   {"position_ids": position_ids, "token_type_ids": token_type_ids, "labels": labels})
+        if torch.is_grad_enabled() and self.base_model.training:
+            self._check_something_trains(inputs_embeds)
         rows = resolve_rows(self, adapter_names, text.shape[0], text.device)
         return_dict = kwargs.pop("return_dict", None)
         out = prompt_forward(self, rows, input_ids, attention_mask, inputs_embeds, kwargs)

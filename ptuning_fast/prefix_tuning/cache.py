@@ -34,6 +34,7 @@ Also implemented for ``generate()``: ``get_seq_length``, ``get_mask_sizes``, ``c
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import List, Optional
 
 import torch
@@ -317,11 +318,32 @@ class PrefixKVCache(DynamicCache):
         return [layer.layer_idx for layer in self.layers if layer.length > layer.prefix_length]
 
 
+# Whether the checkpointed layers keep a PrefixKVCache in the call running in this thread /
+# asyncio task (see keep_cache_under_checkpointing).
+_KEEP_CACHE_IN_CALL: contextvars.ContextVar = contextvars.ContextVar("ptuning_fast_keep_prefix_cache", default=False)
+
+
+class _KeepCacheInCall:
+    """A checkpointed layer's ``_can_checkpoint_with_cache``, installed once per layer: true inside
+    :func:`keep_cache_under_checkpointing` in this thread / task, else the layer's own value.
+    transformers reads it once per forward, when it decides which arguments the checkpointed call
+    captures; the backward's recompute reuses those arguments, so it sees the cache too."""
+
+    __slots__ = ("default",)
+
+    def __init__(self, default):
+        self.default = bool(default)
+
+    def __bool__(self) -> bool:
+        return self.default or _KEEP_CACHE_IN_CALL.get()
+
+
 @contextlib.contextmanager
 def keep_cache_under_checkpointing(model):
     """Within the block, the checkpointed layers of ``model`` keep a :class:`PrefixKVCache` under
-    gradient checkpointing (transformers drops caches there); restored afterwards, so a plain
-    ``DynamicCache`` used later is dropped again as transformers intends.
+    gradient checkpointing (transformers drops caches there). The switch is a context variable,
+    so it holds for this thread / asyncio task only and ends with the block: a plain
+    ``DynamicCache`` used elsewhere is dropped as transformers intends.
 
     Run the forward inside the block (the backward may run after it: the recomputed layers
     reuse the cache captured by the forward). Safe with this cache only: a recomputed layer finds
@@ -330,17 +352,18 @@ def keep_cache_under_checkpointing(model):
     :func:`ptuning_fast.prefix_tuning.functional.prefix_forward` detects that and raises.
     """
     layers = checkpointing_layers(model)
-    saved = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
-    for m in layers:
-        m._can_checkpoint_with_cache = True
+    if not any(layer.gradient_checkpointing and layer.training for layer in layers):
+        # transformers reads the flag only in a checkpointed training forward; torch.compile cannot trace the set
+        yield len(layers)
+        return
+    for layer in layers:
+        if not isinstance(layer.__dict__.get("_can_checkpoint_with_cache"), _KeepCacheInCall):
+            layer._can_checkpoint_with_cache = _KeepCacheInCall(layer._can_checkpoint_with_cache)
+    token = _KEEP_CACHE_IN_CALL.set(True)
     try:
         yield len(layers)
     finally:
-        for m, value in zip(layers, saved):
-            if value is None:
-                m.__dict__.pop("_can_checkpoint_with_cache", None)
-            else:
-                m._can_checkpoint_with_cache = value
+        _KEEP_CACHE_IN_CALL.reset(token)
 
 
 __all__ = ["PrefixKVCache", "PrefixKVLayer", "keep_cache_under_checkpointing"]

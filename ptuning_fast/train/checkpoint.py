@@ -39,7 +39,7 @@ import torch
 from .._files import check_inside
 from ..native.checkpoint import (check_optimizer_matches, read_header, read_json, read_tensors, save_optimizer,
                                  write_json, write_safetensors)
-from .config import TrainConfig, check_config
+from .config import TrainConfig, check_config, default_learning_rate
 from .model import trainable_parameters
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -50,10 +50,15 @@ TRAINING_STATE_FILE = "training_state.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINING_STATE_FILE)
 FORMAT_VERSION = 1
-# Options that must match between a checkpoint and the job resuming from it.
+# Options that must match between a checkpoint and the job resuming from it: every option that
+# changes the training trajectory (model, prompts, data and its split, batches, learning rate and
+# its warm-up, optimizer, precision, seed). Not: evaluation, saving, output, backend and device
+# choices; nor the run's length (`epochs`, `steps`), so that `--epochs 2 --resume` extends a
+# finished run (its schedule then spans the new length).
 RESUME_MUST_MATCH = ("model", "task", "prompt", "num_virtual_tokens", "encoder_type", "encoder_hidden_size",
-                     "prefix_projection", "batch_size", "seed", "data", "text_column", "label_column", "head_steps",
-                     "init_text")
+                     "prefix_projection", "init_text", "data", "eval_data", "eval_fraction", "text_column",
+                     "label_column", "tasks", "template", "max_length", "batch_size", "head_steps", "lr", "optimizer",
+                     "weight_decay", "warmup_ratio", "max_grad_norm", "precision", "seed")
 # Hidden siblings of a folder being written: ".NAME.tmp-PID" (incomplete) and ".NAME.old-PID" (a
 # complete folder of the same name, moved aside while its replacement is renamed into place).
 _SIBLING = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-\d+")
@@ -321,6 +326,15 @@ def read_rng_state(path: str) -> dict:
     return read_tensors(path, expected, dtypes=("U8",), finite=False)
 
 
+def _trajectory_options(options: dict) -> dict:
+    """The options of :data:`RESUME_MUST_MATCH` in ``options`` (a job's ``to_dict()``), the
+    learning rate as the run uses it (``lr`` omitted: the prompt kind's default)."""
+    values = {key: options.get(key) for key in RESUME_MUST_MATCH}
+    if values["lr"] is None and isinstance(options.get("prompt"), str):
+        values["lr"] = default_learning_rate(options["prompt"], bool(options.get("prefix_projection")))
+    return values
+
+
 def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: list) -> int:
     """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
     check_config(config)
@@ -330,10 +344,12 @@ def load_checkpoint(folder, peft_model, optimizer, config: TrainConfig, labels: 
             raise ValueError(f"`resume`: {str(folder)!r} is not a checkpoint of this job (no {name})")
         check_inside(str(folder / name), str(folder))
     saved = read_training_state(folder / TRAINING_STATE_FILE)
-    mismatched = [k for k in RESUME_MUST_MATCH if saved["config"].get(k) != config.to_dict()[k]]
+    before, now = _trajectory_options(saved["config"]), _trajectory_options(config.to_dict())
+    mismatched = [k for k in RESUME_MUST_MATCH if before[k] != now[k]]
     if mismatched:
         raise ValueError("`resume`: the checkpoint was made with different options: " + ", ".join(
-            f"{k}={saved['config'].get(k)!r} (now {config.to_dict()[k]!r})" for k in mismatched))
+            f"{k}={before[k]!r} (now {now[k]!r})" for k in mismatched) + ". Resume with the checkpoint's options, "
+            "or start a new run (--overwrite, or another --output-dir)")
     if [str(label) for label in saved["labels"]] != list(labels):
         raise ValueError(f"`resume`: the checkpoint's labels {saved['labels']} differ from the data's {labels}")
     params = trainable_parameters(peft_model)

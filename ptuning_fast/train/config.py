@@ -140,14 +140,17 @@ class TrainConfig:
     def learning_rate(self) -> float:
         """``lr``, or the default for the prompt kind: 1e-2 (v1 encoder), 3e-2 (v2 prefixes), 3e-4
         (v2 with ``prefix_projection``: its MLP reparameterisation stalls at the higher rates)."""
-        if self.lr is not None:
-            return self.lr
-        if self.prompt == "v1":
-            return 1e-2
-        return 3e-4 if self.prefix_projection else 3e-2
+        return self.lr if self.lr is not None else default_learning_rate(self.prompt, self.prefix_projection)
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def default_learning_rate(prompt: str, prefix_projection: bool) -> float:
+    """The learning rate of a run without ``--lr`` (see :attr:`TrainConfig.learning_rate`)."""
+    if prompt == "v1":
+        return 1e-2
+    return 3e-4 if prefix_projection else 3e-2
 
 
 def _check_template(template: str) -> None:

@@ -6,6 +6,8 @@ prefix parameters (fp32, 1e-5 relative), identical greedy ``generate()`` tokens.
 padding, gradient checkpointing (which PEFT refuses), a bf16 model with fp32 adapters, and a batch
 that mixes two adapters (equal to running each adapter's rows alone).
 """
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,13 +235,65 @@ def test_gradient_checkpointing(name):
         ckpt = prefix_forward(base, encoder, input_ids=ids, attention_mask=mask, labels=labels)
         ckpt_grads = grads(ckpt.loss, encoder)
     # transformers' guard against caches under checkpointing is back once the forward is done
-    assert not any("_can_checkpoint_with_cache" in vars(m) for m in base.modules())
+    assert not any(getattr(m, "_can_checkpoint_with_cache", False) for m in base.modules())
     torch.testing.assert_close(ckpt.loss, plain.loss, rtol=1e-6, atol=0)
     assert_grads_close(ckpt_grads, plain_grads, rtol=1e-6)
     fresh = MODELS[name][0]()
     fresh.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
         get_peft_model(fresh, PrefixTuningConfig(task_type=task, num_virtual_tokens=2))
+
+
+def test_checkpointing_keeps_the_cache_for_the_call_only():
+    """The switch that keeps the prefix cache in checkpointed layers holds in the calling thread
+    only: another thread's forward, meanwhile, has transformers' guard (its caches dropped)."""
+    from ptuning_fast.prefix_tuning.cache import keep_cache_under_checkpointing
+
+    _, base, _, _ = peft_model("llama", projection=False)
+    base.train()
+    base.gradient_checkpointing_enable()
+    layers = [m for m in base.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+    assert layers
+    seen = {}
+    with keep_cache_under_checkpointing(base):
+        seen["call"] = [bool(m._can_checkpoint_with_cache) for m in layers]
+        other = threading.Thread(target=lambda: seen.update(other=[bool(m._can_checkpoint_with_cache) for m in layers]))
+        other.start()
+        other.join()
+    seen["after"] = [bool(m._can_checkpoint_with_cache) for m in layers]
+    assert all(seen["call"]) and not any(seen["other"]) and not any(seen["after"])
+
+
+def test_checkpointed_prefix_training_from_two_threads_equals_sequential():
+    """Two threads training two prefixes on one checkpointed model (forward and backward, with the
+    layers recomputed in the backward) get exactly what the same calls get one after another."""
+    _, base, first, task = peft_model("llama", projection=True, tokens=4, seed=0)
+    _, _, second, _ = peft_model("llama", projection=False, tokens=2, seed=1, model=llama())
+    base.train()
+    base.gradient_checkpointing_enable()
+    calls = [(encoder, batch(task, rows=2 + i % 2, seed=10 + i)) for i in range(6) for encoder in (first, second)]
+
+    def run(encoder, inputs):
+        ids, mask, labels = inputs
+        loss = prefix_forward(base, encoder, input_ids=ids, attention_mask=mask, labels=labels).loss
+        return loss.detach(), grads(loss, encoder)
+
+    sequential = [run(*call) for call in calls]
+    results = [None] * len(calls)
+
+    def worker(which):
+        for i in range(which, len(calls), 2):
+            results[i] = run(*calls[i])
+
+    threads = [threading.Thread(target=worker, args=(which,)) for which in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (loss, grad), (ref_loss, ref_grad) in zip(results, sequential):
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+        for g, r in zip(grad, ref_grad):
+            torch.testing.assert_close(g, r, rtol=0, atol=0)
 
 
 def test_gpt2_checkpointing_drops_the_cache_and_says_so():

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,14 +133,22 @@ def test_latest_checkpoint_ignores_incomplete_folders(tmp_path):
 # milliseconds. Each child pauses after each step and before syncing each checkpoint file, so that
 # a kill can land inside a step or inside a save.
 SERVER = """
-import json, os, sys, time, traceback
+import json, os, signal, sys, time, traceback
 from ptuning_fast.train import checkpoint, job, main
 
-def run(pause, argv, log):
+def run(pause, argv, log, kill_in_replacement):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    sync_file, train_step = checkpoint._sync_file, job.Job.train_step
+    sync_file, train_step, rename = checkpoint._sync_file, job.Job.train_step, os.rename
+
+    def rename_then_killed(src, dst):  # killed once an old checkpoint is moved aside for its replacement
+        rename(src, dst)
+        if ".old-" in os.path.basename(dst):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if kill_in_replacement:
+        os.rename = rename_then_killed
 
     def slow_sync(path):
         time.sleep(pause)
@@ -159,7 +168,7 @@ for line in sys.stdin:
         if pid == 0:
             code = 1
             try:
-                run(request["pause"], request["argv"], request["log"])
+                run(request["pause"], request["argv"], request["log"], request.get("kill_in_replacement", False))
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -178,9 +187,10 @@ for line in sys.stdin:
 class Forked:
     """A job run in a child of the fork server, driven like a ``subprocess.Popen``."""
 
-    def __init__(self, server, pause: float, argv: list, log: Path):
+    def __init__(self, server, pause: float, argv: list, log: Path, kill_in_replacement: bool = False):
         self.server, self.returncode = server, None
-        self.pid = self._ask({"pause": pause, "argv": argv, "log": str(log)})
+        self.pid = self._ask({"pause": pause, "argv": argv, "log": str(log),
+                              "kill_in_replacement": kill_in_replacement})
 
     def _ask(self, request: dict):
         self.server.stdin.write(json.dumps(request) + "\n")
@@ -224,11 +234,15 @@ def _wait(condition, process, timeout=120.0) -> bool:
     return True
 
 
-def test_killed_runs_resume_to_the_adapter_of_an_uninterrupted_run(tiny_bert, small_data, tmp_path):
+def _job_flags(model, small_data) -> list:
     data, eval_data = small_data
-    flags = ["--model", tiny_bert, "--data", data, "--eval-data", eval_data, "--batch-size", "8", "--steps",
-             str(STEPS), "--save-every", "1", "--num-virtual-tokens", "3", "--encoder-hidden-size", "16", "--lr",
-             "1e-2", "--max-length", "24", "--eval-every", "0", "--device", "cpu", "--no-progress"]
+    return ["--model", model, "--data", data, "--eval-data", eval_data, "--batch-size", "8", "--steps", str(STEPS),
+            "--save-every", "1", "--num-virtual-tokens", "3", "--encoder-hidden-size", "16", "--lr", "1e-2",
+            "--max-length", "24", "--eval-every", "0", "--device", "cpu", "--no-progress"]
+
+
+def test_killed_runs_resume_to_the_adapter_of_an_uninterrupted_run(tiny_bert, small_data, tmp_path):
+    flags = _job_flags(tiny_bert, small_data)
     log_path = tmp_path / "log.txt"
     server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # two runs at once: 1 thread
@@ -281,6 +295,54 @@ def test_killed_runs_resume_to_the_adapter_of_an_uninterrupted_run(tiny_bert, sm
     got = load_file(out / f"checkpoint-{STEPS}" / train.TRAINABLE_FILE)
     _assert_same(expected, got)
     assert any(not torch.equal(got[k], load_file(out / "checkpoint-1" / train.TRAINABLE_FILE)[k]) for k in got)
+
+
+def test_killed_while_replacing_a_checkpoint_then_resumed_by_the_same_command(tiny_bert, small_data, tmp_path):
+    """One command line, --resume included, from an empty folder: killed after its third checkpoint;
+    that checkpoint then loses a file (the latest complete one is now step 2), so the next start
+    replaces it, and is killed (SIGKILL) right after moving the old folder aside; the starts after
+    that finish the run, to the adapter of an uninterrupted run, bit for bit. (With --resume taking
+    the latest complete checkpoint, only an incomplete one is ever replaced by the same command.)"""
+    out, log_path = tmp_path / "killed", tmp_path / "log.txt"
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    processes = []
+
+    def launch(out, *extra, pause=0.0, kill_in_replacement=False):
+        argv = [*_job_flags(tiny_bert, small_data), "--output-dir", str(out), *extra]
+        processes.append(Forked(server, pause, argv, log_path, kill_in_replacement))
+        return processes[-1]
+
+    def finished(process) -> bool:
+        return process.wait() == 0 or pytest.fail(log_path.read_text()[-3000:])
+
+    try:
+        reference = launch(tmp_path / "reference")
+        first = launch(out, "--resume", pause=0.03)  # no checkpoint yet: starts from step 0
+        assert _wait(lambda: (out / "checkpoint-3" / checkpoint.TRAINING_STATE_FILE).is_file(), first)
+        first.kill()
+        first.wait()
+        for step in range(4, STEPS + 1):  # the kill may land after later saves: keep step 3 the latest
+            shutil.rmtree(out / f"checkpoint-{step}", ignore_errors=True)
+        (out / "checkpoint-3" / checkpoint.TRAINING_STATE_FILE).unlink()
+        assert latest_checkpoint(out).name == "checkpoint-2"
+        replacing = launch(out, "--resume", kill_in_replacement=True)
+        assert replacing.wait() == -signal.SIGKILL, log_path.read_text()[-3000:]
+        assert not (out / "checkpoint-3").exists() and any(out.glob(".checkpoint-3.old-*"))
+        while STEPS not in _complete_steps(out):
+            assert finished(launch(out, "--resume"))
+        assert finished(reference)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        server.stdin.close()
+        server.wait()
+    assert not _hidden(out)
+    assert "no checkpoint in" in log_path.read_text()  # the first start said it started from step 0
+    for step in (3, STEPS):
+        _assert_same(load_file(tmp_path / "reference" / f"checkpoint-{step}" / train.TRAINABLE_FILE),
+                     load_file(out / f"checkpoint-{step}" / train.TRAINABLE_FILE))
 
 
 def test_two_jobs_started_on_one_output_folder(tiny_bert, small_data, tmp_path):

@@ -7,6 +7,7 @@ default (the README's job) checks that it learns.
 import dataclasses
 import json
 import os
+import re
 import socket
 import warnings
 
@@ -20,6 +21,7 @@ import ptuning_fast
 from ptuning_fast import cli, train
 from ptuning_fast.data import LABELS, read_examples, sentiment_examples, write_examples
 from ptuning_fast.train import TrainConfig
+from ptuning_fast.train.job import Job
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +272,31 @@ def test_resume_errors(tiny_bert, small_data, tmp_path):
                               resume=str(tmp_path / "checkpoint-2")))
     with pytest.raises(ValueError, match="is not a checkpoint of this job"):
         train.run(tiny_config(tiny_bert, data=data, eval_data=eval_data, steps=4, resume=str(tmp_path)))
+
+
+def test_resume_refuses_options_that_change_the_training(tiny_bert, small_data, tmp_path):
+    """Every option that changes the trajectory (learning rate, warm-up, batches, seed, ...) must
+    match the checkpoint's, each difference named; evaluation, saving and display options may
+    change, and the run's length (a finished run extended); an omitted --lr equals its default."""
+    data, eval_data = small_data
+    common = dict(data=data, eval_data=eval_data, steps=3, save_every=1, output_dir=str(tmp_path))
+    train.run(tiny_config(tiny_bert, **common))
+    (tmp_path / "checkpoint-3").rename(tmp_path / "moved-3")
+    changes = {"lr": 2e-2, "warmup_ratio": 0.5, "batch_size": 4, "seed": 1, "weight_decay": 0.1,
+               "max_grad_norm": 0.5, "optimizer": "sgd", "max_length": 16,
+               "precision": "bf16", "eval_fraction": 0.2, "template": "{text} Label:"}
+    for key, value in changes.items():
+        with pytest.raises(ValueError, match=rf"different options: {key}=.* \(now {re.escape(repr(value))}\)"):
+            Job(tiny_config(tiny_bert, resume="latest", **{**common, key: value}))
+    with pytest.raises(ValueError, match=r"different options: batch_size=8 \(now 4\), lr=0.01 \(now 0.02\), seed=0 "
+                                         r"\(now 1\)\. Resume with the checkpoint's options"):
+        Job(tiny_config(tiny_bert, resume="latest", **{**common, "lr": 2e-2, "batch_size": 4, "seed": 1}))
+    resumed = Job(tiny_config(tiny_bert, resume="latest", **{**common, "eval_every": 1, "eval_batch_size": 3,
+                                                             "save_every": 2, "backend": "reference"}))
+    assert resumed.start_step == 2
+    assert Job(tiny_config(tiny_bert, resume="latest", **{**common, "lr": None})).start_step == 2  # v1's default
+    longer = Job(tiny_config(tiny_bert, resume="latest", **{**common, "steps": 5}))
+    assert (longer.start_step, longer.total_steps) == (2, 5)
 
 
 def test_backend_is_checked_up_front_and_restored(tiny_bert, small_data, monkeypatch):
