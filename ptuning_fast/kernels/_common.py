@@ -224,7 +224,7 @@ def dispatch(call: Callable[[Any], KernelCall], configs: Callable[[Chip], Sequen
     call(choose()).launch()
 
 
-__all__ = ["CHIPS", "INTERPRETING", "KERNEL_DTYPES", "MAX_REGISTERS_PER_THREAD", "REGISTERS_PER_SM", "TORCH_TO_TL",
-           "Chip", "DotNumerics", "KernelCall", "cast_rtne", "cdiv", "chip_of", "device_chip", "dispatch",
-           "dot_numerics", "kernel_op", "launch_kernel", "planning", "pow2_block", "tf32_allowed", "traced", "TRITON_OPS",
-           "KERNELS_TRACEABLE"]
+__all__ = ["CHIPS", "INTERPRETING", "KERNELS_TRACEABLE", "KERNEL_DTYPES", "MAX_REGISTERS_PER_THREAD",
+           "REGISTERS_PER_SM", "TORCH_TO_TL", "TRITON_OPS", "Chip", "DotNumerics", "KernelCall", "cast_rtne", "cdiv",
+           "chip_of", "device_chip", "dispatch", "dot_numerics", "kernel_op", "launch_kernel", "planning", "pow2_block",
+           "tf32_allowed", "traced"]

@@ -512,7 +512,8 @@ def _backward_fake(grad_out, x, weights, biases, hidden, compute_dtype, need_gra
 @kernel_op("ptuning_fast::prompt_mlp_backward", mutates_args=(), fake=_backward_fake)
 def mlp_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
                     biases: List[Optional[torch.Tensor]], hidden: List[torch.Tensor], compute_dtype: torch.dtype,
-                    need_grad_x: bool, need_grad_weights: List[bool], need_grad_biases: List[bool]) -> List[torch.Tensor]:
+                    need_grad_x: bool, need_grad_weights: List[bool],
+                    need_grad_biases: List[bool]) -> List[torch.Tensor]:
     """:func:`mlp_backward` as one op: ``[dx, *dW, *db]``, an empty (0,) tensor for each gradient
     not needed."""
     grad_x, grad_weights, grad_biases = mlp_backward(grad_out, x, weights, biases, hidden, compute_dtype,
