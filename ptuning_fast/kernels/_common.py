@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 # Triton reads TRITON_INTERPRET when it is imported, so the mode is fixed for the process.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -140,8 +141,6 @@ KERNELS_TRACEABLE = TRITON_OPS and not INTERPRETING
 
 def traced(t: Any) -> bool:
     """``t`` is a fake (or functional wrapper of a fake) tensor: shapes only, no data."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return isinstance(t, torch.Tensor) and type(t) is not torch.Tensor and is_fake(t)
 
 
