@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 # Triton reads TRITON_INTERPRET when it is imported, so the mode is fixed for the process.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -120,7 +121,65 @@ class KernelCall(NamedTuple):
     kwargs: dict  # constexpr arguments, num_warps and num_stages
 
     def launch(self) -> None:
-        self.kernel[self.grid](*self.args, **self.kwargs)
+        launch_kernel(self.kernel, self.grid, self.args, self.kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel ops: the launchers as torch.library ops that torch.compile can see into
+# --------------------------------------------------------------------------------------------
+try:  # torch >= 2.6
+    from torch.library import triton_op as _triton_op, wrap_triton as _wrap_triton
+except ImportError:  # older torch: opaque custom ops
+    _triton_op = _wrap_triton = None
+
+# The launchers run as ``torch.library.triton_op``s whose kernels torch.compile traces as
+# ``triton_kernel_wrapper`` nodes (inductor schedules them with its own kernels). Under
+# TRITON_INTERPRET the kernels are Python functions that cannot be traced: the ops stay opaque.
+TRITON_OPS = _triton_op is not None
+KERNELS_TRACEABLE = TRITON_OPS and not INTERPRETING
+
+
+def traced(t: Any) -> bool:
+    """``t`` is a fake (or functional wrapper of a fake) tensor: shapes only, no data."""
+    return isinstance(t, torch.Tensor) and type(t) is not torch.Tensor and is_fake(t)
+
+
+def launch_kernel(kernel: Any, grid: tuple, args: Sequence[Any], kwargs: dict) -> None:
+    """``kernel[grid](*args, **kwargs)``; while the body of a kernel op is traced (fake tensors)
+    through ``wrap_triton``, which records the launch in the graph instead of running it."""
+    if KERNELS_TRACEABLE and any(traced(a) for a in args):
+        _wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _keep_opaque(mode, op, types, args, kwargs):
+    """Under functionalization (AOT autograd) hand the op on whole rather than tracing its body."""
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+def kernel_op(name: str, *, mutates_args: tuple, fake: Callable) -> Callable:
+    """Decorator: register a launcher as the op ``name`` with the fake implementation ``fake``.
+
+    ``torch.library.triton_op`` where torch has it (torch.compile traces the body, whose launches
+    go through ``launch_kernel``, so the graph holds the kernels themselves), else
+    ``torch.library.custom_op`` (one opaque call in the graph). Under TRITON_INTERPRET the body
+    is not traced (see ``KERNELS_TRACEABLE``)."""
+    def register(fn: Callable) -> Any:
+        if TRITON_OPS:
+            op = _triton_op(name, fn, mutates_args=mutates_args)
+            if INTERPRETING:
+                from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+                op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+        else:
+            op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        # The explicit fake allocates the outputs only; triton_op's own (the body run on fake
+        # tensors) would also walk the launchers.
+        op.register_fake(fake)
+        return op
+
+    return register
 
 
 class _Plan(NamedTuple):
@@ -164,6 +223,7 @@ def dispatch(call: Callable[[Any], KernelCall], configs: Callable[[Chip], Sequen
     call(choose()).launch()
 
 
-__all__ = ["CHIPS", "INTERPRETING", "KERNEL_DTYPES", "MAX_REGISTERS_PER_THREAD", "REGISTERS_PER_SM", "TORCH_TO_TL",
-           "Chip", "DotNumerics", "KernelCall", "cast_rtne", "cdiv", "chip_of", "device_chip", "dispatch",
-           "dot_numerics", "planning", "pow2_block", "tf32_allowed"]
+__all__ = ["CHIPS", "INTERPRETING", "KERNELS_TRACEABLE", "KERNEL_DTYPES", "MAX_REGISTERS_PER_THREAD",
+           "REGISTERS_PER_SM", "TORCH_TO_TL", "TRITON_OPS", "Chip", "DotNumerics", "KernelCall", "cast_rtne", "cdiv",
+           "chip_of", "device_chip", "dispatch", "dot_numerics", "kernel_op", "launch_kernel", "planning", "pow2_block",
+           "tf32_allowed", "traced"]

@@ -24,14 +24,14 @@ matmuls follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default: exact 
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (INTERPRETING, KERNEL_DTYPES, Chip, DotNumerics, KernelCall, cast_rtne, cdiv, dispatch,
-                      dot_numerics, planning, pow2_block, tf32_allowed)
+                      dot_numerics, kernel_op, planning, pow2_block, tf32_allowed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +329,37 @@ def prefix_grad_triton(
 
 
 # --------------------------------------------------------------------------------------------
+# torch.compile: the launchers as kernel ops (called from ptuning_fast.ops.prefix_kv when compiling)
+# --------------------------------------------------------------------------------------------
+def _hidden_fake(embedding, w1, b1):
+    return embedding.new_empty((embedding.shape[0], w1.shape[0]), dtype=torch.float32)
+
+
+@kernel_op("ptuning_fast::prefix_hidden", mutates_args=(), fake=_hidden_fake)
+def prefix_hidden_op(embedding: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+    """:func:`prefix_hidden_triton` as an op."""
+    return prefix_hidden_triton(embedding, w1, b1)
+
+
+def _writes_in_place(*args) -> None:
+    """Fake implementation of an op that only writes into one of its arguments."""
+
+
+@kernel_op("ptuning_fast::prefix_write", mutates_args=("out",), fake=_writes_in_place)
+def prefix_write_op(out: torch.Tensor, source: torch.Tensor, w2: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+                    order: torch.Tensor, row_ptr: torch.Tensor, adapter: int, p_start: int) -> None:
+    """:func:`prefix_write_triton` as an op (writes into ``out``)."""
+    prefix_write_triton(out, source, w2, b2, order, row_ptr, adapter, p_start)
+
+
+@kernel_op("ptuning_fast::prefix_grad", mutates_args=("g",), fake=_writes_in_place)
+def prefix_grad_op(grad: torch.Tensor, g: torch.Tensor, order: torch.Tensor, row_ptr: torch.Tensor,
+                   starts: torch.Tensor, col0: int) -> None:
+    """:func:`prefix_grad_triton` as an op (writes into ``g``)."""
+    prefix_grad_triton(grad, g, order, row_ptr, starts, col0)
+
+
+# --------------------------------------------------------------------------------------------
 # Every launch, for the ahead-of-time compile check (ptuning_fast.kernels.aot)
 # --------------------------------------------------------------------------------------------
 class _Geometry(NamedTuple):
@@ -404,4 +435,5 @@ def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCa
     return calls
 
 
-__all__ = ["KERNEL_DTYPES", "launch_variants", "prefix_grad_triton", "prefix_hidden_triton", "prefix_write_triton"]
+__all__ = ["KERNEL_DTYPES", "launch_variants", "prefix_grad_op", "prefix_grad_triton", "prefix_hidden_op",
+           "prefix_hidden_triton", "prefix_write_op", "prefix_write_triton"]

@@ -26,8 +26,9 @@ rounded to the compute dtype between layers, as the reference does; weight and b
 accumulated in fp32 and rounded once to the parameter dtype. fp32 matmuls follow
 ``torch.backends.cuda.matmul.allow_tf32`` (off by default: exact fp32, as PyTorch).
 
-Entry points: the launchers :func:`mlp_forward` / :func:`mlp_backward`; the autograd Function and
-the ``torch.compile`` custom ops around them are in :mod:`ptuning_fast.ops.prompt_mlp`. Nothing
+Entry points: the launchers :func:`mlp_forward` / :func:`mlp_backward`, and the same as the ops
+``ptuning_fast::prompt_mlp_forward`` / ``_backward`` (:func:`mlp_forward_op` / :func:`mlp_backward_op`,
+what ``torch.compile`` traces); the autograd Function is in :mod:`ptuning_fast.ops.prompt_mlp`. Nothing
 here synchronises with the host, so a step can be captured in a CUDA graph (launch
 configurations are tuned on the first eager call per shape and fall back to fixed heuristics
 while a stream is being captured).
@@ -43,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRETING, Chip, DotNumerics, KernelCall, cast_rtne, cdiv, chip_of, dispatch, dot_numerics,
-                      planning, pow2_block, tf32_allowed)
+                      kernel_op, planning, pow2_block, tf32_allowed, traced)
 
 # Rows handled by one program of the fused backward; beyond it the backward takes the tiled path.
 FUSED_BACKWARD_MAX_ROWS = 128
@@ -289,7 +290,7 @@ def _config(kind: str, key: tuple, call: Callable[[tuple], KernelCall], configs:
     heuristic's pick and the tuning candidates among ``configs(chip)`` with CUDA events (variants
     of a kernel that differ only in epilogue flags share the result), or the heuristic's pick
     where tuning is off (PTUNING_FAST_AUTOTUNE=0) or impossible (while a CUDA graph is being
-    captured)."""
+    captured, or traced on fake tensors by torch.compile)."""
     if INTERPRETING or device.type != "cuda":
         return _INTERPRETER_CONFIG
     config = _tuned.get(key)
@@ -297,7 +298,8 @@ def _config(kind: str, key: tuple, call: Callable[[tuple], KernelCall], configs:
         return config
     choices = configs(chip_of(device))
     default = choices[0]
-    if os.environ.get("PTUNING_FAST_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+    if (os.environ.get("PTUNING_FAST_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing()
+            or traced(call(default).args[0])):  # traced by torch.compile: nothing to time, the config goes in the graph
         return default
     timings = {}
     for config in choices:  # the heuristic's pick first
@@ -478,6 +480,52 @@ def _backward_layers(grad_out, x, weights, biases, hidden, compute_dtype, need_g
 
 
 # --------------------------------------------------------------------------------------------
+# torch.compile: the launchers as two kernel ops (the autograd Function in ptuning_fast.ops)
+# --------------------------------------------------------------------------------------------
+_EMPTY = (0,)  # shape of the placeholder an op returns for a gradient that is not needed
+
+
+def _forward_fake(x, weights, biases, compute_dtype):
+    rows = x.shape[0]
+    out = x.new_empty((rows, weights[-1].shape[0]), dtype=compute_dtype)
+    hidden = [x.new_empty((rows, w.shape[0]), dtype=compute_dtype) for w in weights[:-1]]
+    return [out, *hidden]
+
+
+@kernel_op("ptuning_fast::prompt_mlp_forward", mutates_args=(), fake=_forward_fake)
+def mlp_forward_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
+                   compute_dtype: torch.dtype) -> List[torch.Tensor]:
+    """:func:`mlp_forward` as one op: ``[output, *hidden]``."""
+    out, hidden = mlp_forward(x, weights, biases, compute_dtype)
+    return [out, *hidden]
+
+
+def _backward_fake(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights,
+                   need_grad_biases):
+    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty(_EMPTY)
+    grad_weights = [w.new_empty(w.shape if need else _EMPTY) for w, need in zip(weights, need_grad_weights)]
+    grad_biases = [b.new_empty(b.shape) if need and b is not None else x.new_empty(_EMPTY)
+                   for b, need in zip(biases, need_grad_biases)]
+    return [grad_x, *grad_weights, *grad_biases]
+
+
+@kernel_op("ptuning_fast::prompt_mlp_backward", mutates_args=(), fake=_backward_fake)
+def mlp_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
+                    biases: List[Optional[torch.Tensor]], hidden: List[torch.Tensor], compute_dtype: torch.dtype,
+                    need_grad_x: bool, need_grad_weights: List[bool],
+                    need_grad_biases: List[bool]) -> List[torch.Tensor]:
+    """:func:`mlp_backward` as one op: ``[dx, *dW, *db]``, an empty (0,) tensor for each gradient
+    not needed."""
+    grad_x, grad_weights, grad_biases = mlp_backward(grad_out, x, weights, biases, hidden, compute_dtype,
+                                                     need_grad_x, need_grad_weights, need_grad_biases)
+    # Placeholders for gradients not needed: a fresh one each (outputs of an op must not
+    # alias one another), with the dtype the fake implementation gives them.
+    return ([x.new_empty(_EMPTY) if grad_x is None else grad_x]
+            + [w.new_empty(_EMPTY) if g is None else g for w, g in zip(weights, grad_weights)]
+            + [x.new_empty(_EMPTY) if g is None else g for g in grad_biases])
+
+
+# --------------------------------------------------------------------------------------------
 # Every launch, for the ahead-of-time compile check (ptuning_fast.kernels.aot)
 # --------------------------------------------------------------------------------------------
 # (compute dtype, dtype of the parameters and input, TF32 allowed): one dtype throughout, or fp32
@@ -590,4 +638,5 @@ def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCa
     return calls
 
 
-__all__ = ["FUSED_BACKWARD_MAX_ROWS", "launch_configs", "launch_variants", "mlp_backward", "mlp_forward"]
+__all__ = ["FUSED_BACKWARD_MAX_ROWS", "launch_configs", "launch_variants", "mlp_backward", "mlp_backward_op",
+           "mlp_forward", "mlp_forward_op"]

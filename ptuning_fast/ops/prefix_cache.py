@@ -44,11 +44,11 @@ class _PrefixTokenFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, _grad_token):
         plan, slot = ctx.plan, ctx.slot
-        plan.weights = _unflat(plan, ctx.saved_tensors)
+        weights = _unflat(plan, ctx.saved_tensors)
         acc, slot.grad = slot.grad, None  # consumed: a second backward starts from zero
         if acc is None:  # no layer's prefix received a gradient
-            return (None,) * (3 + len(_flat(plan.weights)))
-        return (None, None, None, *plan.param_grads(acc, ctx.hidden, ctx.needs_input_grad[3:]))
+            return (None,) * (3 + len(_flat(weights)))
+        return (None, None, None, *plan.param_grads(acc, ctx.hidden, ctx.needs_input_grad[3:], weights))
 
 
 class _GradSlot:

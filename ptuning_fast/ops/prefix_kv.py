@@ -185,25 +185,30 @@ class _TritonPrimitives:
 
     @staticmethod
     def write(plan: "_PrefixPlan", out: torch.Tensor) -> list:
-        from ..kernels.prefix_kv import prefix_hidden_triton, prefix_write_triton
+        from ..kernels import prefix_kv as kernels
 
+        # Under torch.compile through the kernel ops (their kernels go into the graph).
+        compiling = torch.compiler.is_compiling()
+        prefix_hidden = kernels.prefix_hidden_op if compiling else kernels.prefix_hidden_triton
+        prefix_write = kernels.prefix_write_op if compiling else kernels.prefix_write_triton
         order, row_ptr, _ = plan.rows()
         if min(plan.num_tokens) < plan.P:  # columns a shorter prefix leaves empty: finite zeros
             out[..., : plan.P - min(plan.num_tokens), :].zero_()
         hidden = []
         for n, w in enumerate(plan.weights):
-            h = prefix_hidden_triton(w.embedding, w.w1, w.b1) if w.projected else None
-            prefix_write_triton(out, h if w.projected else w.embedding, w.w2, w.b2, order, row_ptr, n,
-                                plan.starts[n])
+            h = prefix_hidden(w.embedding, w.w1, w.b1) if w.projected else None
+            prefix_write(out, h if w.projected else w.embedding, w.w2, w.b2, order, row_ptr, n,
+                         plan.starts[n])
             hidden.append(h)
         return hidden
 
     @staticmethod
     def reduce(plan: "_PrefixPlan", grad: torch.Tensor, g: torch.Tensor, col0: int) -> None:
-        from ..kernels.prefix_kv import prefix_grad_triton
+        from ..kernels import prefix_kv as kernels
 
+        prefix_grad = kernels.prefix_grad_op if torch.compiler.is_compiling() else kernels.prefix_grad_triton
         order, row_ptr, starts = plan.rows()
-        prefix_grad_triton(grad, g, order, row_ptr, starts, col0)
+        prefix_grad(grad, g, order, row_ptr, starts, col0)
 
 
 _ONE_ADAPTER_ROWS: dict = {}  # (batch size, device) -> (order, row_ptr, starts): constants, read only
@@ -302,10 +307,12 @@ class _PrefixPlan:
         value gradient (B, Hkv, C, Dh) starting at prefix column ``col0``) into ``g``."""
         self.primitives.reduce(self, grad, g, col0)
 
-    def param_grads(self, g: torch.Tensor, hidden: list, needs: Sequence[bool]) -> list:
-        """Flat list of gradients, 5 per adapter (None where not needed or not a parameter)."""
+    def param_grads(self, g: torch.Tensor, hidden: list, needs: Sequence[bool],
+                    weights: Sequence[PrefixWeights]) -> list:
+        """Flat list of gradients, 5 per adapter (None where not needed or not a parameter), of
+        ``weights`` (the plan's, as saved for backward)."""
         grads = []
-        for n, w in enumerate(self.weights):
+        for n, w in enumerate(weights):
             gn = g[n].narrow(0, self.starts[n], w.num_tokens) if self.starts[n] else g[n]  # (T_n, J)
             grads += _param_grads(w, hidden[n], gn, needs[5 * n: 5 * n + 5])
         return grads
@@ -371,10 +378,10 @@ class _PrefixKVFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         plan = ctx.plan
-        plan.weights = _unflat(plan, ctx.saved_tensors)
         acc = plan.new_grad()
         plan.reduce(grad_out, acc)
-        return (None, None, *plan.param_grads(acc, ctx.hidden, ctx.needs_input_grad[2:]))
+        weights = _unflat(plan, ctx.saved_tensors)
+        return (None, None, *plan.param_grads(acc, ctx.hidden, ctx.needs_input_grad[2:], weights))
 
 
 def prefix_kv(

@@ -2,12 +2,13 @@
 
 On the kernels, an ``autograd.Function`` calls the launchers of :mod:`ptuning_fast.kernels.prompt_mlp`
 directly in eager mode (the lowest per-call overhead); under ``torch.compile`` it calls them
-through two opaque custom ops (``ptuning_fast::prompt_mlp_forward`` / ``_backward``) so Dynamo
-traces the whole head without a graph break.
+through the two kernel ops ``ptuning_fast::prompt_mlp_forward`` / ``_backward`` (Triton ops
+whose kernels the compiled graph holds; see :func:`ptuning_fast.kernels._common.kernel_op`), so
+Dynamo traces the whole head without a graph break.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -107,53 +108,6 @@ def prompt_mlp_head(x: torch.Tensor, layers: Sequence[Layer]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# torch.compile: the launchers behind two opaque custom ops
-# --------------------------------------------------------------------------------------------
-_EMPTY = (0,)  # shape of the placeholder a custom op returns for a gradient that is not needed
-
-
-@torch.library.custom_op("ptuning_fast::prompt_mlp_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
-                compute_dtype: torch.dtype) -> List[torch.Tensor]:
-    from ..kernels.prompt_mlp import mlp_forward
-
-    out, hidden = mlp_forward(x, weights, biases, compute_dtype)
-    return [out, *hidden]
-
-
-@_forward_op.register_fake
-def _(x, weights, biases, compute_dtype):
-    rows = x.shape[0]
-    out = x.new_empty((rows, weights[-1].shape[0]), dtype=compute_dtype)
-    hidden = [x.new_empty((rows, w.shape[0]), dtype=compute_dtype) for w in weights[:-1]]
-    return [out, *hidden]
-
-
-@torch.library.custom_op("ptuning_fast::prompt_mlp_backward", mutates_args=())
-def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
-                 biases: List[Optional[torch.Tensor]], hidden: List[torch.Tensor], compute_dtype: torch.dtype,
-                 need_grad_x: bool, need_grad_weights: List[bool], need_grad_biases: List[bool]) -> List[torch.Tensor]:
-    from ..kernels.prompt_mlp import mlp_backward
-
-    grad_x, grad_weights, grad_biases = mlp_backward(grad_out, x, weights, biases, hidden, compute_dtype,
-                                                     need_grad_x, need_grad_weights, need_grad_biases)
-    # Placeholders for gradients not needed: a fresh one each (outputs of a custom op must not
-    # alias one another), with the dtype the fake implementation below gives them.
-    return ([x.new_empty(_EMPTY) if grad_x is None else grad_x]
-            + [w.new_empty(_EMPTY) if g is None else g for w, g in zip(weights, grad_weights)]
-            + [x.new_empty(_EMPTY) if g is None else g for g in grad_biases])
-
-
-@_backward_op.register_fake
-def _(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights, need_grad_biases):
-    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty(_EMPTY)
-    grad_weights = [w.new_empty(w.shape if need else _EMPTY) for w, need in zip(weights, need_grad_weights)]
-    grad_biases = [b.new_empty(b.shape) if need and b is not None else x.new_empty(_EMPTY)
-                   for b, need in zip(biases, need_grad_biases)]
-    return [grad_x, *grad_weights, *grad_biases]
-
-
-# --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
 class PromptMLPFunction(torch.autograd.Function):
@@ -161,11 +115,11 @@ class PromptMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, compute_dtype, *params):
-        from ..kernels.prompt_mlp import mlp_forward
+        from ..kernels.prompt_mlp import mlp_forward, mlp_forward_op
 
         weights, biases = list(params[0::2]), list(params[1::2])
         if torch.compiler.is_compiling():
-            out, *hidden = _forward_op(x, weights, biases, compute_dtype)
+            out, *hidden = mlp_forward_op(x, weights, biases, compute_dtype)
         else:
             out, hidden = mlp_forward(x, weights, biases, compute_dtype)
         ctx.save_for_backward(x, *weights, *biases, *hidden)
@@ -175,7 +129,7 @@ class PromptMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from ..kernels.prompt_mlp import mlp_backward
+        from ..kernels.prompt_mlp import mlp_backward, mlp_backward_op
 
         n_layers = ctx.n_layers
         x, *rest = ctx.saved_tensors
@@ -184,7 +138,7 @@ class PromptMLPFunction(torch.autograd.Function):
         need_w = [ctx.needs_input_grad[2 + 2 * i] for i in range(n_layers)]
         need_b = [ctx.needs_input_grad[3 + 2 * i] for i in range(n_layers)]
         if torch.compiler.is_compiling():
-            grads = _backward_op(grad_out, x, weights, biases, hidden, ctx.compute_dtype, need_x, need_w, need_b)
+            grads = mlp_backward_op(grad_out, x, weights, biases, hidden, ctx.compute_dtype, need_x, need_w, need_b)
             grad_x = grads[0] if need_x else None
             grad_w = [g if need else None for g, need in zip(grads[1:1 + n_layers], need_w)]
             grad_b = [g if need and b is not None else None
