@@ -25,7 +25,7 @@ status=0
 "$PY" -m pytest -n "$WORKERS" -q || status=$?
 
 echo "== second stage: Triton 3.6 (the GPU machine's version)"
-TRITON36_TESTS=(tests/ops/test_prompt_mlp.py tests/ops/test_prefix_kv.py tests/ops/test_nonfinite_kernels.py tests/p_tuning/test_encoder_kernels.py
+TRITON36_TESTS=(tests/ops/test_prompt_mlp.py tests/ops/test_prefix_kv.py tests/ops/test_nonfinite_kernels.py tests/ops/test_triton_ops.py tests/p_tuning/test_encoder_kernels.py
                 tests/prefix_tuning/test_cache.py tests/kernels)
 (
     export PTUNING_FAST_VENV="$ROOT/.venv-triton36" PTUNING_FAST_EXTRAS=test PTUNING_FAST_NO_EXTENSION=1
