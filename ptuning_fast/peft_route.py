@@ -211,23 +211,27 @@ def _modules_to_save_forward(self, x, *args, **kwargs):
     return torch.cat(outputs).index_select(0, inverse)
 
 
-def _route_modules_to_save(model) -> None:
+def _route_modules_to_save(model) -> bool:
     """Give every ``modules_to_save`` wrapper of ``model`` the forward above (once per wrapper;
-    wrappers PEFT adds later get it at the next routed call)."""
+    wrappers PEFT adds later get it at the next routed call); whether ``model`` has any."""
+    found = False
     for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper) and "forward" not in module.__dict__:
-            module.forward = types.MethodType(_modules_to_save_forward, module)
+        if isinstance(module, ModulesToSaveWrapper):
+            found = True
+            if "forward" not in module.__dict__:
+                module.forward = types.MethodType(_modules_to_save_forward, module)
+    return found
 
 
 @contextlib.contextmanager
 def _head_rows_of_call(model, adapter_names, rows):
     """The call's rows for the ``modules_to_save`` copies, in a context variable for the call.
-    Without ``adapter_names`` nothing is set (the variable's default: PEFT's own choice), which
-    keeps such a call traceable by torch.compile (Dynamo cannot trace ``ContextVar.set``)."""
-    if adapter_names is None:
+    Without ``adapter_names``, or on a model without such copies (a causal LM's usual case),
+    nothing is set (nothing would read it), which keeps such a call traceable by torch.compile
+    (Dynamo cannot trace ``ContextVar.set``)."""
+    if adapter_names is None or not _route_modules_to_save(model):
         yield
         return
-    _route_modules_to_save(model)
     token = _HEAD_ROWS.set(_HeadRows(adapter_names, rows))
     try:
         yield

@@ -179,7 +179,7 @@ def resolve_rows(holder, adapter_names, batch_size: int, device) -> Rows:
         return Rows(names, None)
     _check_mix(holder, names)
     lookup = {name: i for i, name in enumerate(names)}
-    index = torch.tensor([lookup[n] for n in adapter_names], dtype=torch.long, device=device)
+    index = _on_device(tuple(lookup[n] for n in adapter_names), torch.device(device))  # once per set of names
     return Rows(names, index)
 
 
@@ -233,9 +233,14 @@ def rows_options(holder, rows: Rows) -> PromptOptions:
 
 @functools.lru_cache(maxsize=64)
 def _on_device(values: tuple, device: torch.device) -> torch.Tensor:
-    """``values`` (adapter lengths or their offsets: a few ints) as an int64 tensor on ``device``,
+    """``values`` (the rows' adapter index, adapter lengths or their offsets: ints) as an int64 tensor on ``device``,
     copied there once per distinct tuple rather than once per step. Read only."""
     return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def longest_prompt(holder, rows: Rows) -> int:
+    """The longest prompt of the rows' adapters, from their configs (no tensor read)."""
+    return max(holder.peft_config[name].num_virtual_tokens for name in rows.names)
 
 
 def prompt_lengths(holder, rows: Rows, device):
@@ -244,7 +249,7 @@ def prompt_lengths(holder, rows: Rows, device):
     lengths = [holder.peft_config[name].num_virtual_tokens for name in rows.names]
     if rows.index is None or len(set(lengths)) == 1:
         return lengths[0], lengths[0]
-    return _on_device(tuple(lengths), torch.device(device))[rows.index], max(lengths)
+    return _on_device(tuple(lengths), torch.device(device))[rows.index], longest_prompt(holder, rows)
 
 
 def prefix_weights(holder, rows: Rows) -> list:
@@ -270,6 +275,6 @@ def prompt_tables(holder, rows: Rows, batch_size: int, device):
 
 __all__ = ["ADAPTER_NAME_RULE", "PROMPT_TYPES", "Rows", "adapter_parts", "check_adapter_identifier",
            "check_adapter_name", "check_config_fits_model", "check_holder",
-           "check_not_other_peft_types", "encoded_prompt_table", "make_encoder", "prefix_weights",
+           "check_not_other_peft_types", "encoded_prompt_table", "longest_prompt", "make_encoder", "prefix_weights",
            "prepare_config", "prompt_lengths", "prompt_tables", "resolve_rows", "rows_kind", "rows_options",
            "task_of"]

@@ -22,15 +22,18 @@ from ..hf.introspection import (accepts, check_position_range, check_supports_ca
 from ..ops.mask import build_prompt_attention_mask
 from ..prefix_tuning.cache import PrefixKVCache
 from ..prefix_tuning.functional import prefix_attention_mask, prefix_cache_for, run_over_prefix_cache
-from .adapters import Rows, prefix_weights, prompt_lengths, prompt_tables, rows_kind, rows_options, task_of
+from .adapters import (Rows, longest_prompt, prefix_weights, prompt_lengths, prompt_tables, rows_kind, rows_options,
+                       task_of)
 from ..hf.heads import TOKEN_LABELS, TOKEN_OUTPUTS, span_loss
 from .layout import PromptLayout, build_prompt_layout
 
 
-def fused_prefix_mask(model, attention_mask: torch.Tensor, prompt_lengths) -> Optional[torch.Tensor]:
+def fused_prefix_mask(model, attention_mask: torch.Tensor, prompt_lengths,
+                      longest: Optional[int] = None) -> Optional[torch.Tensor]:
     """The 4D mask (B, 1, S, P + S) of a prefilled P-token prefix, built in one pass by
     :func:`ptuning_fast.build_prompt_attention_mask`, or None where the model must build its own.
-    ``prompt_lengths``: an int, or (B,) per-row lengths (each row's prefix in the last columns).
+    ``prompt_lengths``: an int, or (B,) per-row lengths (each row's prefix in the last columns);
+    ``longest``: their P where it is known (from the adapters' configs), so nothing is read.
 
     transformers uses a 4D mask as given, so this only serves models that read the mask for
     nothing but attention, in one form for every layer
@@ -40,12 +43,16 @@ def fused_prefix_mask(model, attention_mask: torch.Tensor, prompt_lengths) -> Op
     if not takes_fused_mask(model):
         return None
     dtype = torch.bool if model.config._attn_implementation == "sdpa" else model.get_input_embeddings().weight.dtype
-    return build_prompt_attention_mask(attention_mask, prompt_lengths, causal=is_decoder_only(model), dtype=dtype)
+    columns = longest if isinstance(prompt_lengths, torch.Tensor) else None
+    return build_prompt_attention_mask(attention_mask, prompt_lengths, causal=is_decoder_only(model), dtype=dtype,
+                                       num_prompt_columns=columns)
 
 
-def attention_mask_for(model, layout: PromptLayout, prefix, caller_mask_given: bool) -> Optional[torch.Tensor]:
+def attention_mask_for(model, layout: PromptLayout, prefix, caller_mask_given: bool,
+                       longest: Optional[int] = None) -> Optional[torch.Tensor]:
     """The mask a forward hands the model, in the form PEFT's path gives attention (``prefix``:
-    the deep prompts' lengths, an int or (B,) per row; 0 for v1 prompts):
+    the deep prompts' lengths, an int or (B,) per row; 0 for v1 prompts; ``longest``: the
+    longest of per-row lengths, known from the configs):
 
     - one prompt in front of every row, v1 or deep on a bidirectional model: None when the
       caller gave no mask (a plain concatenation), else the (B, P + S) 2D mask as PEFT hands it;
@@ -57,15 +64,16 @@ def attention_mask_for(model, layout: PromptLayout, prefix, caller_mask_given: b
     """
     uniform = isinstance(prefix, int) and layout.prompt_index is None and layout.text_columns is None
     if uniform and (prefix == 0 or not is_decoder_only(model)):
-        return _mask_2d(layout, prefix) if caller_mask_given else None
-    fused = fused_prefix_mask(model, layout.attention_mask, prefix)
-    return _mask_2d(layout, prefix) if fused is None else fused
+        return _mask_2d(layout, prefix, longest) if caller_mask_given else None
+    fused = fused_prefix_mask(model, layout.attention_mask, prefix, longest)
+    return _mask_2d(layout, prefix, longest) if fused is None else fused
 
 
-def _mask_2d(layout: PromptLayout, prefix) -> torch.Tensor:
+def _mask_2d(layout: PromptLayout, prefix, longest: Optional[int]) -> torch.Tensor:
     """The (B, P + S) mask: the layout's, after any deep prompt's prefix columns."""
     no_prefix = isinstance(prefix, int) and prefix == 0
-    return layout.attention_mask if no_prefix else prefix_attention_mask(layout.attention_mask, prefix)
+    return layout.attention_mask if no_prefix else prefix_attention_mask(layout.attention_mask, prefix,
+                                                                         num_prompt_columns=longest)
 
 
 def model_position_ids(model, position_ids: torch.Tensor) -> torch.Tensor:
@@ -192,8 +200,7 @@ def _check_positions_fit(holder, rows: Rows, layout: PromptLayout, prefix) -> No
     """Refuse, before the forward, a prompt and text longer than the model's learned positions."""
     text_length = layout.text_length
     inserted = layout.width - text_length  # v1 prompt columns in the layout
-    deep = max(holder.peft_config[n].num_virtual_tokens for n in rows.names) if not isinstance(prefix, int) or prefix \
-        else 0
+    deep = longest_prompt(holder, rows) if not isinstance(prefix, int) or prefix else 0
     if rows_options(holder, rows).positions == "restart":
         longest = max(layout.width if deep else text_length, inserted) - 1
     else:
@@ -233,7 +240,8 @@ def _add_prefix(holder, rows: Rows, layout: PromptLayout, prefix, kwargs, caller
         return
     if layout.position_ids is not None and accepts(model, "position_ids"):
         kwargs["position_ids"] = model_position_ids(model, layout.position_ids)
-    kwargs["attention_mask"] = attention_mask_for(model, layout, prefix, caller_mask_given)
+    kwargs["attention_mask"] = attention_mask_for(model, layout, prefix, caller_mask_given,
+                                                  longest_prompt(holder, rows))
 
 
 __all__ = ["attention_mask_for", "fused_prefix_mask", "layout_batch", "model_position_ids", "prompt_forward"]

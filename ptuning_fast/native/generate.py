@@ -128,7 +128,7 @@ def prompt_generate(holder, rows: Rows, input_ids, attention_mask, inputs_embeds
         longest = max(w.num_tokens for w in weights)
         check_position_range(model, longest + layout.width + max_new_tokens - 1, longest,
                              layout.width + max_new_tokens)
-        kwargs["attention_mask"] = prefix_attention_mask(layout.attention_mask, prefix)
+        kwargs["attention_mask"] = prefix_attention_mask(layout.attention_mask, prefix, num_prompt_columns=longest)
         if accepts(model, "position_ids"):
             kwargs["position_ids"] = layout.position_ids
     else:

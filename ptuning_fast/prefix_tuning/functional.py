@@ -178,12 +178,15 @@ def _seq2seq_prefix_cache(model, weights: List[PrefixWeights], adapter_index, ba
 # --------------------------------------------------------------------------------------------
 # Mask and positions
 # --------------------------------------------------------------------------------------------
-def _prompt_lengths(cache_or_lengths):
-    """(per-row lengths (B,) tensor or int, P) from a PrefixKVCache, an int or a (B,) tensor."""
+def _prompt_lengths(cache_or_lengths, longest: Optional[int] = None):
+    """(per-row lengths (B,) tensor or int, P) from a PrefixKVCache, an int or a (B,) tensor
+    (whose P is ``longest`` where the caller knows it, else read from it: one host sync)."""
     if isinstance(cache_or_lengths, PrefixKVCache):
         return cache_or_lengths.prompt_lengths(), cache_or_lengths.num_virtual_tokens
     if isinstance(cache_or_lengths, torch.Tensor):
         check_tensor(cache_or_lengths, "prompt_lengths", ndim=1, dtypes=INDEX_DTYPES)
+        if longest is not None:
+            return cache_or_lengths, longest
         return cache_or_lengths, (int(cache_or_lengths.max()) if cache_or_lengths.numel() else 0)
     if isinstance(cache_or_lengths, int) and not isinstance(cache_or_lengths, bool):
         return cache_or_lengths, cache_or_lengths
@@ -208,15 +211,19 @@ def _check_text_mask(attention_mask, batch: int, device, name: str = "attention_
 
 
 def prefix_attention_mask(attention_mask: Optional[torch.Tensor], cache,
-                          seq_len: Optional[int] = None) -> Optional[torch.Tensor]:
+                          seq_len: Optional[int] = None, *,
+                          num_prompt_columns: Optional[int] = None) -> Optional[torch.Tensor]:
     """``(B, P + S)``: each row's live prefix columns, then ``attention_mask`` ``(B, S)``.
 
     ``cache``: a :class:`PrefixKVCache`, or the prompt lengths (an int, or (B,) per-row lengths
-    whose prefix fills the last ``n_b`` of ``P = max n_b`` columns). Returns None when
+    whose prefix fills the last ``n_b`` of ``P = max n_b`` columns; ``num_prompt_columns``: that
+    P where the caller knows it, so that the lengths are not read). Returns None when
     ``attention_mask`` is None and every row has the full prefix (nothing to mask); give
     ``seq_len`` to get an explicit all-ones text part instead.
     """
-    lengths, P = _prompt_lengths(cache)
+    if num_prompt_columns is not None:
+        check_positive_int(num_prompt_columns, "num_prompt_columns", allow_zero=True)
+    lengths, P = _prompt_lengths(cache, num_prompt_columns if isinstance(cache, torch.Tensor) else None)
     if attention_mask is None:
         full = not isinstance(lengths, torch.Tensor) or bool((lengths == P).all())
         if seq_len is None and full:
@@ -397,7 +404,8 @@ def prefix_generate(
                          seq_len + max_new_tokens)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    mask = prefix_attention_mask(attention_mask, cache.prompt_lengths()[::expand])
+    mask = prefix_attention_mask(attention_mask, cache.prompt_lengths()[::expand],
+                                 num_prompt_columns=cache.num_virtual_tokens)
     return model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                           **{CACHE_KWARG: cache}, **generate_kwargs)
 

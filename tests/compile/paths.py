@@ -44,3 +44,24 @@ def batch(batch_size: int = 3, seq_len: int = 7, seed: int = 1, padded: bool = T
 
 def prompt_parameters(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+MIXED_LENGTHS = {"equal": (3, 3, 3), "unequal": (4, 1, 3)}
+MIXED_ROWS = ["b", "a", "c"]  # one adapter name per row of batch()
+
+
+def build_mixed(kind: str, route: str, lengths: str = "unequal", seed: int = 0):
+    """A causal LM with three adapters a, b and c (``MIXED_LENGTHS[lengths]`` virtual tokens), for
+    mixed batches (``adapter_names=MIXED_ROWS``); ``route`` as in :func:`build`."""
+    torch.manual_seed(seed)
+    base = llama()
+    model = None
+    for name, tokens in zip("abc", MIXED_LENGTHS[lengths]):
+        cfg = (PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens, encoder_hidden_size=24)
+               if kind == "v1" else PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens))
+        if model is None:
+            model = (ptuning_fast.get_ptuning_model(base, cfg, adapter_name=name) if route == "native"
+                     else get_peft_model(base, cfg, adapter_name=name))
+        else:
+            model.add_adapter(name, cfg)
+    return ptuning_fast.accelerate(model) if route == "accelerated" else model

@@ -12,24 +12,24 @@ import torch
 
 import ptuning_fast
 from benchmarks.counting import HostReads
-from tests.compile.paths import KINDS, ROUTES, batch, build
+from tests.compile.paths import KINDS, MIXED_LENGTHS, MIXED_ROWS, ROUTES, batch, build, build_mixed
 
 
-def _train_step(model, input_ids, attention_mask):
+def _train_step(model, input_ids, attention_mask, **kwargs):
     model.train()
-    model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, **kwargs).loss.backward()
 
 
-def _eval_forward(model, input_ids, attention_mask):
+def _eval_forward(model, input_ids, attention_mask, **kwargs):
     model.eval()
     with torch.no_grad():
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def _decode(model, input_ids, attention_mask):
+def _decode(model, input_ids, attention_mask, **kwargs):
     model.eval()
     model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False,
-                   pad_token_id=0)
+                   pad_token_id=0, **kwargs)
 
 
 STEPS = {"train": _train_step, "eval": _eval_forward, "decode": _decode}
@@ -108,3 +108,21 @@ def test_the_device_layout_computes_what_the_cpu_layout_computes(name, side, kin
     assert len(grads) == len(device_grads) > 0
     for got, expected in zip(device_grads, grads):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths", sorted(MIXED_LENGTHS))
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_host_read_of_the_package_in_a_mixed_batch_step(kind, route, lengths):
+    """Several adapters in one batch (``adapter_names``): the rows' adapter index and prompt
+    lengths are built once per set of names, the longest prompt comes from the configs."""
+    model = build_mixed(kind, route, lengths)
+    input_ids, attention_mask = batch()
+    found = {}
+    with ptuning_fast.value_checks("never"):
+        for name, step in STEPS.items():
+            step(model, input_ids, attention_mask, adapter_names=MIXED_ROWS)
+            with HostReads() as reads:
+                step(model, input_ids, attention_mask, adapter_names=MIXED_ROWS)
+            found[name] = [str(r) for r in reads.own()]
+    assert found == {name: [] for name in STEPS}
