@@ -342,6 +342,7 @@ def test_bf16_autocast_run(tiny_bert, small_data):
     assert all(p.dtype == torch.float32 for p in train.trainable_parameters(result.model).values())
 
 
+@pytest.mark.peft_oracle
 @pytest.mark.parametrize("task", ["classification", "causal-lm"])
 def test_bf16_autocast_deep_prompt_run_matches_the_peft_baseline(tiny_bert, tiny_llama, small_data, task):
     """--precision bf16 (CPU autocast) with deep prompts: two steps train the prefix as plain PEFT
