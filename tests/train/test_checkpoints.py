@@ -1,6 +1,7 @@
 """Checkpoints: safetensors and JSON only (no pickle, written or read), built whole in a hidden
 folder and renamed into place, so that a job killed at any moment -- mid-step or mid-save --
 resumes from its last complete checkpoint to the very adapter of an uninterrupted run."""
+import contextlib
 import json
 import os
 import pickle
@@ -234,6 +235,29 @@ def _wait(condition, process, timeout=120.0) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _fork_server():
+    """(server, processes): the fork server (SERVER) and a list for the jobs forked from it; on
+    exit every listed job is killed and the server is shut down. One thread per job: several run
+    at once."""
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    processes = []
+    try:
+        yield server, processes
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        server.stdin.close()
+        server.wait()
+
+
+def _finished(log_path: Path, process) -> bool:
+    """True once ``process`` exits 0; else the test fails with the end of the jobs' log."""
+    return process.wait() == 0 or pytest.fail(log_path.read_text()[-3000:])
+
+
 def _job_flags(model, small_data) -> list:
     data, eval_data = small_data
     return ["--model", model, "--data", data, "--eval-data", eval_data, "--batch-size", "8", "--steps", str(STEPS),
@@ -244,18 +268,11 @@ def _job_flags(model, small_data) -> list:
 def test_killed_runs_resume_to_the_adapter_of_an_uninterrupted_run(tiny_bert, small_data, tmp_path):
     flags = _job_flags(tiny_bert, small_data)
     log_path = tmp_path / "log.txt"
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # two runs at once: 1 thread
-    processes = []
+    with _fork_server() as (server, processes):
+        def launch(pause, out, *extra):
+            processes.append(Forked(server, pause, [*flags, "--output-dir", str(out), *extra], log_path))
+            return processes[-1]
 
-    def launch(pause, out, *extra):
-        processes.append(Forked(server, pause, [*flags, "--output-dir", str(out), *extra], log_path))
-        return processes[-1]
-
-    def finished(process) -> bool:
-        return process.wait() == 0 or pytest.fail(log_path.read_text()[-3000:])
-
-    try:
         reference = launch(0, tmp_path / "reference")  # meanwhile, the interrupted runs
         out = tmp_path / "killed"
         rng = random.Random(20240607)
@@ -281,14 +298,8 @@ def test_killed_runs_resume_to_the_adapter_of_an_uninterrupted_run(tiny_bert, sm
             _complete_steps(out)  # every checkpoint-STEP left behind is complete
         assert killed_in_a_save >= 1
         while STEPS not in _complete_steps(out):
-            assert finished(launch(0, out, "--resume"))
-        assert finished(reference)
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-        server.stdin.close()
-        server.wait()
+            assert _finished(log_path, launch(0, out, "--resume"))
+        assert _finished(log_path, reference)
     assert not _hidden(out)  # the leftovers of the killed saves were removed
 
     expected = load_file(tmp_path / "reference" / f"checkpoint-{STEPS}" / train.TRAINABLE_FILE)
@@ -304,19 +315,12 @@ def test_killed_while_replacing_a_checkpoint_then_resumed_by_the_same_command(ti
     that finish the run, to the adapter of an uninterrupted run, bit for bit. (With --resume taking
     the latest complete checkpoint, only an incomplete one is ever replaced by the same command.)"""
     out, log_path = tmp_path / "killed", tmp_path / "log.txt"
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    processes = []
+    with _fork_server() as (server, processes):
+        def launch(out, *extra, pause=0.0, kill_in_replacement=False):
+            argv = [*_job_flags(tiny_bert, small_data), "--output-dir", str(out), *extra]
+            processes.append(Forked(server, pause, argv, log_path, kill_in_replacement))
+            return processes[-1]
 
-    def launch(out, *extra, pause=0.0, kill_in_replacement=False):
-        argv = [*_job_flags(tiny_bert, small_data), "--output-dir", str(out), *extra]
-        processes.append(Forked(server, pause, argv, log_path, kill_in_replacement))
-        return processes[-1]
-
-    def finished(process) -> bool:
-        return process.wait() == 0 or pytest.fail(log_path.read_text()[-3000:])
-
-    try:
         reference = launch(tmp_path / "reference")
         first = launch(out, "--resume", pause=0.03)  # no checkpoint yet: starts from step 0
         assert _wait(lambda: (out / "checkpoint-3" / checkpoint.TRAINING_STATE_FILE).is_file(), first)
@@ -330,14 +334,8 @@ def test_killed_while_replacing_a_checkpoint_then_resumed_by_the_same_command(ti
         assert replacing.wait() == -signal.SIGKILL, log_path.read_text()[-3000:]
         assert not (out / "checkpoint-3").exists() and any(out.glob(".checkpoint-3.old-*"))
         while STEPS not in _complete_steps(out):
-            assert finished(launch(out, "--resume"))
-        assert finished(reference)
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-        server.stdin.close()
-        server.wait()
+            assert _finished(log_path, launch(out, "--resume"))
+        assert _finished(log_path, reference)
     assert not _hidden(out)
     assert "no checkpoint in" in log_path.read_text()  # the first start said it started from step 0
     for step in (3, STEPS):
@@ -354,14 +352,9 @@ def test_two_jobs_started_on_one_output_folder(tiny_bert, small_data, tmp_path):
              "--save-every", "1", "--num-virtual-tokens", "3", "--encoder-hidden-size", "16", "--max-length", "24",
              "--eval-every", "0", "--device", "cpu", "--no-progress", "--output-dir", str(out)]
     log_path = tmp_path / "log.txt"
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        jobs = [Forked(server, 0.2, flags, log_path) for _ in range(2)]  # 0.2 s a step: they overlap
-        codes = sorted(job.wait() for job in jobs)
-    finally:
-        server.stdin.close()
-        server.wait()
+    with _fork_server() as (server, processes):
+        processes += [Forked(server, 0.2, flags, log_path) for _ in range(2)]  # 0.2 s a step: they overlap
+        codes = sorted(job.wait() for job in processes)
     log = log_path.read_text()
     assert codes == [0, 1], log[-3000:]
     refusals = [line for line in log.splitlines() if line.startswith("ValueError: `output_dir`")]
