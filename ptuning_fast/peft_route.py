@@ -162,6 +162,16 @@ def _routed_names(peft_model, adapter_names):
 # The rows each adapter's ``modules_to_save`` copy serves in the routed call running in this
 # thread / asyncio task (None: PEFT's own choice, the active adapter's copy).
 _HEAD_ROWS: contextvars.ContextVar = contextvars.ContextVar("ptuning_fast_head_rows", default=None)
+# The same under torch.compile, whose Dynamo traces neither ContextVar.set nor .get but traces a
+# list's push and pop: traced together in one graph they leave the list as it was (empty), so the
+# compiled call keeps its rows in the call. Readers look here first, so that a call whose graph
+# breaks between them (the push then runs for real) still routes its rows.
+_TRACED_HEAD_ROWS: list = []
+
+
+def _head_rows():
+    """The routed call's :class:`_HeadRows`, or None outside one."""
+    return _TRACED_HEAD_ROWS[-1] if _TRACED_HEAD_ROWS else _HEAD_ROWS.get()
 
 
 class _HeadRows:
@@ -191,7 +201,7 @@ def _adapter_copy(wrapper, name):
 def _modules_to_save_forward(self, x, *args, **kwargs):
     """A ``ModulesToSaveWrapper``'s forward: inside a routed call with ``adapter_names``, each
     adapter's own copy runs on that adapter's rows, whatever the module's type; else PEFT's."""
-    rows = _HEAD_ROWS.get()
+    rows = _head_rows()
     if rows is None or self.disable_adapters or "adapter_names" in kwargs:
         return type(self).forward(self, x, *args, **kwargs)
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % rows.batch:
@@ -227,10 +237,16 @@ def _route_modules_to_save(model) -> bool:
 def _head_rows_of_call(model, adapter_names, rows):
     """The call's rows for the ``modules_to_save`` copies, in a context variable for the call.
     Without ``adapter_names``, or on a model without such copies (a causal LM's usual case),
-    nothing is set (nothing would read it), which keeps such a call traceable by torch.compile
-    (Dynamo cannot trace ``ContextVar.set``)."""
+    nothing is set (nothing would read it); under torch.compile the rows go on the traced stack."""
     if adapter_names is None or not _route_modules_to_save(model):
         yield
+        return
+    if torch.compiler.is_compiling():
+        _TRACED_HEAD_ROWS.append(_HeadRows(adapter_names, rows))
+        try:
+            yield
+        finally:
+            _TRACED_HEAD_ROWS.pop()
         return
     token = _HEAD_ROWS.set(_HeadRows(adapter_names, rows))
     try:

@@ -106,7 +106,11 @@ class PrefixKVBuffer:
         # (entry 2l + s), in autograd's graph.
         self.layer_prefixes: Optional[tuple] = None
         self.storage: Optional[torch.Tensor] = None
-        if track and self.plan.adapter_index is None and self.plan.full_precision():
+        if torch.compiler.is_compiling() or (track and self.plan.adapter_index is None
+                                             and self.plan.full_precision()):
+            # Under torch.compile every buffer takes autograd's ops: the compiler fuses each layer's
+            # broadcast (or gather) of the prefix into the concatenation with the text, and the
+            # buffer's Functions below keep gradients outside autograd, which it cannot trace.
             self.layer_prefixes = self.plan.layer_prefixes()
             return
         self.storage = torch.empty((g.num_layers, 2, self.plan.batch_size, g.num_kv_heads, P + capacity, g.head_dim),
@@ -132,7 +136,7 @@ class PrefixKVBuffer:
 
     @property
     def requires_grad(self) -> bool:
-        return self.token is not None or self.layer_prefixes is not None
+        return self.token is not None or (self.layer_prefixes is not None and self.layer_prefixes[0].requires_grad)
 
     def layer_storage(self, layer_idx: int) -> tuple:
         """Layer ``layer_idx``'s keys and values ``(B, Hkv, capacity, Dh)`` as a cache layer starts
@@ -143,9 +147,16 @@ class PrefixKVBuffer:
         return tuple(t.detach() for t in self.layer_prefix(layer_idx))
 
     def layer_prefix(self, layer_idx: int) -> tuple:
-        """(keys, values) prefix of layer ``layer_idx``, ``(B, Hkv, P, Dh)``, in autograd's graph
-        (autograd's path only)."""
-        return tuple(self.layer_prefixes[2 * layer_idx + s].expand(self.batch_size, -1, -1, -1) for s in (0, 1))
+        """(keys, values) prefix of layer ``layer_idx``, ``(B, Hkv, P, Dh)`` in the cache's dtype, in
+        autograd's graph (autograd's path only): one adapter's broadcast over the rows, or each
+        row's adapter's."""
+        out = []
+        for s in (0, 1):
+            prefix = self.layer_prefixes[2 * layer_idx + s]
+            prefix = prefix.expand(self.batch_size, -1, -1, -1) if prefix.dim() == 3 \
+                else prefix.index_select(0, self.adapter_index)
+            out.append(prefix.to(self.plan.dtype))
+        return tuple(out)
 
     def prompt_lengths(self) -> torch.Tensor:
         """(B,) int64: each row's number of prefix tokens (in the last columns of the P)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
 from ..backend import resolve_backend
@@ -284,13 +285,25 @@ class _PrefixPlan:
             t.dtype == self.dtype for w in self.weights for t in w if t is not None)
 
     def layer_prefixes(self) -> tuple:
-        """One adapter's prefix encoded once with autograd's own ops, as ``2L`` views
-        ``(Hkv, P, Dh)`` (entry ``2l + s``: layer ``l``'s keys or values); see :meth:`full_precision`."""
+        """Every adapter's prefix encoded once with autograd's own ops, as ``2L`` tensors (entry
+        ``2l + s``: layer ``l``'s keys or values): ``(Hkv, P, Dh)`` with one adapter (broadcast over
+        the rows by the caller), ``(N, Hkv, P, Dh)`` with several (gathered by ``adapter_index``;
+        a shorter prefix is zero in the first columns, as the kernels write it).
+
+        Values are rounded to the cache's dtype, as PEFT casts the prefix to the model's (under
+        autocast the encoder computes in the autocast dtype). Held in the cache's dtype where the
+        rows' gradients may sum in it (:meth:`full_precision`), else in ``grad_dtype`` (fp32), so
+        that the broadcast's backward sums the rows in fp32 as the buffer's reduction (and PEFT)
+        do; the caller casts to the cache's dtype after broadcasting (exact)."""
         g = self.geometry
-        # in the cache's dtype, as PEFT casts the prefix to the model's (under autocast the encoder
-        # computes in the autocast dtype)
-        encoded = _cast(encode_prefix_reference(*self.weights[0]), self.dtype)
-        return prefix_layer_views(encoded, g.num_kv_heads, g.head_dim)
+        keep = self.dtype if self.full_precision() else self.grad_dtype
+        encoded = [_cast(_rounded(encode_prefix_reference(*w), self.dtype), keep) for w in self.weights]
+        if len(encoded) == 1:
+            return prefix_layer_views(encoded[0], g.num_kv_heads, g.head_dim)
+        stacked = torch.stack([F.pad(e, (0, 0, start, 0)) for e, start in zip(encoded, self.starts)])  # (N, P, J)
+        N, P, J = stacked.shape
+        return stacked.view(N, P, J // (g.num_kv_heads * g.head_dim), g.num_kv_heads, g.head_dim) \
+            .permute(2, 0, 3, 1, 4).unbind(0)
 
     def write(self, out: torch.Tensor) -> list:
         """Write every row's prefix into ``out[..., :P, :]``; return what the backward needs
@@ -348,6 +361,14 @@ _tanh_backward = torch.ops.aten.tanh_backward.default
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, skipping the call when it is already ``dtype`` (the common case)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype``'s precision but kept in ``t``'s dtype, its gradient passed
+    unchanged (a wider gradient is not rounded on its way back)."""
+    if torch.promote_types(t.dtype, dtype) == dtype:  # dtype holds every value of t
+        return t
+    return t + (t.to(dtype).to(t.dtype) - t).detach()
 
 
 def _flat(weights: Sequence[PrefixWeights]) -> list:

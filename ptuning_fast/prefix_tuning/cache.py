@@ -21,6 +21,13 @@ Autograd (training forward), two paths chosen by the buffer:
   whose backward folds the prefix slice of the gradient into the buffer's reduced prefix gradient
   (each adapter's rows, accumulated in fp32).
 
+Under ``torch.compile`` every buffer takes the first path, with or without gradients, for several
+adapters (each row gathers its adapter's prefix) and half-precision caches (the prefix held in fp32
+until broadcast, so the rows' gradients still sum in fp32): the compiler fuses each layer's
+broadcast into the concatenation, as it does for PEFT's ``DynamicCache``, where in-place writes
+into one buffer become scatters over it, and the Functions keep gradients outside autograd, which
+it cannot trace.
+
 One gradient-carrying forward per cache: build a new cache for each training step.
 
 Gradient checkpointing (non-reentrant, transformers' default): :func:`keep_cache_under_checkpointing`
@@ -177,7 +184,9 @@ class PrefixKVLayer(DynamicLayer):
                     "PrefixKVCache: this cache already took part in a forward that needs gradients; gradients "
                     "cannot flow through a second one. Build a new cache (build_prefix_cache) for each training "
                     "step.")
-        if track and self.buffer.layer_prefixes is not None:  # one adapter: autograd's own ops
+        if self.buffer.layer_prefixes is not None and (track or start == self.prefix_length):
+            # autograd's own ops (see the module docstring); without gradients (compiled eval
+            # forward) the first append only: later ones grow the storage and write in place
             keys, values = self._concat(start, key_states, value_states)
             self._set_storage(keys, values)  # full: a later append grows first
         else:

@@ -5,7 +5,7 @@ import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
 import ptuning_fast
-from tests.tiny_models import PAD, VOCAB, llama
+from tests.tiny_models import PAD, VOCAB, bert, llama
 
 KINDS = ("v1", "deep")
 ROUTES = ("accelerated", "native")
@@ -65,3 +65,19 @@ def build_mixed(kind: str, route: str, lengths: str = "unequal", seed: int = 0):
         else:
             model.add_adapter(name, cfg)
     return ptuning_fast.accelerate(model) if route == "accelerated" else model
+
+
+def build_mixed_heads(kind: str, seed: int = 0):
+    """An accelerated sequence classifier (a tiny BERT) with adapters a, b and c of
+    ``MIXED_LENGTHS["unequal"]`` virtual tokens, each with its own classifier copy (PEFT's
+    ``modules_to_save``), for mixed batches (``adapter_names=MIXED_ROWS``)."""
+    torch.manual_seed(seed)
+    model = None
+    for name, tokens in zip("abc", MIXED_LENGTHS["unequal"]):
+        cfg = (PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=tokens, encoder_hidden_size=24)
+               if kind == "v1" else PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=tokens))
+        if model is None:
+            model = get_peft_model(bert(num_labels=3), cfg, adapter_name=name)
+        else:
+            model.add_adapter(name, cfg)
+    return ptuning_fast.accelerate(model)

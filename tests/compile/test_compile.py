@@ -6,7 +6,8 @@ between tests."""
 import pytest
 import torch
 
-from tests.compile.paths import KINDS, MIXED_ROWS, ROUTES, batch, build, build_mixed, prompt_parameters
+from tests.compile.paths import (KINDS, MIXED_ROWS, ROUTES, batch, build, build_mixed, build_mixed_heads,
+                                 prompt_parameters)
 
 
 @pytest.fixture(autouse=True)
@@ -38,11 +39,10 @@ def _close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def _assert_compiled_equals_eager(eager, model, train_fullgraph=True, **kwargs):
+def _assert_compiled_equals_eager(eager, model, **kwargs):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     input_ids, attention_mask = batch()
-    train_call = compiled if train_fullgraph else torch.compile(model, backend="aot_eager")
-    loss, logits, grads = _train_step(model, input_ids, attention_mask, train_call, **kwargs)
+    loss, logits, grads = _train_step(model, input_ids, attention_mask, compiled, **kwargs)
     expected_loss, expected_logits, expected_grads = _train_step(eager, input_ids, attention_mask, **kwargs)
     _close(loss, expected_loss)
     _close(logits, expected_logits)
@@ -64,11 +64,37 @@ def test_compiled_training_step_and_eval_forward_equal_eager(kind, route):
 @pytest.mark.parametrize("kind, lengths", [("v1", "equal"), ("v1", "unequal"), ("deep", "unequal")])
 def test_compiled_mixed_batch_training_step_and_eval_forward_equal_eager(kind, route, lengths):
     """Several adapters in one batch (``adapter_names``) of a causal LM: one graph, the eager
-    numbers (every adapter's prompt gradients). Deep prompts' training step breaks the graph at
-    the prefix buffer's autograd Functions (their gradients travel outside autograd; README,
-    "Compiled steps"): compiled without fullgraph there, the numbers are still eager's."""
+    numbers (every adapter's prompt gradients)."""
     _assert_compiled_equals_eager(build_mixed(kind, route, lengths), build_mixed(kind, route, lengths),
-                                  train_fullgraph=kind == "v1", adapter_names=MIXED_ROWS)
+                                  adapter_names=MIXED_ROWS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_mixed_batch_with_head_copies_equals_eager(kind):
+    """A classifier whose adapters each have their own head copy (``modules_to_save``): a mixed
+    call routes each row through its adapter's copy, compiled whole (the rows travel in the
+    traced call, not in a context variable), with eager's loss, logits and every gradient."""
+    eager, model = build_mixed_heads(kind), build_mixed_heads(kind)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    input_ids, attention_mask = batch()
+    labels = torch.randint(0, 3, (input_ids.shape[0],), generator=torch.Generator().manual_seed(2))
+    results = []
+    for m, call in ((model, compiled), (eager, eager)):
+        m.train()
+        out = call(input_ids=input_ids, attention_mask=attention_mask, labels=labels, adapter_names=MIXED_ROWS)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in prompt_parameters(m) if p.grad is not None}
+        m.eval()
+        with torch.no_grad():
+            logits = call(input_ids=input_ids, attention_mask=attention_mask, adapter_names=MIXED_ROWS).logits
+        results.append((out.loss.detach(), logits, grads))
+    (loss, logits, grads), (expected_loss, expected_logits, expected_grads) = results
+    _close(loss, expected_loss)
+    _close(logits, expected_logits)
+    assert grads.keys() == expected_grads.keys()
+    assert any("modules_to_save" in n for n in grads)  # the trainable (active adapter's) head copy
+    for name in grads:
+        _close(grads[name], expected_grads[name])
 
 
 def _frames_over_lengths(model, lengths=(5, 7, 9, 12)) -> tuple:
@@ -90,3 +116,27 @@ def test_sequence_lengths_recompile_no_more_than_peft_and_nothing_breaks_the_gra
         frames, breaks = _frames_over_lengths(build(kind, route))
         assert frames <= peft_frames and breaks == 0, (route, frames, peft_frames, breaks)
     assert peft_breaks == 0 and peft_frames >= 1
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-adapter", "mixed"])
+def test_compiled_bf16_deep_prompts_equal_eager(route, mixed):
+    """A bf16 model's deep prompts: eager writes the prefix buffer and sums the rows' gradients in
+    fp32; compiled, the prefix is broadcast (or gathered) through autograd, still summed in fp32."""
+    def make():
+        model = build_mixed("deep", route) if mixed else build("deep", route)
+        return model.to(torch.bfloat16)
+
+    kwargs = {"adapter_names": MIXED_ROWS} if mixed else {}
+    eager, model = make(), make()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    input_ids, attention_mask = batch()
+    loss, logits, grads = _train_step(model, input_ids, attention_mask, compiled, **kwargs)
+    expected_loss, expected_logits, expected_grads = _train_step(eager, input_ids, attention_mask, **kwargs)
+    bf16 = {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(loss, expected_loss, **bf16)
+    torch.testing.assert_close(logits, expected_logits, **bf16)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        assert grads[name].dtype == torch.bfloat16 and grads[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], expected_grads[name], **bf16)
