@@ -60,8 +60,27 @@ def prefix_geometry(model_or_config) -> PrefixGeometry:
     Decoder-only and encoder-only models; see :func:`seq2seq_prefix_geometry` for the others.
     For a model, read once (the shape of its attention, not a value of its weights)."""
     if isinstance(model_or_config, torch.nn.Module):
+        if torch.compiler.is_compiling():
+            return _geometry_of_config(model_or_config.config)
         return _once_per_model(_GEOMETRY, model_or_config, _prefix_geometry)
     return _prefix_geometry(model_or_config)
+
+
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+def _structural(fn):
+    """Mark ``fn``, a structural fact of a model's config (its attention's shape, its architecture:
+    nothing that changes while the model lives), as a constant for torch.compile, guarded by the
+    config's identity: traced instead, each attribute it reads is a guard that calls the config's
+    Python ``__getattribute__`` on every call. Dynamo takes an object argument of such a constant
+    from torch 2.13 on; before, the reads are traced (the same results, more guards)."""
+    return torch.compiler.assume_constant_result(fn) if _TORCH_VERSION >= (2, 13) else fn
+
+
+@_structural
+def _geometry_of_config(config) -> PrefixGeometry:
+    return _prefix_geometry(config)
 
 
 def _prefix_geometry(model_or_config) -> PrefixGeometry:
@@ -104,9 +123,12 @@ def is_decoder_only(model) -> bool:
     left), from the model's class and config: not an encoder-decoder config, and a causal-LM
     architecture in transformers' model mappings (BERT-like types, which are also masked-LM
     models, only with ``config.is_decoder``)."""
-    config = model.config
-    return _is_decoder_only(type(model), getattr(config, "model_type", None),
-                            bool(getattr(config, "is_encoder_decoder", False)),
+    return _config_is_decoder_only(type(model), model.config)
+
+
+@_structural
+def _config_is_decoder_only(cls, config) -> bool:
+    return _is_decoder_only(cls, getattr(config, "model_type", None), bool(getattr(config, "is_encoder_decoder", False)),
                             bool(getattr(config, "is_decoder", False)))
 
 
@@ -139,9 +161,13 @@ def takes_fused_mask(model) -> bool:
     of :data:`FUSED_MASK_MODEL_TYPES`, an attention that reads a 4D mask (``sdpa``: boolean,
     ``eager``: additive), and one mask for every layer (no sliding windows, no per-layer types,
     no encoder-decoder masks)."""
-    config = model.config
+    config = model.config  # the attention implementation may change (set_attn_implementation): read each call
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and _config_takes_fused_mask(config)
+
+
+@_structural
+def _config_takes_fused_mask(config) -> bool:
     return (getattr(config, "model_type", None) in FUSED_MASK_MODEL_TYPES
-            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
             and not getattr(config, "is_encoder_decoder", False)
             and getattr(config, "sliding_window", None) is None
             and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ()))
@@ -181,15 +207,18 @@ def is_checkpointing(model) -> bool:
     return model.training and any(getattr(m, "gradient_checkpointing", False) for m in checkpointing_layers(model))
 
 
+# Whether a class's forward names an argument: a constant under torch.compile (the lookup itself,
+# traced, would guard on the signature's internals). Dynamo unwraps lru_cache, hence the order.
 @functools.lru_cache(maxsize=256)
-def _forward_parameters(cls) -> frozenset:
-    return frozenset(inspect.signature(cls.forward).parameters)
+@torch.compiler.assume_constant_result
+def _forward_takes(cls, argument: str) -> bool:
+    return argument in inspect.signature(cls.forward).parameters
 
 
 def accepts(model, argument: str) -> bool:
     """Whether ``model.forward`` names ``argument`` (a ``**kwargs`` catch-all does not count: an
     argument it swallows may be dropped silently)."""
-    return argument in _forward_parameters(type(model))
+    return _forward_takes(type(model), argument)
 
 
 def infer_task_type(model) -> TaskType:

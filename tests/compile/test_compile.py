@@ -140,3 +140,19 @@ def test_compiled_bf16_deep_prompts_equal_eager(route, mixed):
     for name in grads:
         assert grads[name].dtype == torch.bfloat16 and grads[name].abs().sum() > 0, name
         torch.testing.assert_close(grads[name], expected_grads[name], **bf16)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_model_follows_a_changed_attention_implementation(kind, route):
+    """Structural facts of the config (geometry, architecture) are constants of the compiled
+    graph; the attention implementation is read on each call: switched to ``eager`` after
+    compiling, the compiled model gives the eager model's logits under eager attention."""
+    model, reference = build(kind, route), build(kind, route)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    input_ids, attention_mask = batch()
+    _close(_eval_forward(model, input_ids, attention_mask, compiled), _eval_forward(reference, input_ids, attention_mask))
+    for m in (model, reference):
+        m.get_base_model().set_attn_implementation("eager")
+        assert m.get_base_model().config._attn_implementation == "eager"
+    _close(_eval_forward(model, input_ids, attention_mask, compiled), _eval_forward(reference, input_ids, attention_mask))
