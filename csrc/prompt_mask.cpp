@@ -180,23 +180,25 @@ void prompt_position_ids_cpu(const at::Tensor& mask, const at::Tensor& lengths, 
   });
 }
 
-void packed_prompt_layout_cpu(const at::Tensor& mask, const at::Tensor& lengths, int64_t longest,
-                              const at::Tensor& cache_lengths, int64_t cache_length, bool pad_left,
-                              bool restart, PackedLayout& out) {
+namespace {
+
+template <typename mask_t>
+void packed_layout_rows(const at::Tensor& mask, const int64_t* len_data, int64_t longest,
+                        const int64_t* cache_data, int64_t cache_length, bool pad_left, bool restart,
+                        PackedLayout& out) {
   const int64_t B = mask.size(0), K = mask.size(1), W = K + longest;
-  const bool* mask_data = mask.data_ptr<bool>();
+  const mask_t* mask_data = mask.data_ptr<mask_t>();
   const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
-  const int64_t* len_data = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-  const int64_t* cache_data = cache_lengths.defined() ? cache_lengths.data_ptr<int64_t>() : nullptr;
   int64_t* layout_mask = out.layout_mask.data_ptr<int64_t>();
   int64_t* text_columns = out.text_columns.data_ptr<int64_t>();
   int64_t* prompt_index = out.prompt_index.data_ptr<int64_t>();
   int64_t* positions = out.position_ids.data_ptr<int64_t>();
+  const mask_t pad = mask_t(0);
   at::parallel_for(0, B, rows_per_task(W), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const bool* row = mask_data + b * mask_s0;
+      const mask_t* row = mask_data + b * mask_s0;
       int64_t real = 0;
-      for (int64_t t = 0; t < K; ++t) real += row[t * mask_s1];
+      for (int64_t t = 0; t < K; ++t) real += row[t * mask_s1] != pad;
       const int64_t n = prompt_length(len_data, b, longest);  // clamped: every column stays in [0, W)
       const int64_t cached = cache_data == nullptr ? cache_length : cache_data[b];
       const int64_t live = real + n;  // the row's live block: its prompt, then its real tokens
@@ -204,16 +206,31 @@ void packed_prompt_layout_cpu(const at::Tensor& mask, const at::Tensor& lengths,
       // Real tokens in order after the prompt; padding in order outside the live block.
       int64_t next_real = first + n, next_pad = pad_left ? 0 : live;
       int64_t* columns = text_columns + b * K;
-      for (int64_t t = 0; t < K; ++t) columns[t] = row[t * mask_s1] ? next_real++ : next_pad++;
+      for (int64_t t = 0; t < K; ++t) columns[t] = row[t * mask_s1] != pad ? next_real++ : next_pad++;
       for (int64_t j = 0; j < W; ++j) {
         const int64_t offset = j - first;  // the column's place in the live block
         const bool in_live = offset >= 0 && offset < live, in_prompt = offset >= 0 && offset < n;
         layout_mask[b * W + j] = in_live;
         prompt_index[b * W + j] = in_prompt ? offset : -1;
-        positions[b * W + j] = !in_live ? 0 : restart ? (in_prompt ? offset : offset - n) : cached + offset;
+        const int64_t text_position = restart ? offset - n : cached + offset;
+        positions[b * W + j] = !in_live ? 0 : (restart && in_prompt) ? offset : text_position;
       }
     }
   });
+}
+
+}  // namespace
+
+void packed_prompt_layout_cpu(const at::Tensor& mask, const at::Tensor& lengths, int64_t longest,
+                              const at::Tensor& cache_lengths, int64_t cache_length, bool pad_left,
+                              bool restart, PackedLayout& out) {
+  const int64_t* len_data = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  const int64_t* cache_data = cache_lengths.defined() ? cache_lengths.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_ALL_TYPES_AND3(
+      at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "packed_prompt_layout_cpu", [&] {
+        packed_layout_rows<scalar_t>(mask, len_data, longest, cache_data, cache_length, pad_left,
+                                     restart, out);
+      });
 }
 
 at::Tensor prompt_attention_mask(const at::Tensor& attention_mask,
@@ -275,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> packed_prompt_layout(
   TORCH_CHECK(cache_prompt_length >= 0, "cache_prompt_length must be >= 0, got ", cache_prompt_length);
   check_lengths(prompt_lengths, attention_mask, "prompt_lengths");
   check_lengths(cache_prompt_lengths, attention_mask, "cache_prompt_lengths");
-  const at::Tensor mask = as_bool_mask(attention_mask);
+  const at::Tensor& mask = attention_mask;  // read in its own dtype (nonzero = real): no conversion
   const at::Tensor lengths = lengths_or_undefined(prompt_lengths);
   const at::Tensor cache_lengths = lengths_or_undefined(cache_prompt_lengths);
   const int64_t B = mask.size(0), K = mask.size(1), W = K + longest;

@@ -31,7 +31,7 @@ at::Tensor prompt_position_ids(const at::Tensor& attention_mask,
 // ptuning_fast/reference/mask.py). Row b's n_b virtual tokens and its real text tokens fill one
 // block of live columns of the W = K + longest layout columns (the right end when pad_left, else
 // from column 0); its padding fills the other columns in order.
-//   attention_mask        (B, K), nonzero = real token
+//   attention_mask        (B, K) of any dtype and strides, read as it is: nonzero = real token
 //   prompt_lengths        (B,) int64 n_b in [0, longest], or none: every row has `longest`
 //   cache_prompt_lengths  (B,) int64 deep-prompt tokens already cached, or none: `cache_prompt_length`
 //   restart               positions of the prompt and of the text each from 0 (else counted on
@@ -42,7 +42,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> packed_prompt_layout(
     const std::optional<at::Tensor>& cache_prompt_lengths, int64_t cache_prompt_length, bool pad_left,
     bool restart);
 
-// Kernels on already-checked arguments: mask is (B, K) bool, lengths is (B,) int64 or undefined.
+// Kernels on already-checked arguments: mask is (B, K) bool (packed layout: any dtype), lengths
+// is (B,) int64 or undefined.
 void prompt_attention_mask_cpu(const at::Tensor& mask, const at::Tensor& lengths, int64_t P,
                                int64_t past_length, bool causal, int64_t sliding_window,
                                at::Tensor& out);
