@@ -6,8 +6,9 @@ attention reads when P prompt columns (a deep-prompt K/V prefix in the cache, or
 virtual tokens) come before the text; ``prompt_padding_mask`` gives the 2D ``(B, P + S)`` mask of
 the same layout (what a model builds its own mask from); ``build_prompt_position_ids`` gives the
 matching positions; ``packed_prompt_layout`` lays a padded batch out with each row's prompt and
-real tokens packed in one block (the native model's layout). Pass the 4D mask as ``attention_mask=`` to a transformers 5 model: a 4D mask
-is used untouched. The exact definition is in :mod:`ptuning_fast.reference.mask`.
+real tokens packed in one block (the native model's layout). Pass the 4D mask as
+``attention_mask=`` to a transformers 5 model: a 4D mask is used untouched. The exact definitions
+are in :mod:`ptuning_fast.reference.mask`.
 
 Vocabulary, used across the package: ``num_virtual_tokens`` is an adapter's prompt length (and
 ``P``, the number of prompt columns); ``prompt_lengths`` is an int or a ``(B,)`` tensor of per-row
@@ -407,9 +408,9 @@ def packed_prompt_layout(
     if _extension(device) is not None:
         if lengths is None and prompt_lengths != longest:  # a uniform prompt shorter than the longest
             lengths = torch.full((batch,), prompt_lengths, dtype=torch.long, device=device)
+        cache_length = 0 if cache is not None else cache_prompt_lengths  # the uniform case, no tensor
         return _packed_layout_op(attention_mask, None if lengths is None else lengths.long(), longest,
-                                 None if cache is None else cache.long(), 0 if cache is not None else cache_prompt_lengths,
-                                 pad_left, restart)
+                                 None if cache is None else cache.long(), cache_length, pad_left, restart)
     return packed_prompt_layout_reference(
         attention_mask, _lengths_tensor(lengths, prompt_lengths, batch, device),
         _lengths_tensor(cache, cache_prompt_lengths, batch, device), longest, pad_left=pad_left, restart=restart)

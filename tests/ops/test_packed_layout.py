@@ -139,7 +139,8 @@ def test_empty_batch_and_empty_text():
         mask = torch.ones(batch, text_length, dtype=torch.long)
         lengths = torch.full((batch,), longest, dtype=torch.long)
         got = packed_prompt_layout(mask, lengths, longest=longest, pad_left=True)
-        want = packed_prompt_layout_reference(mask, lengths, torch.zeros(batch, dtype=torch.long), longest, pad_left=True)
+        no_cache = torch.zeros(batch, dtype=torch.long)
+        want = packed_prompt_layout_reference(mask, lengths, no_cache, longest, pad_left=True)
         assert [tuple(t.shape) for t in got] == [(batch, text_length + longest), (batch, text_length),
                                                  (batch, text_length + longest), (batch, text_length + longest)]
         for g, w in zip(got, want):
