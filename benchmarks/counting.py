@@ -154,11 +154,16 @@ def launches_of(func, args, kwargs) -> int:
     return 1
 
 
+# The package's C++ builders that read a mask of any dtype in their kernel (no `mask != 0` first).
+READS_ANY_MASK = {"packed_prompt_layout"}
+
+
 class LaunchCounter(TorchDispatchMode):
     """Counts the device operations of the code run inside it (see :func:`launches_of`), per op
-    in ``by_op``. A custom op of the package (the C++ mask builder) counts 1, and 1 more for the
-    ``mask != 0`` it runs on a mask that is not bool; a Triton kernel counts 1 at its launcher, which launches nothing while counting
-    (see :func:`as_on_cuda`)."""
+    in ``by_op``. A custom op of the package (a C++ builder: one CUDA kernel) counts 1, and 1 more
+    for the ``mask != 0`` it runs on a mask that is not bool (:data:`READS_ANY_MASK` read every
+    mask dtype in their kernel); a Triton kernel counts 1 at its launcher, which launches nothing
+    while counting (see :func:`as_on_cuda`)."""
 
     def __init__(self):
         super().__init__()
@@ -166,9 +171,10 @@ class LaunchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "ptuning_fast":  # the C++ builder: its kernel, and `mask != 0` for a non-bool mask
-            self.by_op[f"ptuning_fast.{func._overloadpacket.__name__}"] += 1
-            if args[0].dtype != torch.bool:
+        if func.namespace == "ptuning_fast":  # a C++ builder: its kernel, and `mask != 0` for a non-bool mask
+            name = func._overloadpacket.__name__
+            self.by_op[f"ptuning_fast.{name}"] += 1
+            if args[0].dtype != torch.bool and name not in READS_ANY_MASK:
                 self.by_op["aten.ne"] += 1
             return func(*args, **kwargs)
         result = func(*args, **kwargs)
@@ -213,4 +219,4 @@ def as_on_cuda(counter: LaunchCounter):
             setattr(owner, name, original)
 
 
-__all__ = ["ATEN_READS", "HostReads", "LaunchCounter", "Read", "as_on_cuda", "launches_of"]
+__all__ = ["ATEN_READS", "READS_ANY_MASK", "HostReads", "LaunchCounter", "Read", "as_on_cuda", "launches_of"]

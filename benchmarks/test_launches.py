@@ -1,7 +1,6 @@
 """The committed launch counts (benchmarks/results/launches.json, ``python -m benchmarks --only
-launches``): on every path ours launches at most PEFT's device operations, except where a reason
-is stated below, and the package's own host syncs are 0 everywhere; and a recount of the smallest
-paths gives the committed numbers."""
+launches``): on every path ours launches at most PEFT's device operations, and the package's own
+host syncs are 0 everywhere; and a recount of the smallest paths gives the committed numbers."""
 import json
 from pathlib import Path
 
@@ -11,22 +10,9 @@ from benchmarks import bench_launches
 
 RESULTS = Path(__file__).parent / "results" / "launches.json"
 
-# (path prefix, step) -> why ours may launch more than PEFT there.
-ABOVE_PEFT = {
-    ("host native", "train"): "the native model numbers positions as each row computes alone (positions="
-                              "'continue') and packs a padded batch for it; PEFT counts padding. The "
-                              "accelerated route (PEFT's semantics) is the like-for-like comparison",
-    ("host native", "eval"): "as for the native training step",
-}
-
 
 def _entries():
     return json.loads(RESULTS.read_text())["paths"]
-
-
-def _reason(entry):
-    return next((why for (prefix, step), why in ABOVE_PEFT.items()
-                 if entry["path"].startswith(prefix) and entry["step"] == step), None)
 
 
 def test_committed_counts_cover_every_path():
@@ -42,7 +28,7 @@ def test_committed_counts_cover_every_path():
 def test_ours_launches_at_most_peft_and_makes_no_host_sync():
     entries = _entries()
     assert entries
-    above = [(e["path"], e["step"], e["ours"], e["peft"]) for e in entries if e["ours"] > e["peft"] and not _reason(e)]
+    above = [(e["path"], e["step"], e["ours"], e["peft"]) for e in entries if e["ours"] > e["peft"]]
     assert above == []
     assert [(e["path"], e["step"], e["sync_sites"]) for e in entries if e["ours_syncs"]] == []
 

@@ -25,4 +25,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Position ids (B, S) of the query tokens after a prompt, left-padding aware",
         py::arg("attention_mask"), py::arg("prompt_lengths"), py::arg("num_prompt_columns"),
         py::arg("past_length"), py::arg("after_prompt"));
+  m.def("packed_prompt_layout", &ptuning_fast::packed_prompt_layout,
+        "Packed layout of a batch: (layout_mask, text_columns, prompt_index, position_ids), int64",
+        py::arg("attention_mask"), py::arg("prompt_lengths"), py::arg("longest"),
+        py::arg("cache_prompt_lengths"), py::arg("cache_prompt_length"), py::arg("pad_left"),
+        py::arg("restart"));
 }

@@ -1,4 +1,5 @@
-// Prompt-aware attention mask and position ids: argument checks, dispatch by device, CPU kernels.
+// Prompt-aware attention mask and position ids, and the packed layout of a batch: argument
+// checks, dispatch by device, CPU kernels.
 //
 // Output row (b, i) of the mask is the query at absolute key index q = P + past_length + i.
 // It sees key column j when j lies in the row's window [lo, hi] (causality and sliding window,
@@ -52,6 +53,16 @@ at::Tensor as_bool_mask(const at::Tensor& attention_mask) {
   return attention_mask.scalar_type() == at::kBool ? attention_mask : attention_mask.ne(0);
 }
 
+void check_lengths(const std::optional<at::Tensor>& lengths, const at::Tensor& attention_mask,
+                   const char* name) {
+  if (!lengths.has_value()) return;
+  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == attention_mask.size(0), name,
+              " must have shape (batch,) = (", attention_mask.size(0), ",)");
+  TORCH_CHECK(lengths->scalar_type() == at::kLong, name, " must be int64");
+  TORCH_CHECK(lengths->device() == attention_mask.device(), name,
+              " must be on the device of attention_mask");
+}
+
 void check_common(const at::Tensor& attention_mask, const std::optional<at::Tensor>& prompt_lengths,
                   int64_t num_prompt_columns, int64_t past_length) {
   TORCH_CHECK(attention_mask.dim() == 2, "attention_mask must be 2D (batch, text_length), got ",
@@ -60,14 +71,7 @@ void check_common(const at::Tensor& attention_mask, const std::optional<at::Tens
   TORCH_CHECK(past_length >= 0 && past_length <= attention_mask.size(1),
               "past_length must be in [0, text_length=", attention_mask.size(1), "], got ",
               past_length);
-  if (prompt_lengths.has_value()) {
-    const at::Tensor& lengths = *prompt_lengths;
-    TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == attention_mask.size(0),
-                "prompt_lengths must have shape (batch,) = (", attention_mask.size(0), ",)");
-    TORCH_CHECK(lengths.scalar_type() == at::kLong, "prompt_lengths must be int64");
-    TORCH_CHECK(lengths.device() == attention_mask.device(),
-                "prompt_lengths must be on the device of attention_mask");
-  }
+  check_lengths(prompt_lengths, attention_mask, "prompt_lengths");
 }
 
 at::Tensor lengths_or_undefined(const std::optional<at::Tensor>& prompt_lengths) {
@@ -176,6 +180,59 @@ void prompt_position_ids_cpu(const at::Tensor& mask, const at::Tensor& lengths, 
   });
 }
 
+namespace {
+
+template <typename mask_t>
+void packed_layout_rows(const at::Tensor& mask, const int64_t* len_data, int64_t longest,
+                        const int64_t* cache_data, int64_t cache_length, bool pad_left, bool restart,
+                        PackedLayout& out) {
+  const int64_t B = mask.size(0), K = mask.size(1), W = K + longest;
+  const mask_t* mask_data = mask.data_ptr<mask_t>();
+  const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
+  int64_t* layout_mask = out.layout_mask.data_ptr<int64_t>();
+  int64_t* text_columns = out.text_columns.data_ptr<int64_t>();
+  int64_t* prompt_index = out.prompt_index.data_ptr<int64_t>();
+  int64_t* positions = out.position_ids.data_ptr<int64_t>();
+  const mask_t pad = mask_t(0);
+  at::parallel_for(0, B, rows_per_task(W), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const mask_t* row = mask_data + b * mask_s0;
+      int64_t real = 0;
+      for (int64_t t = 0; t < K; ++t) real += row[t * mask_s1] != pad;
+      const int64_t n = prompt_length(len_data, b, longest);  // clamped: every column stays in [0, W)
+      const int64_t cached = cache_data == nullptr ? cache_length : cache_data[b];
+      const int64_t live = real + n;  // the row's live block: its prompt, then its real tokens
+      const int64_t first = pad_left ? W - live : 0;
+      // Real tokens in order after the prompt; padding in order outside the live block.
+      int64_t next_real = first + n, next_pad = pad_left ? 0 : live;
+      int64_t* columns = text_columns + b * K;
+      for (int64_t t = 0; t < K; ++t) columns[t] = row[t * mask_s1] != pad ? next_real++ : next_pad++;
+      for (int64_t j = 0; j < W; ++j) {
+        const int64_t offset = j - first;  // the column's place in the live block
+        const bool in_live = offset >= 0 && offset < live, in_prompt = offset >= 0 && offset < n;
+        layout_mask[b * W + j] = in_live;
+        prompt_index[b * W + j] = in_prompt ? offset : -1;
+        const int64_t text_position = restart ? offset - n : cached + offset;
+        positions[b * W + j] = !in_live ? 0 : (restart && in_prompt) ? offset : text_position;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void packed_prompt_layout_cpu(const at::Tensor& mask, const at::Tensor& lengths, int64_t longest,
+                              const at::Tensor& cache_lengths, int64_t cache_length, bool pad_left,
+                              bool restart, PackedLayout& out) {
+  const int64_t* len_data = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  const int64_t* cache_data = cache_lengths.defined() ? cache_lengths.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_ALL_TYPES_AND3(
+      at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "packed_prompt_layout_cpu", [&] {
+        packed_layout_rows<scalar_t>(mask, len_data, longest, cache_data, cache_length, pad_left,
+                                     restart, out);
+      });
+}
+
 at::Tensor prompt_attention_mask(const at::Tensor& attention_mask,
                                  const std::optional<at::Tensor>& prompt_lengths,
                                  int64_t num_prompt_columns, int64_t past_length, bool causal,
@@ -223,6 +280,41 @@ at::Tensor prompt_position_ids(const at::Tensor& attention_mask,
     prompt_position_ids_cpu(mask, lengths, num_prompt_columns, past_length, after_prompt, out);
   }
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> packed_prompt_layout(
+    const at::Tensor& attention_mask, const std::optional<at::Tensor>& prompt_lengths, int64_t longest,
+    const std::optional<at::Tensor>& cache_prompt_lengths, int64_t cache_prompt_length, bool pad_left,
+    bool restart) {
+  TORCH_CHECK(attention_mask.dim() == 2, "attention_mask must be 2D (batch, text_length), got ",
+              attention_mask.dim(), "D");
+  TORCH_CHECK(longest >= 0, "longest must be >= 0, got ", longest);
+  TORCH_CHECK(cache_prompt_length >= 0, "cache_prompt_length must be >= 0, got ", cache_prompt_length);
+  check_lengths(prompt_lengths, attention_mask, "prompt_lengths");
+  check_lengths(cache_prompt_lengths, attention_mask, "cache_prompt_lengths");
+  const at::Tensor& mask = attention_mask;  // read in its own dtype (nonzero = real): no conversion
+  const at::Tensor lengths = lengths_or_undefined(prompt_lengths);
+  const at::Tensor cache_lengths = lengths_or_undefined(cache_prompt_lengths);
+  const int64_t B = mask.size(0), K = mask.size(1), W = K + longest;
+  const auto options = mask.options().dtype(at::kLong);
+  PackedLayout out{at::empty({B, W}, options), at::empty({B, K}, options), at::empty({B, W}, options),
+                   at::empty({B, W}, options)};
+  if (B > 0 && W > 0) {
+    if (mask.is_cuda()) {
+#ifdef WITH_CUDA
+      packed_prompt_layout_cuda(mask, lengths, longest, cache_lengths, cache_prompt_length, pad_left,
+                                restart, out);
+#else
+      TORCH_CHECK(false, "ptuning_fast._C was built without CUDA; rebuild it with nvcc present");
+#endif
+    } else {
+      TORCH_CHECK(mask.device().is_cpu(), "attention_mask must be on CPU or CUDA, got ",
+                  mask.device());
+      packed_prompt_layout_cpu(mask, lengths, longest, cache_lengths, cache_prompt_length, pad_left,
+                               restart, out);
+    }
+  }
+  return {out.layout_mask, out.text_columns, out.prompt_index, out.position_ids};
 }
 
 }  // namespace ptuning_fast

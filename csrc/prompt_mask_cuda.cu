@@ -5,6 +5,9 @@
 // (a row may end inside a chunk). The build is bound by these writes; the inputs are a (B, K)
 // bool mask and B lengths that stay in cache.
 // Positions: one block per batch row scans the row's text mask in blocks of 256 columns.
+// Packed layout: one block per batch row too: it counts the row's real tokens, scans its mask
+// once more to place each input column, then writes the row's layout columns (no scan needed:
+// the live block is one contiguous range).
 #include "prompt_mask.h"
 
 #include <ATen/Dispatch.h>
@@ -142,6 +145,62 @@ __global__ void prompt_positions_kernel(MaskArgs a, bool after_prompt, int64_t* 
   }
 }
 
+template <typename mask_t>
+struct PackedArgs {
+  const mask_t* mask;  // (B, K), strides below; nonzero = real token
+  int64_t mask_s0, mask_s1;
+  const int64_t* lengths;        // (B,) or nullptr: every row has `longest` prompt tokens
+  const int64_t* cache_lengths;  // (B,) or nullptr: every row has `cache_length`
+  int64_t cache_length, K, longest;
+  bool pad_left, restart;
+  int64_t *layout_mask, *text_columns, *prompt_index, *positions;  // (B, W), (B, K), (B, W), (B, W)
+};
+
+template <typename mask_t>
+__global__ void packed_layout_kernel(PackedArgs<mask_t> a) {
+  __shared__ int warp_totals[kThreads / 32];
+  const int64_t b = blockIdx.x, W = a.K + a.longest;
+  const mask_t* row = a.mask + b * a.mask_s0;
+  const mask_t pad = mask_t(0);
+
+  int count = 0;  // this thread's share of the row's real tokens
+  for (int64_t t = threadIdx.x; t < a.K; t += kThreads) count += int(row[t * a.mask_s1] != pad);
+  block_inclusive_scan(count, warp_totals);
+  const int64_t real = warp_totals[kThreads / 32 - 1];
+  __syncthreads();  // warp_totals is reused below
+
+  int64_t n = a.lengths == nullptr ? a.longest : a.lengths[b];
+  n = n < 0 ? 0 : (n > a.longest ? a.longest : n);  // clamped: every column stays in [0, W)
+  const int64_t cached = a.cache_lengths == nullptr ? a.cache_length : a.cache_lengths[b];
+  const int64_t live = real + n;  // the row's live block: its prompt, then its real tokens
+  const int64_t first = a.pad_left ? W - live : 0;
+
+  // Real tokens in order after the prompt; padding in order outside the live block.
+  const int64_t first_pad = a.pad_left ? 0 : live;
+  int64_t real_before = 0;  // real tokens in the earlier blocks of columns
+  for (int64_t start = 0; start < a.K; start += kThreads) {
+    const int64_t t = start + threadIdx.x;
+    const int is_real = t < a.K ? int(row[t * a.mask_s1] != pad) : 0;
+    const int seen = block_inclusive_scan(is_real, warp_totals);  // real tokens in [start, t]
+    if (t < a.K) {
+      const int64_t pads_before = (start - real_before) + (int64_t(threadIdx.x) + 1 - seen) - 1;
+      a.text_columns[b * a.K + t] =
+          is_real ? first + n + real_before + seen - 1 : first_pad + pads_before;
+    }
+    real_before += warp_totals[kThreads / 32 - 1];
+    __syncthreads();
+  }
+
+  for (int64_t j = threadIdx.x; j < W; j += kThreads) {
+    const int64_t offset = j - first;  // the column's place in the live block
+    const bool in_live = offset >= 0 && offset < live, in_prompt = offset >= 0 && offset < n;
+    a.layout_mask[b * W + j] = in_live;
+    a.prompt_index[b * W + j] = in_prompt ? offset : -1;
+    const int64_t text_position = a.restart ? offset - n : cached + offset;
+    a.positions[b * W + j] = !in_live ? 0 : (a.restart && in_prompt) ? offset : text_position;
+  }
+}
+
 MaskArgs make_args(const at::Tensor& mask, const at::Tensor& lengths, int64_t P,
                    int64_t past_length, bool causal, int64_t window) {
   MaskArgs a;
@@ -199,6 +258,33 @@ void prompt_position_ids_cuda(const at::Tensor& mask, const at::Tensor& lengths,
   prompt_positions_kernel<<<mask.size(0), kThreads, 0, stream>>>(args, after_prompt,
                                                                  out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void packed_prompt_layout_cuda(const at::Tensor& mask, const at::Tensor& lengths, int64_t longest,
+                               const at::Tensor& cache_lengths, int64_t cache_length, bool pad_left,
+                               bool restart, PackedLayout& out) {
+  const c10::cuda::CUDAGuard guard(mask.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_ALL_TYPES_AND3(
+      at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "packed_prompt_layout_cuda", [&] {
+        PackedArgs<scalar_t> a;
+        a.mask = mask.data_ptr<scalar_t>();
+        a.mask_s0 = mask.stride(0);
+        a.mask_s1 = mask.stride(1);
+        a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+        a.cache_lengths = cache_lengths.defined() ? cache_lengths.data_ptr<int64_t>() : nullptr;
+        a.cache_length = cache_length;
+        a.K = mask.size(1);
+        a.longest = longest;
+        a.pad_left = pad_left;
+        a.restart = restart;
+        a.layout_mask = out.layout_mask.data_ptr<int64_t>();
+        a.text_columns = out.text_columns.data_ptr<int64_t>();
+        a.prompt_index = out.prompt_index.data_ptr<int64_t>();
+        a.positions = out.position_ids.data_ptr<int64_t>();
+        packed_layout_kernel<scalar_t><<<mask.size(0), kThreads, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace ptuning_fast

@@ -16,7 +16,7 @@
 #                                                                         (log appended to env.txt)
 #   tests      the whole suite with the GPU tests, pytest -n 8, less the two ahead-of-time compile
 #              checks (CPU only, run in CI with this Triton version)                  -> tests.txt
-#   memcheck   compute-sanitizer --tool memcheck on the mask builder's CUDA tests     -> sanitizer.txt
+#   memcheck   compute-sanitizer --tool memcheck on the mask and layout builders' CUDA tests -> sanitizer.txt
 #   racecheck  compute-sanitizer --tool racecheck on the same                         -> sanitizer.txt
 #   bench      python -m benchmarks --tag gpu --out OUTDIR (the components with speed targets
 #              first; the JSON is rewritten after each component, so a stage cut short by its
@@ -61,7 +61,8 @@ TEST_ARGS=(-q -n 8 -p no:cacheprovider -rfEs
            # CPU-only checks, run in CI with this Triton version too: here the minutes go to the GPU.
            --deselect tests/kernels/test_gpu_compile.py::test_every_launch_variant_compiles_and_fits
            --deselect tests/csrc/test_cuda_compile.py::test_cuda_source_compiles_and_fits)
-SANITIZED_TESTS=(-q -p no:xdist -p no:cacheprovider tests/ops/test_mask.py -k "cuda and not sanitizer")
+SANITIZED_TESTS=(-q -p no:xdist -p no:cacheprovider tests/ops/test_mask.py tests/ops/test_packed_layout.py
+                 -k "cuda and not sanitizer")
 
 find_sanitizer() {
     command -v compute-sanitizer 2>/dev/null \

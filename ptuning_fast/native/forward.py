@@ -129,7 +129,9 @@ def layout_batch(holder, rows: Rows, input_ids, attention_mask, inputs_embeds, p
                                                        inputs_embeds], dim=1)}
     embeds = layout.scatter(inputs_embeds, 0.0)
     is_prompt = layout.prompt_index >= 0
-    index = layout.prompt_index.clamp(min=0) + (offsets[:, None] if isinstance(offsets, torch.Tensor) else offsets)
+    index = layout.prompt_index.clamp(min=0)
+    if isinstance(offsets, torch.Tensor) or offsets:  # one adapter's table starts at 0: nothing to add
+        index = index + (offsets[:, None] if isinstance(offsets, torch.Tensor) else offsets)
     prompts = F.embedding(index, table).to(embeds.dtype)
     return layout, 0, {"inputs_embeds": torch.where(is_prompt[..., None], prompts, embeds)}
 

@@ -31,7 +31,7 @@ from typing import Optional, Union
 import torch
 
 from .._validation import reads_values
-from ..ops.mask import build_prompt_position_ids
+from ..ops.mask import build_prompt_position_ids, packed_prompt_layout
 
 PromptLengths = Union[int, torch.Tensor]
 
@@ -166,42 +166,32 @@ def _front_layout(attention_mask, prompt_lengths, longest, positions, position_i
 
 def _packed_layout(attention_mask, prompt_lengths, longest, pad_left, positions, placeholders, position_ids,
                    cache_prompt_lengths) -> PromptLayout:
-    """Per row, the prompt and the real tokens packed into one block of live columns (starting at
-    ``first``: the right end for ``pad_left``, column 0 otherwise), padding outside it."""
+    """Per row, the prompt and the real tokens packed into one block of live columns (the right
+    end for ``pad_left``, from column 0 otherwise), padding outside it: one fused op
+    (:func:`ptuning_fast.ops.mask.packed_prompt_layout`). Template mode and the caller's
+    position ids then adjust its outputs."""
     batch, text_length = attention_mask.shape
     device = attention_mask.device
-    lengths = _per_row(prompt_lengths, batch, device)
     width = text_length + longest
-    real = attention_mask != 0
-    rank = real.long().cumsum(1) - 1  # order among the row's real tokens
-    live = rank[:, -1] + 1 + lengths if text_length else lengths  # live columns of the row, prompt included
-    first = (width - live) if pad_left else torch.zeros_like(live)
-    offset = torch.arange(width, device=device)[None, :] - first[:, None]  # column's place in the live block
-    layout_mask = (offset >= 0) & (offset < live[:, None])
-    is_prompt = (offset >= 0) & (offset < lengths[:, None])
-    is_real_text = layout_mask & ~is_prompt
-
-    pad_rank = (~real).long().cumsum(1) - 1
-    pad_column = pad_rank if pad_left else live[:, None] + pad_rank
-    text_columns = torch.where(real, first[:, None] + lengths[:, None] + rank, pad_column)
-    prompt_index = torch.where(is_prompt, offset, -1)
+    layout_mask, text_columns, prompt_index, pos = packed_prompt_layout(
+        attention_mask, prompt_lengths, longest=longest, pad_left=pad_left, positions=positions,
+        cache_prompt_lengths=cache_prompt_lengths)
+    is_prompt = None
     if placeholders is not None:  # template mode: virtual token k is the row's k-th placeholder
-        marked = torch.zeros((batch, width), dtype=torch.bool, device=device).scatter(1, text_columns,
-                                                                                   placeholders & real)
+        marked = torch.zeros((batch, width), dtype=torch.bool, device=device).scatter(
+            1, text_columns, placeholders & (attention_mask != 0))
+        is_prompt = (prompt_index >= 0) | marked
         prompt_index = torch.where(marked, marked.long().cumsum(1) - 1, prompt_index)
-        is_prompt = is_prompt | marked
-        is_real_text = is_real_text & ~marked
-    layout_mask = layout_mask.long()
-
-    if position_ids is None:
-        if positions == "continue":  # every live token counted in order, after any deep prefix
-            pos = build_prompt_position_ids(layout_mask, cache_prompt_lengths, positions="continue")
-        else:  # text and prompt each counted on their own
+        if position_ids is None and positions == "restart":  # text and prompt each counted on their own
+            is_real_text = (layout_mask != 0) & ~is_prompt
             pos = torch.where(is_prompt, prompt_index, build_prompt_position_ids(is_real_text, 0, positions="restart"))
-    else:
+    if position_ids is not None:  # the caller's text positions, after the prompt (and any prefix)
+        if is_prompt is None:
+            is_prompt = prompt_index >= 0
         text_pos = torch.zeros((batch, width), dtype=torch.long, device=device).scatter(
             1, text_columns, position_ids.long())
         if placeholders is None and positions == "continue":
+            lengths = _per_row(prompt_lengths, batch, device)
             text_pos = text_pos + (lengths + _per_row(cache_prompt_lengths, batch, device))[:, None]
         pos = text_pos if placeholders is not None else torch.where(is_prompt, prompt_index, text_pos)
         pos = pos.masked_fill(layout_mask == 0, 0)

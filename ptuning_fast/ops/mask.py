@@ -5,8 +5,10 @@ where text sits after a prompt.
 attention reads when P prompt columns (a deep-prompt K/V prefix in the cache, or P-tuning's
 virtual tokens) come before the text; ``prompt_padding_mask`` gives the 2D ``(B, P + S)`` mask of
 the same layout (what a model builds its own mask from); ``build_prompt_position_ids`` gives the
-matching positions. Pass the 4D mask as ``attention_mask=`` to a transformers 5 model: a 4D mask
-is used untouched. The exact definition is in :mod:`ptuning_fast.reference.mask`.
+matching positions; ``packed_prompt_layout`` lays a padded batch out with each row's prompt and
+real tokens packed in one block (the native model's layout). Pass the 4D mask as
+``attention_mask=`` to a transformers 5 model: a 4D mask is used untouched. The exact definitions
+are in :mod:`ptuning_fast.reference.mask`.
 
 Vocabulary, used across the package: ``num_virtual_tokens`` is an adapter's prompt length (and
 ``P``, the number of prompt columns); ``prompt_lengths`` is an int or a ``(B,)`` tensor of per-row
@@ -25,7 +27,7 @@ from .._deprecation import renamed_keywords
 from .._extension import load_extension
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_tensor, reads_values
 from ..backend import get_backend
-from ..reference.mask import (live_prompt_columns, prompt_attention_mask_reference,
+from ..reference.mask import (live_prompt_columns, packed_prompt_layout_reference, prompt_attention_mask_reference,
                               prompt_position_ids_reference)
 
 MASK_DTYPES = (torch.bool,) + INDEX_DTYPES + FLOAT_DTYPES
@@ -115,6 +117,23 @@ def _position_ids_op(attention_mask: torch.Tensor, prompt_lengths: Optional[torc
 def _(attention_mask, prompt_lengths, num_prompt_columns, past_length, after_prompt):
     batch, text_length = attention_mask.shape
     return attention_mask.new_empty((batch, text_length - past_length), dtype=torch.long)
+
+
+@torch.library.custom_op("ptuning_fast::packed_prompt_layout", mutates_args=())
+def _packed_layout_op(attention_mask: torch.Tensor, prompt_lengths: Optional[torch.Tensor], longest: int,
+                      cache_prompt_lengths: Optional[torch.Tensor], cache_prompt_length: int, pad_left: bool,
+                      restart: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_loaded_extension().packed_prompt_layout(attention_mask, prompt_lengths, longest,
+                                                          cache_prompt_lengths, cache_prompt_length, pad_left,
+                                                          restart))
+
+
+@_packed_layout_op.register_fake
+def _(attention_mask, prompt_lengths, longest, cache_prompt_lengths, cache_prompt_length, pad_left, restart):
+    batch, text_length = attention_mask.shape
+    columns = attention_mask.new_empty((batch, text_length + longest), dtype=torch.long)
+    text_columns = attention_mask.new_empty((batch, text_length), dtype=torch.long)
+    return columns, text_columns, torch.empty_like(columns), torch.empty_like(columns)
 
 
 def _check_bool(value, name: str) -> bool:
@@ -327,3 +346,71 @@ def build_prompt_position_ids(
                                 P, past_length, after_prompt)
     return prompt_position_ids_reference(attention_mask, _lengths_tensor(lengths, prompt_lengths, batch, device),
                                          past_length=past_length, after_prompt=after_prompt)
+
+
+def _check_cache_lengths(cache_prompt_lengths, attention_mask) -> Optional[torch.Tensor]:
+    """``cache_prompt_lengths``: an int >= 0, or a (B,) integer tensor (>= 0 where values are read)."""
+    if not isinstance(cache_prompt_lengths, torch.Tensor):
+        check_positive_int(cache_prompt_lengths, "cache_prompt_lengths", allow_zero=True)
+        return None
+    cache = check_tensor(cache_prompt_lengths, "cache_prompt_lengths", ndim=1, dtypes=INDEX_DTYPES,
+                         device=attention_mask.device)
+    if cache.shape[0] != attention_mask.shape[0]:
+        raise ValueError(f"`cache_prompt_lengths` has {cache.shape[0]} per-row lengths but "
+                         f"`attention_mask` has batch size {attention_mask.shape[0]}")
+    if cache.numel() and reads_values(cache) and bool((cache < 0).any()):
+        raise ValueError("`cache_prompt_lengths` must be >= 0")
+    return cache
+
+
+def packed_prompt_layout(
+    attention_mask: torch.Tensor,
+    prompt_lengths: PromptLengths,
+    *,
+    longest: int,
+    pad_left: bool,
+    positions: str = "continue",
+    cache_prompt_lengths: PromptLengths = 0,
+) -> tuple:
+    """The packed layout of a padded batch: per row, its ``n_b`` virtual tokens and its real
+    tokens in one block of live columns, the padding outside it (on the left when ``pad_left``,
+    as a decoder reads the last column; else on the right).
+
+    Args:
+        attention_mask: ``(B, S)`` padding mask of the text (nonzero = real token; a floating
+            mask holds only 0/1, checked where values are read).
+        prompt_lengths: virtual tokens of each row, an int or a ``(B,)`` integer tensor, each in
+            ``[0, longest]`` (checked where values are read; on an accelerator a length outside
+            is clamped into it).
+        longest: the longest prompt; the layout has ``W = S + longest`` columns.
+        pad_left: the live block at the right end (padding on the left), else from column 0.
+        positions: ``"continue"`` (live columns counted in order after ``cache_prompt_lengths``)
+            or ``"restart"`` (the prompt and the text each counted from 0); padding gets 0.
+        cache_prompt_lengths: an int or ``(B,)`` integer tensor: deep-prompt tokens already in
+            the cache before the layout (``"continue"`` counts on after them).
+
+    Returns ``(layout_mask, text_columns, prompt_index, position_ids)``, all int64: the ``(B, W)``
+    mask of live columns, the ``(B, S)`` layout column of each input column, the ``(B, W)``
+    virtual token index of each prompt column (-1 elsewhere) and the ``(B, W)`` positions. The
+    definition is :func:`ptuning_fast.reference.mask.packed_prompt_layout_reference`; the
+    extension builds it in one kernel.
+    """
+    check_positive_int(longest, "longest", allow_zero=True)
+    _check_prompt_length(longest, "longest")
+    _check_bool(pad_left, "pad_left")
+    check_positions(positions, allowed=("continue", "restart"))
+    lengths, most = _check_arguments(attention_mask, prompt_lengths, 0, None, None, need_columns=False)
+    if most != _UNBOUNDED_COLUMNS and most > longest:  # known: an int, or lengths that were read
+        raise ValueError(f"`prompt_lengths` holds a prompt of {most} virtual tokens, more than `longest` ({longest})")
+    batch, device = attention_mask.shape[0], attention_mask.device
+    cache = _check_cache_lengths(cache_prompt_lengths, attention_mask)
+    restart = positions == "restart"
+    if _extension(device) is not None:
+        if lengths is None and prompt_lengths != longest:  # a uniform prompt shorter than the longest
+            lengths = torch.full((batch,), prompt_lengths, dtype=torch.long, device=device)
+        cache_length = 0 if cache is not None else cache_prompt_lengths  # the uniform case, no tensor
+        return _packed_layout_op(attention_mask, None if lengths is None else lengths.long(), longest,
+                                 None if cache is None else cache.long(), cache_length, pad_left, restart)
+    return packed_prompt_layout_reference(
+        attention_mask, _lengths_tensor(lengths, prompt_lengths, batch, device),
+        _lengths_tensor(cache, cache_prompt_lengths, batch, device), longest, pad_left=pad_left, restart=restart)

@@ -84,3 +84,49 @@ def prompt_position_ids_reference(
     if after_prompt:
         positions = positions + prompt_lengths.long()[:, None]
     return positions.masked_fill(~real, 0)[:, past_length:]
+
+
+def packed_prompt_layout_reference(
+    attention_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    cache_prompt_lengths: torch.Tensor,
+    longest: int,
+    *,
+    pad_left: bool,
+    restart: bool = False,
+):
+    """The packed layout of a batch (what csrc/prompt_mask* ``packed_prompt_layout`` computes).
+
+    Row b's ``n_b`` virtual tokens and its real text tokens, in order, fill one block of live
+    columns of the ``W = S + longest`` layout columns: at the right end when ``pad_left``, from
+    column 0 otherwise; the row's padding columns fill the rest, in order. Returns, all int64:
+
+    - ``layout_mask`` (B, W): 1 on the live block, 0 elsewhere;
+    - ``text_columns`` (B, S): the layout column of each input column;
+    - ``prompt_index`` (B, W): k on the column of virtual token k, -1 elsewhere;
+    - ``position_ids`` (B, W): the live columns counted in order after the row's
+      ``cache_prompt_lengths[b]`` (a deep prompt already in the cache), or with ``restart`` the
+      prompt and the text each counted from 0; 0 on padding.
+    """
+    batch, text_length = attention_mask.shape
+    device = attention_mask.device
+    lengths = prompt_lengths.long()
+    width = text_length + longest
+    real = attention_mask != 0
+    rank = real.long().cumsum(1) - 1  # order among the row's real tokens
+    live = rank[:, -1] + 1 + lengths if text_length else lengths  # live columns of the row, prompt included
+    first = (width - live) if pad_left else torch.zeros_like(live)
+    offset = torch.arange(width, device=device)[None, :] - first[:, None]  # column's place in the live block
+    layout_mask = (offset >= 0) & (offset < live[:, None])
+    is_prompt = (offset >= 0) & (offset < lengths[:, None])
+
+    pad_rank = (~real).long().cumsum(1) - 1
+    pad_column = pad_rank if pad_left else live[:, None] + pad_rank
+    text_columns = torch.where(real, first[:, None] + lengths[:, None] + rank, pad_column)
+    prompt_index = torch.where(is_prompt, offset, -1)
+    if restart:  # the prompt from 0, then the text from 0
+        positions = torch.where(is_prompt, offset, offset - lengths[:, None])
+    else:  # every live column in order, after the cached prefix
+        positions = offset + cache_prompt_lengths.long()[:, None]
+    positions = positions.masked_fill(~layout_mask, 0)
+    return layout_mask.long(), text_columns, prompt_index, positions
