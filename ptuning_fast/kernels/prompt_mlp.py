@@ -684,6 +684,9 @@ class _Head(NamedTuple):
 # The heaviest launches (every flag set): compiled in every config the launcher may pick, on
 # aligned rows and (at 128 rows, the most registers) on unaligned ones with fp32 loads.
 _HEAVY_HEAD = _Head((_WIDTH,) * 4)
+# Exact fp32 splits the fused backward's loop on the heavy head; a 16-wide output layer (one
+# n-block) keeps the single launch: both compiled in every config.
+_ONE_CHUNK_HEAD = _Head((_WIDTH, _WIDTH, 16))
 _UNALIGNED_HEAD = _Head((_ODD_WIDTH,) * 4, strided_x=True)
 _UNALIGNED_ROWS = (100, _TILED_ROWS)
 _UNALIGNED_NUMERICS = (_FP32, _TF32, _BF16_AUTOCAST)
@@ -719,8 +722,11 @@ def _plan_head(chip: Chip, head: _Head, numerics: tuple, rows: int, defaults_onl
 
 def _is_heavy(call: KernelCall) -> bool:
     """Every flag of its call site set: forward with bias and ReLU, the tiled dW with the bias
-    row sum, the tiled dA with the ReLU gate, the fused backward with all four."""
+    row sum, the tiled dA with the ReLU gate, the fused backward with all four; the split sum
+    (it has no flags)."""
     k = call.kwargs
+    if call.kernel is _split_sum_kernel:
+        return True
     if call.kernel is _linear_kernel:
         return (k["HAS_BIAS"] and k["RELU"]) or k["ROW_SUM"] or k["HAS_GATE"]
     return k["NEED_GRAD_WEIGHT"] and k["NEED_GRAD_BIAS"] and k["NEED_GRAD_INPUT"] and k["GATE_GRAD_INPUT"]
@@ -736,7 +742,9 @@ def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCa
     backward; T = 200: the tiled one):
     every config the launcher may pick on the chip in fp32, fp32 with TF32, bf16 and fp32
     parameters under bf16 autocast (at T = 8 the heuristic's pick: the same configs at 16 rows
-    hold half the tiles of T = 20's); the heuristic's pick in fp16 and under fp16 autocast. The
+    hold half the tiles of T = 20's); the heuristic's pick in fp16 and under fp16 autocast. In
+    exact fp32 the fused backward splits its loop there (with the split sum of its input
+    gradient); its one-launch form is covered in every config on a 1024 -> 1024 -> 16 head. The
     same on a 1000-wide head with a strided input (rows load element by element), at T = 100 and
     200 in fp32, TF32 and fp32 parameters under bf16 autocast.
     Every other reachable flag combination (no bias, frozen layers, no input gradient, a single
@@ -750,6 +758,9 @@ def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCa
         for numerics in _CONFIG_NUMERICS + _TWIN_NUMERICS:
             every_config = numerics in _CONFIG_NUMERICS and rows not in _DEFAULT_ONLY_ROWS and not defaults_only
             calls += [c for c in _plan_head(chip, _HEAVY_HEAD, numerics, rows, not every_config) if _is_heavy(c)]
+            if numerics == _FP32 and rows != _TILED_ROWS:
+                calls += [c for c in _plan_head(chip, _ONE_CHUNK_HEAD, numerics, rows, not every_config)
+                          if c.kernel is _linear_backward_kernel and _is_heavy(c)]
             if rows in _UNALIGNED_ROWS and numerics in _UNALIGNED_NUMERICS:
                 calls += [c for c in _plan_head(chip, _UNALIGNED_HEAD, numerics, rows, defaults_only) if _is_heavy(c)]
             if rows in _FLAG_ROWS and numerics in _FLAG_NUMERICS:

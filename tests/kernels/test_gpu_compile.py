@@ -32,8 +32,8 @@ from ptuning_fast.kernels import _common, aot  # noqa: E402
 from ptuning_fast.kernels._common import CHIPS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = {"_linear_kernel", "_linear_backward_kernel", "_prefix_hidden_kernel", "_prefix_write_kernel",
-           "_prefix_grad_kernel"}
+KERNELS = {"_linear_kernel", "_linear_backward_kernel", "_split_sum_kernel", "_prefix_hidden_kernel",
+           "_prefix_write_kernel", "_prefix_grad_kernel"}
 
 
 def compile_variants(chip: int, out: Path, cache: Path) -> list[dict]:
@@ -63,11 +63,15 @@ def test_every_launch_variant_compiles_and_fits(chip, tmp_path):
     assert {"tf32", "ieee"} <= {r["constexprs"]["INPUT_PRECISION"] for r in rows if r["family"] == "prompt_mlp"}
     cache_dtypes = {r["pointers"][3] for r in rows if r["kernel"] == "_prefix_write_kernel"}
     assert cache_dtypes == {"float32", "bfloat16", "float16"}
+    # Exact fp32's fused backward in both forms: its loop split over the output features, and whole.
+    fp32_backward = {r["constexprs"]["SPLIT"] for r in rows if r["kernel"] == "_linear_backward_kernel"
+                     and r["constexprs"]["COMPUTE_DTYPE"] == "fp32" and r["constexprs"]["INPUT_PRECISION"] == "ieee"}
+    assert fp32_backward == {True, False}
 
     # The launcher's shared-memory estimate, by which it drops configs, bounds the compiler's
     # number: a config it keeps on a chip not compiled here also fits there.
     for r in rows:
-        if r["family"] != "prompt_mlp":
+        if r["family"] != "prompt_mlp" or r["kernel"] == "_split_sum_kernel":  # the sum: no shared tiles
             continue
         c = r["constexprs"]
         sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
