@@ -224,17 +224,22 @@ def test_split_backward_equals_the_reference(monkeypatch, dtype, splits):
             torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
 
 
-def test_split_backward_is_deterministic_and_close_to_one_chunk():
+def test_split_backward_is_deterministic_and_close_to_one_chunk(monkeypatch):
     """The partial sums are added in a fixed order: the same split gives the same bits; the
-    chunk count changes only the fp32 rounding."""
-    layers = make_head((40, 100, 100, 40), seed=33)
+    chunk count changes only the fp32 rounding. Six chunks of 200 features (7 blocks): the split
+    sum runs past its first UNROLL partials."""
+    backward, sums = split_launches(monkeypatch)
+    assert 6 > kernels._SPLIT_SUM_UNROLL
+    layers = make_head((40, 200, 200, 40), seed=33)
     x = torch.randn(2, 7, 40, generator=torch.Generator().manual_seed(34)).requires_grad_()
     upstream = torch.randn(2, 7, 40, generator=torch.Generator().manual_seed(35))
 
     def kernel(x, layers):
         return ops_prompt_mlp.prompt_mlp_triton(x, layers)
 
-    with kernels.backward_splits(3):
+    with kernels.backward_splits(6):
+        check_against_reference(x, layers, seed=35)
+        assert [grid[1] for grid in backward] == [2, 6, 6] and len(sums) == 3
         _, first = run(kernel, x, layers, upstream)
         _, second = run(kernel, x, layers, upstream)
     with kernels.backward_splits(1):
