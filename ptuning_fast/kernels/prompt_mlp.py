@@ -413,8 +413,9 @@ _FORCED_SPLITS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("
 def backward_splits(splits: int) -> Iterator[None]:
     """Inside the block the fused backward (up to 128 rows) cuts its loop over the output
     features into ``splits`` chunks (at most one per block of them) in every dtype and on every
-    device, in place of :func:`_split_plan`'s choice; ``splits=1``: one launch, no workspace.
-    For tests and measurements; per context (thread, task), not process-wide."""
+    device, in place of :func:`_split_plan`'s choice, and picks its block for that many chunks;
+    ``splits=1``: one launch, no workspace, the launch of the package before split-K. For tests
+    and measurements; per context (thread, task), not process-wide."""
     if isinstance(splits, bool) or not isinstance(splits, int):
         raise TypeError(f"`splits` must be an int, got {type(splits).__name__}")
     if splits < 1:
@@ -511,9 +512,9 @@ def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch
         return (backward, reduce)
 
     def configs(chip: Chip) -> tuple:
-        # An FMA launch may split its n-loop: count its n-blocks as programs when picking the
-        # widest block, then give each config its split count.
-        n_programs = cdiv(N, _NARROW_BACKWARD_LOOP) if path == "fma" else 1
+        # An FMA launch may split its n-loop: count its n-blocks (or the forced chunks) as
+        # programs when picking the widest block, then give each config its split count.
+        n_programs = forced if forced is not None else cdiv(N, _NARROW_BACKWARD_LOOP) if path == "fma" else 1
         choices = _choices("backward", chip, block_m, (grad.element_size(), weight.element_size()), path,
                            _aligned(grad, inp, weight), K, n_programs)
         return tuple((*c, _split_plan(path, cdiv(K, c[0]), cdiv(N, c[1]), chip.sm_count)) for c in choices)
