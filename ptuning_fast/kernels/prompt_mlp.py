@@ -17,6 +17,10 @@ Backward, one launch per layer (T <= 128):
     ``g[:, n] @ W[n, k]`` to the input gradient, and (program 0) writes ``db[n] = sum_rows g[:, n]``.
     The input gradient of its k-block is then complete, so the ReLU of the layer below is applied
     right there (``a > 0`` from the saved activation) before the single store.
+    Exact fp32 (no TF32) runs on the FMA units, where that loop over n is long serial work: there
+    the loop is cut into chunks, a second grid dimension (split-K, ``_split_plan``), each program
+    storing its gated share of the input gradient as fp32 partial sums, which ``_split_sum_kernel``
+    adds up in a fixed order and rounds (two launches per layer).
     For T > 128 the same math runs as two launches per layer through ``_linear_kernel``
     (``dW, db`` with a row-sum epilogue; ``dA`` with a ReLU-gate epilogue).
 
@@ -558,7 +562,8 @@ def mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[torc
 
     ``hidden`` are the activations :func:`mlp_forward` returned. Weight and bias gradients are
     accumulated in fp32 and come back in their parameter's dtype; dx in x's dtype.
-    One launch per layer for up to 128 rows, two beyond.
+    One launch per layer for up to 128 rows (two in exact fp32 on a GPU, where the loop is split),
+    two beyond.
     """
     with _on_device(x.device):
         return _backward_layers(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights,
