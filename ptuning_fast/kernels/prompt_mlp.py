@@ -195,9 +195,10 @@ def _split_sum_kernel(
     EMULATE_RTNE: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """``out[m, k] = sum_s part[s, m, k]``, cast to out's dtype: the input gradient of a split
-    backward. The partials are added in split order, always the same (no atomics), so the
-    result is deterministic. UNROLL partials are loaded as one tile before they are added: the
-    loads (of data just written, in L2) overlap instead of each waiting for the last."""
+    backward. The partials are added in one fixed order (tiles of UNROLL consecutive splits, in
+    split order, each tile summed by the same reduction; no atomics), so the result is
+    deterministic. A tile's loads (of data just written, in L2) overlap instead of each waiting
+    for the last."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     numel = M * K
     m = offs // K

@@ -281,6 +281,41 @@ def test_split_plan_splits_exact_fp32_only():
     assert kernels._split_plan("fma", 300, 64, 132) == 1  # two waves already
 
 
+_PLAN_SCRIPT = """
+import torch
+from ptuning_fast.kernels._common import CHIPS, planning, tf32_allowed
+from ptuning_fast.kernels.prompt_mlp import mlp_backward, mlp_forward
+for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
+    meta = dict(device="meta", dtype=dtype)
+    x, w = torch.empty(20, 768, **meta), torch.empty(768, 768, **meta)
+    with tf32_allowed(tf32), planning(CHIPS[90], defaults_only=True) as calls:
+        out, hidden = mlp_forward(x, [w, w], [None, None], dtype)
+        mlp_backward(torch.empty_like(out), x, [w, w], [None, None], hidden, dtype, True, [True] * 2, [False] * 2)
+    print(dtype, tf32, [(c.kernel.__name__, c.grid) for c in calls if c.kernel.__name__ != "_linear_kernel"])
+"""
+
+
+def test_launcher_plans_the_split_at_d768_exact_fp32_only():
+    """The launchers themselves, planned for sm_90 (outside the interpreter, in a subprocess):
+    at T = 20, d = 768 exact fp32 launches the split backward (11 chunks of 12 input-feature
+    blocks) and its split sum per layer; TF32 and bf16 the single launch (48 blocks of 16)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _PLAN_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    split = [("_linear_backward_kernel", (12, 11)), ("_split_sum_kernel", (15,))]
+    assert result.stdout.splitlines() == [
+        f"torch.float32 False {split * 2}",
+        "torch.float32 True [('_linear_backward_kernel', (48,)), ('_linear_backward_kernel', (48,))]",
+        "torch.bfloat16 False [('_linear_backward_kernel', (48,)), ('_linear_backward_kernel', (48,))]",
+    ], result.stdout
+
+
 def test_backward_splits_argument_errors():
     with pytest.raises(TypeError, match="`splits` must be an int"):
         with kernels.backward_splits(2.0):
