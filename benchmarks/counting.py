@@ -196,21 +196,26 @@ class LaunchCounter(TorchDispatchMode):
 def as_on_cuda(counter: LaunchCounter):
     """The package's CUDA code path on CPU or meta tensors, for counting: the Triton kernels are
     chosen as on CUDA, and each launch is counted in ``counter`` at its launcher instead of run
-    (their outputs hold no meaningful values); checks that read values are off, as on CUDA."""
+    (their outputs hold no meaningful values); checks that read values are off, as on CUDA. The
+    prompt-MLP launchers take their heuristic's pick for sm_90 (an H100), which decides how many
+    kernels a launch is (exact fp32's fused backward splits its loop: a second, summing kernel)."""
     import importlib
 
-    from ptuning_fast.kernels._common import KernelCall
+    from ptuning_fast.kernels._common import CHIPS, KernelCall
 
     prefix_kv = importlib.import_module("ptuning_fast.ops.prefix_kv")  # the modules, not the functions
     prompt_mlp = importlib.import_module("ptuning_fast.ops.prompt_mlp")
+    mlp_kernels = importlib.import_module("ptuning_fast.kernels.prompt_mlp")
 
     def count(call):
         counter.add(f"triton.{getattr(call.kernel, '__name__', None) or call.kernel.fn.__name__}")
 
-    saved = [(prompt_mlp, "resolve_backend"), (prefix_kv, "resolve_backend"), (KernelCall, "launch")]
+    saved = [(prompt_mlp, "resolve_backend"), (prefix_kv, "resolve_backend"), (KernelCall, "launch"),
+             (mlp_kernels, "_config")]
     originals = [getattr(owner, name) for owner, name in saved]
     prompt_mlp.resolve_backend = prefix_kv.resolve_backend = lambda device: "triton"
     KernelCall.launch = count
+    mlp_kernels._config = lambda kind, key, call, configs, device: configs(CHIPS[90])[0]
     try:
         with ptuning_fast.value_checks("never"):
             yield counter

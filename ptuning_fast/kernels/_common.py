@@ -209,21 +209,30 @@ def planning(chip: Chip, *, defaults_only: bool = False) -> Iterator[List[Kernel
         _PLAN.reset(token)
 
 
-def dispatch(call: Callable[[Any], KernelCall], configs: Callable[[Chip], Sequence[Any]],
+def launches(calls: Any) -> tuple:
+    """A launcher's ``call(config)`` as a tuple of :class:`KernelCall`: one launch, or several
+    run in order (a kernel and the one that reduces its partial results)."""
+    return (calls,) if isinstance(calls, KernelCall) else tuple(calls)
+
+
+def dispatch(call: Callable[[Any], Any], configs: Callable[[Chip], Sequence[Any]],
              choose: Callable[[], Any]) -> None:
-    """Launch ``call(choose())``; while :func:`planning`, record instead the call of every
-    config the launcher may pick on the plan's chip, ``configs(chip)``, its default first."""
+    """Launch ``call(choose())`` (a :class:`KernelCall` or a sequence of them, run in order);
+    while :func:`planning`, record instead the calls of every config the launcher may pick on the
+    plan's chip, ``configs(chip)``, its default first."""
     if not (callable(call) and callable(configs) and callable(choose)):
         raise TypeError("`call`, `configs` and `choose` must be callables")
     plan = _PLAN.get()
     if plan is not None:
         choices = configs(plan.chip)
-        plan.calls.extend(call(config) for config in (choices[:1] if plan.defaults_only else choices))
+        for config in (choices[:1] if plan.defaults_only else choices):
+            plan.calls.extend(launches(call(config)))
         return
-    call(choose()).launch()
+    for kernel_call in launches(call(choose())):
+        kernel_call.launch()
 
 
 __all__ = ["CHIPS", "INTERPRETING", "KERNELS_TRACEABLE", "KERNEL_DTYPES", "MAX_REGISTERS_PER_THREAD",
            "REGISTERS_PER_SM", "TORCH_TO_TL", "TRITON_OPS", "Chip", "DotNumerics", "KernelCall", "cast_rtne", "cdiv",
-           "chip_of", "device_chip", "dispatch", "dot_numerics", "kernel_op", "launch_kernel", "planning", "pow2_block",
-           "tf32_allowed", "traced"]
+           "chip_of", "device_chip", "dispatch", "dot_numerics", "kernel_op", "launch_kernel", "launches", "planning",
+           "pow2_block", "tf32_allowed", "traced"]

@@ -17,6 +17,10 @@ Backward, one launch per layer (T <= 128):
     ``g[:, n] @ W[n, k]`` to the input gradient, and (program 0) writes ``db[n] = sum_rows g[:, n]``.
     The input gradient of its k-block is then complete, so the ReLU of the layer below is applied
     right there (``a > 0`` from the saved activation) before the single store.
+    Exact fp32 (no TF32) runs on the FMA units, where that loop over n is long serial work: there
+    the loop is cut into chunks, a second grid dimension (split-K, ``_split_plan``), each program
+    storing its gated share of the input gradient as fp32 partial sums, which ``_split_sum_kernel``
+    adds up in a fixed order and rounds (two launches per layer).
     For T > 128 the same math runs as two launches per layer through ``_linear_kernel``
     (``dW, db`` with a row-sum epilogue; ``dA`` with a ReLU-gate epilogue).
 
@@ -36,15 +40,16 @@ while a stream is being captured).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (INTERPRETING, Chip, DotNumerics, KernelCall, cast_rtne, cdiv, chip_of, dispatch, dot_numerics,
-                      kernel_op, planning, pow2_block, tf32_allowed, traced)
+                      kernel_op, launches, planning, pow2_block, tf32_allowed, traced)
 
 # Rows handled by one program of the fused backward; beyond it the backward takes the tiled path.
 FUSED_BACKWARD_MAX_ROWS = 128
@@ -112,9 +117,9 @@ def _linear_backward_kernel(
     grad_ptr, inp_ptr, weight_ptr, grad_weight_ptr, grad_bias_ptr, grad_inp_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_im, stride_ik, stride_wn, stride_wk,
-    stride_dwn, stride_dwk, stride_dim, stride_dik,
+    stride_dwn, stride_dwk, stride_dis, stride_dim, stride_dik,
     NEED_GRAD_WEIGHT: tl.constexpr, NEED_GRAD_BIAS: tl.constexpr, NEED_GRAD_INPUT: tl.constexpr,
-    GATE_GRAD_INPUT: tl.constexpr,
+    GATE_GRAD_INPUT: tl.constexpr, SPLIT: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -123,8 +128,25 @@ def _linear_backward_kernel(
     A program owns input features [k0, k0 + BLOCK_K): the stripe dW[:, k-block] and the complete
     input gradient of that block, which is summed over every output feature n inside the program
     (no atomics, no second pass). GATE_GRAD_INPUT applies the ReLU that produced ``inp``.
+
+    SPLIT (split-K over n): the second grid dimension cuts the n-blocks into ``num_programs(1)``
+    contiguous chunks (sizes differing by at most one block) and a program walks only its own.
+    dW and db of its chunk are complete and stored as above; its share of the input gradient,
+    gated, goes unrounded to the fp32 workspace ``grad_inp[split]`` (stride ``stride_dis``),
+    which ``_split_sum_kernel`` reduces. The gate commutes with the sum (it zeroes whole
+    columns), so the gated partials add up to the gated gradient, NaN and Inf included.
     """
     pid = tl.program_id(0)
+    if SPLIT:
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        n_start = (split * n_blocks // n_splits) * BLOCK_N
+        n_end = ((split + 1) * n_blocks // n_splits) * BLOCK_N
+        grad_inp_ptr += split * stride_dis
+    else:
+        n_start = 0
+        n_end = N
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
@@ -134,7 +156,7 @@ def _linear_backward_kernel(
                   mask=mk_mask, other=0.0), COMPUTE_DTYPE, EMULATE_RTNE).to(DOT_DTYPE)
 
     grad_inp = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         g = cast_rtne(tl.load(grad_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
@@ -145,7 +167,7 @@ def _linear_backward_kernel(
             tl.store(grad_weight_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
                      cast_rtne(grad_w, grad_weight_ptr.dtype.element_ty, EMULATE_RTNE), mask=nk_mask)
         if NEED_GRAD_BIAS:
-            # Every program sees all of g; only the first one writes the bias gradient.
+            # Every program of a chunk sees all of its g; only the first one writes the bias gradient.
             grad_b = tl.sum(g.to(tl.float32), axis=0)
             bias_limit = tl.where(pid == 0, N, 0)
             tl.store(grad_bias_ptr + offs_n, cast_rtne(grad_b, grad_bias_ptr.dtype.element_ty, EMULATE_RTNE),
@@ -158,8 +180,39 @@ def _linear_backward_kernel(
     if NEED_GRAD_INPUT:
         if GATE_GRAD_INPUT:
             grad_inp = tl.where(inp <= 0, 0.0, grad_inp)  # as torch's ReLU backward (NaN passes)
-        tl.store(grad_inp_ptr + offs_m[:, None] * stride_dim + offs_k[None, :] * stride_dik,
-                 cast_rtne(grad_inp, grad_inp_ptr.dtype.element_ty, EMULATE_RTNE), mask=mk_mask)
+        if SPLIT:  # an fp32 partial sum: rounded once, after the reduction
+            tl.store(grad_inp_ptr + offs_m[:, None] * stride_dim + offs_k[None, :] * stride_dik, grad_inp,
+                     mask=mk_mask)
+        else:
+            tl.store(grad_inp_ptr + offs_m[:, None] * stride_dim + offs_k[None, :] * stride_dik,
+                     cast_rtne(grad_inp, grad_inp_ptr.dtype.element_ty, EMULATE_RTNE), mask=mk_mask)
+
+
+@triton.jit
+def _split_sum_kernel(
+    part_ptr, out_ptr, SPLITS, M, K,
+    stride_ps, stride_pm, stride_pk, stride_om, stride_ok,
+    EMULATE_RTNE: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+):
+    """``out[m, k] = sum_s part[s, m, k]``, cast to out's dtype: the input gradient of a split
+    backward. The partials are added in one fixed order (tiles of UNROLL consecutive splits, in
+    split order, each tile summed by the same reduction; no atomics), so the result is
+    deterministic. A tile's loads (of data just written, in L2) overlap instead of each waiting
+    for the last."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    numel = M * K
+    m = offs // K
+    k = offs % K
+    ptrs = part_ptr + m * stride_pm + k * stride_pk
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s0 in range(0, SPLITS, UNROLL):
+        offs_s = s0 + tl.arange(0, UNROLL)
+        # Rows past the last split load 0.0, an exact no-op in the sum.
+        parts = tl.load(ptrs[None, :] + offs_s[:, None] * stride_ps,
+                        mask=(offs_s[:, None] < SPLITS) & (offs[None, :] < numel), other=0.0)
+        acc += tl.sum(parts, axis=0)
+    tl.store(out_ptr + m * stride_om + k * stride_ok, cast_rtne(acc, out_ptr.dtype.element_ty, EMULATE_RTNE),
+             mask=offs < numel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,6 +245,7 @@ _BACKWARD_TILE_BUDGET = {"mma16": 160, "tf32": 128}
 # the fused backward on 16-wide loop blocks with BLOCK_M x BLOCK_K <= 4096.
 _NARROW_LINEAR_VOLUME = 1 << 17
 _NARROW_BACKWARD_AREA = 4096
+_NARROW_BACKWARD_LOOP = 16
 _INTERPRETER_CONFIG = (32, 32, 1, 1)  # small blocks: the tests' odd sizes cross block edges
 _tuned: dict = {}
 
@@ -217,7 +271,7 @@ def _heuristic_config(kind: str, block: int, block_m: int, path: str, aligned: b
     if path == "fma" or not aligned:
         if kind == "linear":
             return (block, min(64, _NARROW_LINEAR_VOLUME // (block_m * block)), 8, 3)
-        return (block, 16, 8, 2) if block_m * block <= _NARROW_BACKWARD_AREA else None
+        return (block, _NARROW_BACKWARD_LOOP, 8, 2) if block_m * block <= _NARROW_BACKWARD_AREA else None
     if kind == "linear":  # a loop block sized for the operands: 16-bit ones take half the registers
         return (block, 128 if path == "mma16" else 64, 4, 3)
     return (block, 64, 4, 2)
@@ -299,11 +353,13 @@ def _config(kind: str, key: tuple, call: Callable[[tuple], KernelCall], configs:
     choices = configs(chip_of(device))
     default = choices[0]
     if (os.environ.get("PTUNING_FAST_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing()
-            or traced(call(default).args[0])):  # traced by torch.compile: nothing to time, the config goes in the graph
+            or traced(launches(call(default))[0].args[0])):  # traced by torch.compile: nothing to time
         return default
     timings = {}
     for config in choices:  # the heuristic's pick first
-        launch = call(config).launch
+        def launch(calls=launches(call(config))):
+            for kernel_call in calls:
+                kernel_call.launch()
         try:
             launch()  # compiles; raises if the config does not fit the chip after all
             torch.cuda.synchronize(device)
@@ -326,6 +382,54 @@ def _choices(kind: str, chip: Chip, block_m: int, operand_bytes: Tuple[int, int]
     choices = launch_configs(kind, chip, block_m, operand_bytes, path, aligned)
     default = _heuristic(kind, choices, programs_along, other_programs, chip.sm_count, block_m, path, aligned)
     return (default,) + tuple(c for c in choices if c != default)
+
+
+# --------------------------------------------------------------------------------------------
+# Split-K of the fused backward
+# --------------------------------------------------------------------------------------------
+# Exact fp32 runs the fused backward on the FMA units, where one loop iteration over 16 output
+# features is ~200 instructions per warp: a program per input-feature block that walks all d/16
+# n-blocks is tens of microseconds of serial work at d = 768..4096 with at most one program per
+# SM. Cutting the n-loop into chunks (a second grid dimension) shortens every program; the input
+# gradient then comes as fp32 partial sums that ``_split_sum_kernel`` adds up. Tensor-core paths
+# do an iteration in a few instructions and keep one launch.
+_SPLIT_MAX_WAVES = 2  # programs per SM at most: more only trades loop iterations for waves
+
+
+def _split_plan(path: str, k_programs: int, n_blocks: int, sms: int) -> int:
+    """Chunks of the fused backward's loop over ``n_blocks`` output-feature blocks, for a launch
+    of ``k_programs`` input-feature blocks on ``sms`` SMs: 1 unless ``path`` is "fma".
+
+    Issue-bound model: a program's time is its loop iterations, ``cdiv(n_blocks, splits)``, and
+    an SM runs ``cdiv(programs, sms)`` programs one after another; the split count minimises the
+    product among those with at most two programs per SM, the largest among equals (more warps on
+    an SM hide more load latency)."""
+    if path != "fma":
+        return 1
+    most = max(1, min(n_blocks, _SPLIT_MAX_WAVES * sms // k_programs))
+    return min(range(1, most + 1), key=lambda s: (cdiv(k_programs * s, sms) * cdiv(n_blocks, s), -s))
+
+
+_FORCED_SPLITS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("ptuning_fast_backward_splits",
+                                                                               default=None)
+
+
+@contextlib.contextmanager
+def backward_splits(splits: int) -> Iterator[None]:
+    """Inside the block the fused backward (up to 128 rows) cuts its loop over the output
+    features into ``splits`` chunks (at most one per block of them) in every dtype and on every
+    device, in place of :func:`_split_plan`'s choice, and picks its block for that many chunks;
+    ``splits=1``: one launch, no workspace, the launch of the package before split-K. For tests
+    and measurements; per context (thread, task), not process-wide."""
+    if isinstance(splits, bool) or not isinstance(splits, int):
+        raise TypeError(f"`splits` must be an int, got {type(splits).__name__}")
+    if splits < 1:
+        raise ValueError(f"`splits` must be >= 1, got {splits}")
+    token = _FORCED_SPLITS.set(splits)
+    try:
+        yield
+    finally:
+        _FORCED_SPLITS.reset(token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,37 +465,66 @@ def _launch_linear(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, numerics: 
     dispatch(call, configs, lambda: _config("linear", key, call, configs, a.device))
 
 
+_SPLIT_SUM_BLOCK = 1024  # elements of the input gradient per program of the split sum
+_SPLIT_SUM_UNROLL = 4  # partials in flight per element
+
+
 def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, numerics: DotNumerics, *,
                             grad_weight: Optional[torch.Tensor], grad_bias: Optional[torch.Tensor],
                             grad_inp: Optional[torch.Tensor], gate: bool) -> None:
-    """All gradients of one layer in one launch (M <= FUSED_BACKWARD_MAX_ROWS rows)."""
+    """All gradients of one layer (M <= FUSED_BACKWARD_MAX_ROWS rows): one launch, or with a
+    split loop (exact fp32, see ``_split_plan``) two: the split backward and the sum of its
+    input-gradient partials."""
     M, N = grad.shape
     K = inp.shape[1]
     block_m = _row_block(M)
+    path = _path(numerics)
+    forced = _FORCED_SPLITS.get()
     unused = grad  # stands in for outputs that are not needed (never written)
-    strides = (*grad.stride(), *inp.stride(), *weight.stride(),
-               *(grad_weight.stride() if grad_weight is not None else (0, 0)),
-               *(grad_inp.stride() if grad_inp is not None else (0, 0)))
+    in_strides = (*grad.stride(), *inp.stride(), *weight.stride(),
+                  *(grad_weight.stride() if grad_weight is not None else (0, 0)))
 
-    def call(config) -> KernelCall:
-        block_k, block_n, num_warps, num_stages = config
-        return KernelCall(_linear_backward_kernel, (cdiv(K, block_k),), (
+    def call(config) -> Tuple[KernelCall, ...]:
+        # Configs are (BLOCK_K, BLOCK_N, num_warps, num_stages, splits); the interpreter's and
+        # CPU's fixed config has no split count: one chunk.
+        block_k, block_n, num_warps, num_stages = config[:4]
+        n_blocks = cdiv(N, block_n)
+        splits = min(forced, n_blocks) if forced is not None else (config[4] if len(config) > 4 else 1)
+        partials = None
+        if grad_inp is None:
+            target, out_strides = unused, (0, 0, 0)
+        elif splits > 1:  # the input gradient as fp32 partial sums, one (M, K) slice per chunk
+            partials = target = torch.empty((splits, M, K), device=grad.device, dtype=torch.float32)
+            out_strides = partials.stride()
+        else:
+            target, out_strides = grad_inp, (0, *grad_inp.stride())
+        grid = (cdiv(K, block_k), splits) if splits > 1 else (cdiv(K, block_k),)
+        backward = KernelCall(_linear_backward_kernel, grid, (
             grad, inp, weight,
             grad_weight if grad_weight is not None else unused,
             grad_bias if grad_bias is not None else unused,
-            grad_inp if grad_inp is not None else unused,
-            M, N, K, *strides), dict(
+            target, M, N, K, *in_strides, *out_strides), dict(
             NEED_GRAD_WEIGHT=grad_weight is not None, NEED_GRAD_BIAS=grad_bias is not None,
-            NEED_GRAD_INPUT=grad_inp is not None, GATE_GRAD_INPUT=gate,
+            NEED_GRAD_INPUT=grad_inp is not None, GATE_GRAD_INPUT=gate, SPLIT=splits > 1,
             COMPUTE_DTYPE=numerics.tl_dtype, DOT_DTYPE=numerics.dot_dtype, INPUT_PRECISION=numerics.precision,
             EMULATE_RTNE=INTERPRETING,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages))
+        if partials is None:
+            return (backward,)
+        reduce = KernelCall(_split_sum_kernel, (cdiv(M * K, _SPLIT_SUM_BLOCK),), (
+            partials, grad_inp, splits, M, K, *partials.stride(), *grad_inp.stride()), dict(
+            EMULATE_RTNE=INTERPRETING, BLOCK=_SPLIT_SUM_BLOCK, UNROLL=_SPLIT_SUM_UNROLL, num_warps=4, num_stages=1))
+        return (backward, reduce)
 
     def configs(chip: Chip) -> tuple:
-        return _choices("backward", chip, block_m, (grad.element_size(), weight.element_size()), _path(numerics),
-                        _aligned(grad, inp, weight), K, 1)
+        # An FMA launch may split its n-loop: count its n-blocks (or the forced chunks) as
+        # programs when picking the widest block, then give each config its split count.
+        n_programs = forced if forced is not None else cdiv(N, _NARROW_BACKWARD_LOOP) if path == "fma" else 1
+        choices = _choices("backward", chip, block_m, (grad.element_size(), weight.element_size()), path,
+                           _aligned(grad, inp, weight), K, n_programs)
+        return tuple((*c, _split_plan(path, cdiv(K, c[0]), cdiv(N, c[1]), chip.sm_count)) for c in choices)
 
-    key = ("backward", M, N, K, numerics.dtype, grad.dtype, inp.dtype, weight.dtype, grad.device)
+    key = ("backward", M, N, K, numerics.dtype, grad.dtype, inp.dtype, weight.dtype, grad.device, forced)
     dispatch(call, configs, lambda: _config("backward", key, call, configs, grad.device))
 
 
@@ -430,7 +563,8 @@ def mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[torc
 
     ``hidden`` are the activations :func:`mlp_forward` returned. Weight and bias gradients are
     accumulated in fp32 and come back in their parameter's dtype; dx in x's dtype.
-    One launch per layer for up to 128 rows, two beyond.
+    One launch per layer for up to 128 rows (two in exact fp32 on a GPU, where the loop is split),
+    two beyond.
     """
     with _on_device(x.device):
         return _backward_layers(grad_out, x, weights, biases, hidden, compute_dtype, need_grad_x, need_grad_weights,
@@ -564,6 +698,9 @@ class _Head(NamedTuple):
 # The heaviest launches (every flag set): compiled in every config the launcher may pick, on
 # aligned rows and (at 128 rows, the most registers) on unaligned ones with fp32 loads.
 _HEAVY_HEAD = _Head((_WIDTH,) * 4)
+# Exact fp32 splits the fused backward's loop on the heavy head; a 16-wide output layer (one
+# n-block) keeps the single launch: both compiled in every config.
+_ONE_CHUNK_HEAD = _Head((_WIDTH, _WIDTH, 16))
 _UNALIGNED_HEAD = _Head((_ODD_WIDTH,) * 4, strided_x=True)
 _UNALIGNED_ROWS = (100, _TILED_ROWS)
 _UNALIGNED_NUMERICS = (_FP32, _TF32, _BF16_AUTOCAST)
@@ -599,8 +736,11 @@ def _plan_head(chip: Chip, head: _Head, numerics: tuple, rows: int, defaults_onl
 
 def _is_heavy(call: KernelCall) -> bool:
     """Every flag of its call site set: forward with bias and ReLU, the tiled dW with the bias
-    row sum, the tiled dA with the ReLU gate, the fused backward with all four."""
+    row sum, the tiled dA with the ReLU gate, the fused backward with all four; the split sum
+    (it has no flags)."""
     k = call.kwargs
+    if call.kernel is _split_sum_kernel:
+        return True
     if call.kernel is _linear_kernel:
         return (k["HAS_BIAS"] and k["RELU"]) or k["ROW_SUM"] or k["HAS_GATE"]
     return k["NEED_GRAD_WEIGHT"] and k["NEED_GRAD_BIAS"] and k["NEED_GRAD_INPUT"] and k["GATE_GRAD_INPUT"]
@@ -616,7 +756,9 @@ def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCa
     backward; T = 200: the tiled one):
     every config the launcher may pick on the chip in fp32, fp32 with TF32, bf16 and fp32
     parameters under bf16 autocast (at T = 8 the heuristic's pick: the same configs at 16 rows
-    hold half the tiles of T = 20's); the heuristic's pick in fp16 and under fp16 autocast. The
+    hold half the tiles of T = 20's); the heuristic's pick in fp16 and under fp16 autocast. In
+    exact fp32 the fused backward splits its loop there (with the split sum of its input
+    gradient); its one-launch form is covered in every config on a 1024 -> 1024 -> 16 head. The
     same on a 1000-wide head with a strided input (rows load element by element), at T = 100 and
     200 in fp32, TF32 and fp32 parameters under bf16 autocast.
     Every other reachable flag combination (no bias, frozen layers, no input gradient, a single
@@ -630,6 +772,9 @@ def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCa
         for numerics in _CONFIG_NUMERICS + _TWIN_NUMERICS:
             every_config = numerics in _CONFIG_NUMERICS and rows not in _DEFAULT_ONLY_ROWS and not defaults_only
             calls += [c for c in _plan_head(chip, _HEAVY_HEAD, numerics, rows, not every_config) if _is_heavy(c)]
+            if numerics == _FP32 and rows != _TILED_ROWS:
+                calls += [c for c in _plan_head(chip, _ONE_CHUNK_HEAD, numerics, rows, not every_config)
+                          if c.kernel is _linear_backward_kernel and _is_heavy(c)]
             if rows in _UNALIGNED_ROWS and numerics in _UNALIGNED_NUMERICS:
                 calls += [c for c in _plan_head(chip, _UNALIGNED_HEAD, numerics, rows, defaults_only) if _is_heavy(c)]
             if rows in _FLAG_ROWS and numerics in _FLAG_NUMERICS:
@@ -638,5 +783,5 @@ def launch_variants(chip: Chip, *, defaults_only: bool = False) -> List[KernelCa
     return calls
 
 
-__all__ = ["FUSED_BACKWARD_MAX_ROWS", "launch_configs", "launch_variants", "mlp_backward", "mlp_backward_op",
-           "mlp_forward", "mlp_forward_op"]
+__all__ = ["FUSED_BACKWARD_MAX_ROWS", "backward_splits", "launch_configs", "launch_variants", "mlp_backward",
+           "mlp_backward_op", "mlp_forward", "mlp_forward_op"]

@@ -96,7 +96,8 @@ def prompt_mlp_head(x: torch.Tensor, layers: Sequence[Layer]) -> torch.Tensor:
     ``nn.Linear``, ReLU between consecutive layers. Returns (..., out_features of the last layer).
     Honors ``torch.autocast`` as ``F.linear`` does. On CUDA (backend ``auto``/``triton``) it runs the
     fused Triton kernels: one launch per layer forward and one per layer backward (for up to 128
-    rows), weight and bias gradients accumulated in fp32.
+    rows; in exact fp32 two, the split loop and the sum of its partials), weight and bias gradients
+    accumulated in fp32.
 
     Raises TypeError / ValueError naming the argument for a wrong type, shape, dtype or device.
     """

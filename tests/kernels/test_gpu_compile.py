@@ -32,8 +32,8 @@ from ptuning_fast.kernels import _common, aot  # noqa: E402
 from ptuning_fast.kernels._common import CHIPS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = {"_linear_kernel", "_linear_backward_kernel", "_prefix_hidden_kernel", "_prefix_write_kernel",
-           "_prefix_grad_kernel"}
+KERNELS = {"_linear_kernel", "_linear_backward_kernel", "_split_sum_kernel", "_prefix_hidden_kernel",
+           "_prefix_write_kernel", "_prefix_grad_kernel"}
 
 
 def compile_variants(chip: int, out: Path, cache: Path) -> list[dict]:
@@ -58,16 +58,20 @@ def test_every_launch_variant_compiles_and_fits(chip, tmp_path):
 
     # Not a vacuous pass: every kernel, in each dtype it is launched with, was compiled.
     assert {r["kernel"] for r in rows} == KERNELS
-    mlp_dtypes = {r["constexprs"]["COMPUTE_DTYPE"] for r in rows if r["family"] == "prompt_mlp"}
-    assert mlp_dtypes == {"fp32", "bf16", "fp16"}
-    assert {"tf32", "ieee"} <= {r["constexprs"]["INPUT_PRECISION"] for r in rows if r["family"] == "prompt_mlp"}
+    mlp_rows = [r for r in rows if r["family"] == "prompt_mlp" and r["kernel"] != "_split_sum_kernel"]
+    assert {r["constexprs"]["COMPUTE_DTYPE"] for r in mlp_rows} == {"fp32", "bf16", "fp16"}
+    assert {"tf32", "ieee"} <= {r["constexprs"]["INPUT_PRECISION"] for r in mlp_rows}
     cache_dtypes = {r["pointers"][3] for r in rows if r["kernel"] == "_prefix_write_kernel"}
     assert cache_dtypes == {"float32", "bfloat16", "float16"}
+    # Exact fp32's fused backward in both forms: its loop split over the output features, and whole.
+    fp32_backward = {r["constexprs"]["SPLIT"] for r in rows if r["kernel"] == "_linear_backward_kernel"
+                     and r["constexprs"]["COMPUTE_DTYPE"] == "fp32" and r["constexprs"]["INPUT_PRECISION"] == "ieee"}
+    assert fp32_backward == {True, False}
 
     # The launcher's shared-memory estimate, by which it drops configs, bounds the compiler's
     # number: a config it keeps on a chip not compiled here also fits there.
     for r in rows:
-        if r["family"] != "prompt_mlp":
+        if r["family"] != "prompt_mlp" or r["kernel"] == "_split_sum_kernel":  # the sum: no shared tiles
             continue
         c = r["constexprs"]
         sizes = {"float32": 4, "bfloat16": 2, "float16": 2}

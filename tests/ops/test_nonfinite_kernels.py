@@ -11,6 +11,7 @@ from ptuning_fast import prefix_kv, use_backend
 from ptuning_fast.reference import prompt_mlp_reference
 
 pytest.importorskip("ptuning_fast.kernels.prompt_mlp")  # Triton
+from ptuning_fast.kernels.prompt_mlp import backward_splits  # noqa: E402
 from ptuning_fast.ops import prompt_mlp as ops_prompt_mlp  # noqa: E402
 
 
@@ -22,14 +23,19 @@ def assert_same_nonfinite_pattern(got, expected, what):
     torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-5, msg=what)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_prompt_mlp_keeps_nonfinite_values(bad):
-    layers = make_head((20, 36, 36, 20), seed=11)
+def test_prompt_mlp_keeps_nonfinite_values(bad, splits):
+    """Also with the backward's loop over the output features split (the interpreter's blocks
+    are 32 wide: 72 features make 3 chunks), where NaN and Inf reach the input gradient through
+    the partial sums."""
+    layers = make_head((20, 72, 72, 20), seed=11)
     x = torch.randn(6, 20, generator=torch.Generator().manual_seed(12))
     x[2, 5] = bad  # one virtual token's embedding diverged
     x = x.requires_grad_()
     upstream = torch.randn(6, 20, generator=torch.Generator().manual_seed(13))
-    got, got_grads = run(lambda x, layers: ops_prompt_mlp.prompt_mlp_triton(x, layers), x, layers, upstream)
+    with backward_splits(splits):
+        got, got_grads = run(lambda x, layers: ops_prompt_mlp.prompt_mlp_triton(x, layers), x, layers, upstream)
     ref, ref_grads = run(prompt_mlp_reference, x, layers, upstream)
     assert not torch.isfinite(ref).all()  # the case tests something
     assert_same_nonfinite_pattern(got, ref, "output")
@@ -37,13 +43,15 @@ def test_prompt_mlp_keeps_nonfinite_values(bad):
         assert_same_nonfinite_pattern(g, r, f"gradient {i}")
 
 
-def test_prompt_mlp_keeps_a_nan_weight():
-    layers = make_head((20, 36, 20), seed=14)
+@pytest.mark.parametrize("splits", [1, 2])
+def test_prompt_mlp_keeps_a_nan_weight(splits):
+    layers = make_head((20, 72, 20), seed=14)
     with torch.no_grad():
         layers[0][0][7, 3] = float("nan")  # one hidden unit NaN for every row: ReLU must not hide it
     x = torch.randn(4, 20, generator=torch.Generator().manual_seed(15)).requires_grad_()
     upstream = torch.randn(4, 20, generator=torch.Generator().manual_seed(16))
-    got, got_grads = run(lambda x, layers: ops_prompt_mlp.prompt_mlp_triton(x, layers), x, layers, upstream)
+    with backward_splits(splits):
+        got, got_grads = run(lambda x, layers: ops_prompt_mlp.prompt_mlp_triton(x, layers), x, layers, upstream)
     ref, ref_grads = run(prompt_mlp_reference, x, layers, upstream)
     assert torch.isnan(ref).all()
     assert_same_nonfinite_pattern(got, ref, "output")

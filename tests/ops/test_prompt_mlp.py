@@ -15,6 +15,7 @@ from ptuning_fast import prompt_mlp_head
 from ptuning_fast.reference import prompt_mlp_reference
 
 kernels = pytest.importorskip("ptuning_fast.kernels.prompt_mlp")  # Triton
+from ptuning_fast.kernels._common import CHIPS  # noqa: E402
 from ptuning_fast.ops import prompt_mlp as ops_prompt_mlp  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -177,6 +178,154 @@ def test_gradcheck_reference_float64():
     b1 = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w0, w1, b1: prompt_mlp_reference(x, [(w0, None), (w1, b1)]),
                                     (x, w0, w1, b1))
+
+
+# ----------------------------------------------------------------------------- split backward
+class KernelLog:
+    """Stands in for a Triton kernel object and records the grid of each launch."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]
+
+
+def split_launches(monkeypatch):
+    """(grids of the fused backward, grids of the split sum) as they are launched."""
+    backward, sums = [], []
+    monkeypatch.setattr(kernels, "_linear_backward_kernel", KernelLog(kernels._linear_backward_kernel, backward))
+    monkeypatch.setattr(kernels, "_split_sum_kernel", KernelLog(kernels._split_sum_kernel, sums))
+    return backward, sums
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_split_backward_equals_the_reference(monkeypatch, dtype, splits):
+    """The fused backward with its loop over the output features cut into 1, 2 and 3 chunks
+    (the interpreter's 32-wide n-blocks: 100 features are 4 blocks, so 3 chunks are uneven and
+    the last block is partial; 40 features are 2 blocks, so a third chunk is not made)."""
+    backward, sums = split_launches(monkeypatch)
+    layers = make_head((40, 100, 72, 40), dtype, seed=30)
+    x = torch.randn(20, 40, generator=torch.Generator().manual_seed(31)).to(dtype).requires_grad_()
+    with kernels.backward_splits(splits):
+        _, grads = check_against_reference(x, layers, seed=32)
+    # Layers backward from the last: (K input, N output features) = (72, 40), (100, 72), (40, 100),
+    # so (3, 4, 2) programs along K and (2, 3, 4) blocks of 32 along N.
+    expected = [(3,), (4,), (2,)] if splits == 1 else [(3, min(splits, 2)), (4, splits), (2, splits)]
+    assert backward == expected
+    assert len(sums) == (0 if splits == 1 else 3)
+    if dtype == torch.float32:  # against the float64 oracle directly, too
+        ox, olayers = as_oracle(x, layers)
+        upstream = torch.randn(20, 40, generator=torch.Generator().manual_seed(32))
+        _, exact = run(prompt_mlp_reference, ox, olayers, upstream.double())
+        for g, e in zip(grads, exact):
+            torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_split_backward_is_deterministic_and_close_to_one_chunk(monkeypatch):
+    """The partial sums are added in a fixed order: the same split gives the same bits; the
+    chunk count changes only the fp32 rounding. Six chunks of 200 features (7 blocks): the split
+    sum runs past its first UNROLL partials."""
+    backward, sums = split_launches(monkeypatch)
+    assert 6 > kernels._SPLIT_SUM_UNROLL
+    layers = make_head((40, 200, 200, 40), seed=33)
+    x = torch.randn(2, 7, 40, generator=torch.Generator().manual_seed(34)).requires_grad_()
+    upstream = torch.randn(2, 7, 40, generator=torch.Generator().manual_seed(35))
+
+    def kernel(x, layers):
+        return ops_prompt_mlp.prompt_mlp_triton(x, layers)
+
+    with kernels.backward_splits(6):
+        check_against_reference(x, layers, seed=35)
+        assert [grid[1] for grid in backward] == [2, 6, 6] and len(sums) == 3
+        _, first = run(kernel, x, layers, upstream)
+        _, second = run(kernel, x, layers, upstream)
+    with kernels.backward_splits(1):
+        _, whole = run(kernel, x, layers, upstream)
+    for a, b, c in zip(first, second, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_split_backward_with_frozen_parts_and_no_bias(monkeypatch):
+    """Split without an input gradient to reduce (the first layer under an x without grad: dW
+    alone, no workspace, no sum) and without bias or weight gradients."""
+    backward, sums = split_launches(monkeypatch)
+    layers = make_head((40, 100, 100, 40), seed=36)
+    layers[1] = (layers[1][0].detach(), None)  # frozen, no bias: dA only
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(37))
+    with kernels.backward_splits(2):
+        _, grads = check_against_reference(x, layers, seed=38)
+    assert grads[0] is None and grads[3] is None
+    assert backward == [(4, 2), (4, 2), (2, 2)] and len(sums) == 2  # layers 2 and 1 reduce dA; layer 0 has none
+
+
+def test_split_plan_splits_exact_fp32_only():
+    """On sm_90 (132 SMs), T = 20: exact fp32 at d = 768..4096 cuts the loop into chunks, at most
+    two programs per SM and far fewer iterations each than the d / 16 of one chunk; TF32 and
+    16-bit products (a few instructions per iteration) keep one launch."""
+    chip = CHIPS[90]
+    for d in (768, 1024, 2048, 4096):
+        config = kernels._choices("backward", chip, 32, (4, 4), "fma", True, d, d // 16)[0]
+        assert config[0] == 64, config  # the widest block: the split, not the block, makes programs
+        k_programs, n_blocks = d // config[0], d // config[1]
+        splits = kernels._split_plan("fma", k_programs, n_blocks, chip.sm_count)
+        assert splits > 1 and k_programs * splits <= 2 * chip.sm_count, (d, splits)
+        assert -(-n_blocks // splits) <= n_blocks // 4, (d, splits)
+        for path in ("tf32", "mma16"):
+            assert kernels._split_plan(path, k_programs, n_blocks, chip.sm_count) == 1
+    assert kernels._split_plan("fma", 12, 48, 132) == 11  # d = 768: one wave of 132 programs, <= 5 iterations
+    assert kernels._split_plan("fma", 64, 1, 132) == 1  # one n-block: nothing to split
+    assert kernels._split_plan("fma", 300, 64, 132) == 1  # two waves already
+
+
+_PLAN_SCRIPT = """
+import torch
+from ptuning_fast.kernels._common import CHIPS, planning, tf32_allowed
+from ptuning_fast.kernels.prompt_mlp import mlp_backward, mlp_forward
+for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
+    meta = dict(device="meta", dtype=dtype)
+    x, w = torch.empty(20, 768, **meta), torch.empty(768, 768, **meta)
+    with tf32_allowed(tf32), planning(CHIPS[90], defaults_only=True) as calls:
+        out, hidden = mlp_forward(x, [w, w], [None, None], dtype)
+        mlp_backward(torch.empty_like(out), x, [w, w], [None, None], hidden, dtype, True, [True] * 2, [False] * 2)
+    print(dtype, tf32, [(c.kernel.__name__, c.grid) for c in calls if c.kernel.__name__ != "_linear_kernel"])
+"""
+
+
+def test_launcher_plans_the_split_at_d768_exact_fp32_only():
+    """The launchers themselves, planned for sm_90 (outside the interpreter, in a subprocess):
+    at T = 20, d = 768 exact fp32 launches the split backward (11 chunks of 12 input-feature
+    blocks) and its split sum per layer; TF32 and bf16 the single launch (48 blocks of 16)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _PLAN_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    split = [("_linear_backward_kernel", (12, 11)), ("_split_sum_kernel", (15,))]
+    assert result.stdout.splitlines() == [
+        f"torch.float32 False {split * 2}",
+        "torch.float32 True [('_linear_backward_kernel', (48,)), ('_linear_backward_kernel', (48,))]",
+        "torch.bfloat16 False [('_linear_backward_kernel', (48,)), ('_linear_backward_kernel', (48,))]",
+    ], result.stdout
+
+
+def test_backward_splits_argument_errors():
+    with pytest.raises(TypeError, match="`splits` must be an int"):
+        with kernels.backward_splits(2.0):
+            pass
+    with pytest.raises(TypeError, match="`splits` must be an int"):
+        with kernels.backward_splits(True):
+            pass
+    with pytest.raises(ValueError, match="`splits` must be >= 1"):
+        with kernels.backward_splits(0):
+            pass
 
 
 # ----------------------------------------------------------------------------- dispatch

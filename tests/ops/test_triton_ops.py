@@ -75,6 +75,29 @@ def test_prompt_mlp_backward_op_passes_opcheck_and_equals_autograd(need):
             assert got.shape == (0,)
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_prompt_mlp_backward_op_split_passes_opcheck_and_equals_autograd(splits):
+    """The backward op with its loop split (a workspace of partial sums and a second kernel
+    inside the op): the fake implementation still holds and the gradients equal autograd's."""
+    x = _rand(5, 20, seed=70)
+    weights = [_rand(72, 20, seed=71, scale=0.3), _rand(100, 72, seed=72, scale=0.2),
+               _rand(20, 100, seed=73, scale=0.2)]
+    biases = [_rand(72, seed=74), None, _rand(20, seed=75)]
+    grad_out = _rand(5, 20, seed=76)
+    out, *hidden = mlp_kernels.mlp_forward_op(x, weights, biases, torch.float32)
+    args = (grad_out, x, weights, biases, hidden, torch.float32, True, [True] * 3, [True, False, True])
+    with mlp_kernels.backward_splits(splits):
+        torch.library.opcheck(mlp_kernels.mlp_backward_op, args)
+        grads = mlp_kernels.mlp_backward_op(*args)
+    leaves = [t.clone().requires_grad_() for t in [x, *weights, biases[0], biases[2]]]
+    ref = prompt_mlp_reference(leaves[0], [(leaves[1], leaves[4]), (leaves[2], None), (leaves[3], leaves[5])])
+    expected = torch.autograd.grad(ref, leaves, grad_out)
+    got = [grads[0], *grads[1:4], grads[4], grads[6]]
+    assert grads[5].shape == (0,)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_prompt_mlp_op_is_one_node_when_traced_on_fake_tensors():
     """make_fx on fake tensors records the op itself (its fake implementation gives the shapes)."""
     x, weights, biases = _head(3)
@@ -204,24 +227,26 @@ def test_prefix_kv_compiled_with_fullgraph_equals_eager():
 # its target: torch's mutation analysis of each kernel (which lowers it to TTIR) then runs as on
 # an H100. AOT autograd traces on meta tensors: no kernel runs.
 _GPU_TRACE = textwrap.dedent("""
-    import types, torch, triton
+    import sys, types, torch, triton
     from triton.backends.compiler import GPUTarget
     triton.runtime.driver.set_active(types.SimpleNamespace(get_current_target=lambda: GPUTarget("cuda", 90, 32)))
     from torch._functorch.aot_autograd import aot_function
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from ptuning_fast.kernels import prefix_kv as pk, prompt_mlp as pm
 
+    SPLITS, H = int(sys.argv[1]), int(sys.argv[2])  # backward chunks; hidden width (H / 32 n-blocks on meta)
     meta = dict(device="meta")
-    x, w0, b0, w1 = (torch.empty(5, 20, **meta), torch.empty(24, 20, **meta), torch.empty(24, **meta),
-                     torch.empty(20, 24, **meta))
+    x, w0, b0, w1 = (torch.empty(5, 20, **meta), torch.empty(H, 20, **meta), torch.empty(H, **meta),
+                     torch.empty(20, H, **meta))
     emb, pw1, pb1, pw2, pb2 = (torch.empty(5, 12, **meta), torch.empty(16, 12, **meta), torch.empty(16, **meta),
                                torch.empty(32, 16, **meta), torch.empty(32, **meta))
     order, row_ptr, starts = (torch.zeros(n, dtype=torch.int32, **meta) for n in (3, 2, 1))
 
     def step(x, w0, b0, w1, emb, pw1, pb1, pw2, pb2, cache_grad, order, row_ptr, starts):
         out, hidden = pm.mlp_forward_op(x, [w0, w1], [b0, None], torch.float32)
-        grads = pm.mlp_backward_op(out, x, [w0, w1], [b0, None], [hidden], torch.float32, True, [True, True],
-                                   [True, False])
+        with pm.backward_splits(SPLITS):
+            grads = pm.mlp_backward_op(out, x, [w0, w1], [b0, None], [hidden], torch.float32, True, [True, True],
+                                       [True, False])
         h = pk.prefix_hidden_op(emb, pw1, pb1)
         cache = torch.zeros(2, 2, 3, 2, 7, 4, **meta)
         pk.prefix_write_op(cache, h, pw2, pb2, order, row_ptr, 0, 0)
@@ -241,15 +266,20 @@ _GPU_TRACE = textwrap.dedent("""
 """)
 
 
+def _trace_for_the_gpu(splits: int, hidden: int) -> list:
+    """The KERNEL / OPAQUE lines of ``_GPU_TRACE`` run in a process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _GPU_TRACE, str(splits), str(hidden)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if line.startswith(("KERNEL", "OPAQUE"))]
+
+
 @pytest.mark.skipif(not TRITON_OPS, reason="torch.library.triton_op needs torch >= 2.6")
 def test_traced_for_the_gpu_the_graph_holds_the_kernels_and_what_each_writes():
     assert not KERNELS_TRACEABLE  # in this process: the interpreter keeps the ops opaque
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", _GPU_TRACE], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("KERNEL", "OPAQUE"))]
+    lines = _trace_for_the_gpu(1, 24)
     # Each launch is a node that names its kernel and clones only the tensors the kernel writes
     # (the outputs), so no input is mutated and inductor may schedule them freely.
     assert lines == [
@@ -261,3 +291,17 @@ def test_traced_for_the_gpu_the_graph_holds_the_kernels_and_what_each_writes():
         "KERNEL _prefix_write_kernel out_ptr",
         "KERNEL _prefix_grad_kernel g_ptr",
     ], result.stdout[-3000:]
+
+
+@pytest.mark.skipif(not TRITON_OPS, reason="torch.library.triton_op needs torch >= 2.6")
+def test_traced_for_the_gpu_a_split_backward_is_two_kernels():
+    """With the first layer's loop split (72 output features: 3 n-blocks, 2 chunks), the graph
+    holds the split backward writing its workspace of partial sums, then the split sum writing
+    the input gradient: both kernels stay visible to inductor."""
+    lines = _trace_for_the_gpu(2, 72)
+    assert lines[2:6] == [
+        "KERNEL _linear_backward_kernel grad_weight_ptr,grad_inp_ptr",  # layer 1: 20 outputs, one chunk
+        "KERNEL _linear_backward_kernel grad_weight_ptr,grad_bias_ptr,grad_inp_ptr",  # layer 0, split
+        "KERNEL _split_sum_kernel out_ptr",
+        "KERNEL _prefix_hidden_kernel hidden_ptr",
+    ], "\n".join(lines)
