@@ -3,7 +3,7 @@
 One training step (forward and backward) of the tests' tiny Llama (hidden 32, 2 layers) with 20
 virtual tokens, B=8, S=32, on one thread, eager and under ``torch.compile`` (inductor), for plain
 PEFT, the accelerated PeftModel and the native model. The implementations are timed in
-interleaved rounds (40; the median), so that each sees the same state of the machine; graphs and
+interleaved rounds (200; the median), so that each sees the same state of the machine; graphs and
 graph breaks come from dynamo's counters. The routes named run in one process: recompiles of the
 frames they share are part of what a user gets.
 """
@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 import ptuning_fast
 from tests.tiny_models import VOCAB, llama
 
-BATCH, SEQ, TOKENS, ROUNDS = 8, 32, 20, 40
+BATCH, SEQ, TOKENS, ROUNDS = 8, 32, 20, 200
 
 
 def build(kind: str, route: str):

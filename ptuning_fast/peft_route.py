@@ -44,6 +44,7 @@ from .native.forward import prompt_forward
 from .native.generate import prompt_generate
 from .native.model import check_model_inputs
 from .native.options import PromptOptions
+from .ops.mask import preload_extension
 from .p_tuning.encoder import PromptEncoder
 from .prefix_tuning.encoder import PrefixEncoder, prefix_weights_of
 from .prefix_tuning.functional import prefix_cache_for
@@ -320,6 +321,7 @@ def accelerate(peft_model):
         if cls is not None and not isinstance(encoder, cls):
             peft_model.prompt_encoder[name] = _rebuild_with_same_parameters(encoder, cls, config)
     _route_modules_to_save(peft_model)
+    preload_extension()
     if _ATTRIBUTE not in peft_model.__dict__:
         peft_model.__dict__[_ATTRIBUTE] = PeftAdapters(peft_model)
         peft_model.get_prompt = types.MethodType(_fast_get_prompt, peft_model)

@@ -208,17 +208,20 @@ def is_checkpointing(model) -> bool:
 
 
 # Whether a class's forward names an argument: a constant under torch.compile (the lookup itself,
-# traced, would guard on the signature's internals). Dynamo unwraps lru_cache, hence the order.
-@functools.lru_cache(maxsize=256)
+# traced, would guard on the signature's internals), cached in eager.
 @torch.compiler.assume_constant_result
 def _forward_takes(cls, argument: str) -> bool:
     return argument in inspect.signature(cls.forward).parameters
 
 
+_forward_takes_cached = functools.lru_cache(maxsize=256)(_forward_takes)
+
+
 def accepts(model, argument: str) -> bool:
     """Whether ``model.forward`` names ``argument`` (a ``**kwargs`` catch-all does not count: an
     argument it swallows may be dropped silently)."""
-    return _forward_takes(type(model), argument)
+    lookup = _forward_takes if torch.compiler.is_compiling() else _forward_takes_cached
+    return lookup(type(model), argument)
 
 
 def infer_task_type(model) -> TaskType:

@@ -32,6 +32,7 @@ from .._validation import INDEX_DTYPES, check_tensor, check_token_tensor
 from ..hf.compat import get_cache
 from ..hf.heads import check_per_token_inputs
 from ..hf.introspection import check_supports_cache
+from ..ops.mask import preload_extension
 from .adapters import (check_adapter_identifier, check_adapter_name, check_not_other_peft_types, make_encoder,
                        prepare_config, resolve_rows, task_of)
 from .checkpoint import freeze_adapter, load_adapter_into, read_adapter_folder, save_adapter
@@ -78,6 +79,7 @@ class PTuningModel(torch.nn.Module):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self.add_adapter(adapter_name, config, options)
+        preload_extension()
 
     def __getattr__(self, name: str):
         try:

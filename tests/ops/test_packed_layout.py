@@ -15,22 +15,9 @@ from ptuning_fast._extension import load_extension
 from ptuning_fast.ops import mask as mask_ops
 from ptuning_fast.ops.mask import packed_prompt_layout
 from ptuning_fast.reference.mask import packed_prompt_layout_reference
+from tests.ops.test_mask import random_text_mask as random_mask
 
 OUTPUTS = ("layout_mask", "text_columns", "prompt_index", "position_ids")
-
-
-def random_mask(batch, length, side, gen):
-    """(B, S) int64 0/1 mask: row 0 all padding, row 1 none (when there are two rows), the others
-    random; ``side`` "left"/"right", or "mixed" (real tokens anywhere, e.g. mid-generation)."""
-    real = torch.randint(0, length + 1, (batch,), generator=gen)
-    if batch > 1:
-        real[0], real[1] = 0, length
-    cols = torch.arange(length)
-    if side == "left":
-        return (cols[None, :] >= length - real[:, None]).long()
-    if side == "right":
-        return (cols[None, :] < real[:, None]).long()
-    return torch.randint(0, 2, (batch, length), generator=gen)
 
 
 def plain_layout(mask, lengths, cache, longest, pad_left, restart):
