@@ -165,14 +165,18 @@ def _routed_names(peft_model, adapter_names):
 _HEAD_ROWS: contextvars.ContextVar = contextvars.ContextVar("ptuning_fast_head_rows", default=None)
 # The same under torch.compile, whose Dynamo traces neither ContextVar.set nor .get but traces a
 # list's push and pop: traced together in one graph they leave the list as it was (empty), so the
-# compiled call keeps its rows in the call. Readers look here first, so that a call whose graph
-# breaks between them (the push then runs for real) still routes its rows.
+# compiled call keeps its rows in the call. A call whose graph breaks between them (the model's
+# own code can break it) pushes for real, for the call's duration, and the frames compiled after
+# the break read it there (tests/compile/test_compile.py); eager code reads only its context
+# variable, so that no other thread's call sees those rows.
 _TRACED_HEAD_ROWS: list = []
 
 
 def _head_rows():
     """The routed call's :class:`_HeadRows`, or None outside one."""
-    return _TRACED_HEAD_ROWS[-1] if _TRACED_HEAD_ROWS else _HEAD_ROWS.get()
+    if torch.compiler.is_compiling():
+        return _TRACED_HEAD_ROWS[-1] if _TRACED_HEAD_ROWS else None
+    return _HEAD_ROWS.get()
 
 
 class _HeadRows:

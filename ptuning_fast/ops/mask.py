@@ -99,7 +99,7 @@ def preload_extension() -> None:
 # The extension's builders as operators of the dispatcher, with fake implementations, so that
 # torch.compile traces them into the graph (a pybind function is opaque to it) and knows their
 # output shapes. Defined with torch.library.Library and a kernel per device rather than
-# torch.library.custom_op, whose Python wrapper costs ~20 us a call on the host (here ~5 us).
+# torch.library.custom_op, whose Python wrapper adds ~20 us of host time a call (here ~5 us).
 _LIBRARY = torch.library.Library("ptuning_fast", "FRAGMENT")
 _LIBRARY.define("prompt_attention_mask(Tensor attention_mask, Tensor? prompt_lengths, SymInt num_prompt_columns, "
                 "SymInt past_length, bool causal, SymInt sliding_window, ScalarType dtype) -> Tensor")

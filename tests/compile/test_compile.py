@@ -5,7 +5,10 @@ plain PEFT does. CPU compiles are slow: a tiny Llama, the ``aot_eager`` backend,
 between tests."""
 import pytest
 import torch
+from peft import PromptEncoderConfig, get_peft_model
+from torch._dynamo.utils import counters
 
+import ptuning_fast
 from tests.compile.paths import (KINDS, MIXED_ROWS, ROUTES, batch, build, build_mixed, build_mixed_heads,
                                  prompt_parameters)
 
@@ -156,3 +159,35 @@ def test_compiled_model_follows_a_changed_attention_implementation(kind, route):
         m.get_base_model().set_attn_implementation("eager")
         assert m.get_base_model().config._attn_implementation == "eager"
     _close(_eval_forward(model, input_ids, attention_mask, compiled), _eval_forward(reference, input_ids, attention_mask))
+
+
+def test_compiled_mixed_classifier_call_whose_model_breaks_the_graph_routes_its_rows():
+    """A Llama classifier's own forward breaks the graph (a logging call): compiled without
+    fullgraph, the head-copy rows pushed before the break reach the copies after it, for two
+    different row orders in turn, and nothing is left behind after the call."""
+    from transformers import LlamaForSequenceClassification
+
+    from ptuning_fast import peft_route
+    from tests.tiny_models import llama
+
+    def make():
+        torch.manual_seed(0)
+        model = None
+        for name, tokens in zip("abc", (4, 1, 3)):
+            cfg = PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=tokens, encoder_hidden_size=24)
+            if model is None:
+                model = get_peft_model(llama(LlamaForSequenceClassification, num_labels=3), cfg, adapter_name=name)
+            else:
+                model.add_adapter(name, cfg)
+        return ptuning_fast.accelerate(model).eval()
+
+    eager, model = make(), make()
+    compiled = torch.compile(model, backend="aot_eager")
+    input_ids, attention_mask = batch()
+    for rows in (MIXED_ROWS, ["a", "c", "b"], MIXED_ROWS):
+        with torch.no_grad():
+            got = compiled(input_ids=input_ids, attention_mask=attention_mask, adapter_names=rows).logits
+            expected = eager(input_ids=input_ids, attention_mask=attention_mask, adapter_names=rows).logits
+        _close(got, expected)
+        assert peft_route._TRACED_HEAD_ROWS == []
+    assert sum(counters["graph_break"].values()) > 0
