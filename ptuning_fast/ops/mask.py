@@ -122,10 +122,15 @@ def _packed_layout_kernel(*args):
     return tuple(_loaded_extension().packed_prompt_layout(*args))
 
 
-for _name, _kernel in (("prompt_attention_mask", _attention_mask_kernel), ("prompt_position_ids", _position_ids_kernel),
-                       ("packed_prompt_layout", _packed_layout_kernel)):
-    for _key in ("CPU", "CUDA"):
-        _LIBRARY.impl(_name, _kernel, _key)
+def _register_kernels() -> None:
+    for name, kernel in (("prompt_attention_mask", _attention_mask_kernel),
+                         ("prompt_position_ids", _position_ids_kernel),
+                         ("packed_prompt_layout", _packed_layout_kernel)):
+        for device in ("CPU", "CUDA"):
+            _LIBRARY.impl(name, kernel, device)
+
+
+_register_kernels()
 
 
 @torch.library.register_fake("ptuning_fast::prompt_attention_mask", lib=_LIBRARY)
