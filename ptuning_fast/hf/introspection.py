@@ -70,11 +70,12 @@ _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
 def _structural(fn):
-    """Mark ``fn``, a structural fact of a model's config (its attention's shape, its architecture:
-    nothing that changes while the model lives), as a constant for torch.compile, guarded by the
-    config's identity: traced instead, each attribute it reads is a guard that calls the config's
-    Python ``__getattribute__`` on every call. Dynamo takes an object argument of such a constant
-    from torch 2.13 on; before, the reads are traced (the same results, more guards)."""
+    """Mark ``fn``, a structural fact of a model (its config's attention shape and architecture,
+    its class's signature: nothing that changes while the model lives), as a constant for
+    torch.compile, guarded by its arguments' identity: traced instead, each attribute it reads is
+    a guard, one that calls the config's Python ``__getattribute__`` on every call. Dynamo takes an
+    object argument of such a constant from torch 2.13 on; before, the reads are traced (the same
+    results, more guards)."""
     return torch.compiler.assume_constant_result(fn) if _TORCH_VERSION >= (2, 13) else fn
 
 
@@ -209,7 +210,7 @@ def is_checkpointing(model) -> bool:
 
 # Whether a class's forward names an argument: a constant under torch.compile (the lookup itself,
 # traced, would guard on the signature's internals), cached in eager.
-@torch.compiler.assume_constant_result
+@_structural
 def _forward_takes(cls, argument: str) -> bool:
     return argument in inspect.signature(cls.forward).parameters
 
