@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace ptuning_fast {
@@ -76,6 +77,28 @@ void check_common(const at::Tensor& attention_mask, const std::optional<at::Tens
 
 at::Tensor lengths_or_undefined(const std::optional<at::Tensor>& prompt_lengths) {
   return prompt_lengths.has_value() ? prompt_lengths->contiguous() : at::Tensor();
+}
+
+// A builder's CUDA kernel, or nullptr in a build without CUDA (its declaration is CUDA-only).
+#ifdef WITH_CUDA
+#define CUDA_KERNEL(name) (&name)
+#else
+#define CUDA_KERNEL(name) nullptr
+#endif
+
+// Runs a builder's kernel for the device of `mask`: the device checks of every builder in one
+// place (a CUDA mask needs the CUDA build; any other device is refused). `cuda` takes the type of
+// `cpu` without deducing it, so that it may be nullptr.
+template <typename Kernel, typename... Args>
+void run_on_mask_device(const at::Tensor& mask, Kernel* cpu, std::enable_if_t<true, Kernel>* cuda,
+                        Args&&... args) {
+  if (mask.is_cuda()) {
+    TORCH_CHECK(cuda != nullptr, "ptuning_fast._C was built without CUDA; rebuild it with nvcc present");
+    cuda(std::forward<Args>(args)...);
+  } else {
+    TORCH_CHECK(mask.device().is_cpu(), "attention_mask must be on CPU or CUDA, got ", mask.device());
+    cpu(std::forward<Args>(args)...);
+  }
 }
 
 template <size_t N> struct UnsignedOfSize;
@@ -245,17 +268,8 @@ at::Tensor prompt_attention_mask(const at::Tensor& attention_mask,
   const at::Tensor lengths = lengths_or_undefined(prompt_lengths);
   const int64_t B = mask.size(0), K = mask.size(1), P = num_prompt_columns;
   at::Tensor out = at::empty({B, 1, K - past_length, P + K}, mask.options().dtype(out_dtype));
-  if (mask.is_cuda()) {
-#ifdef WITH_CUDA
-    prompt_attention_mask_cuda(mask, lengths, P, past_length, causal, sliding_window, out);
-#else
-    TORCH_CHECK(false, "ptuning_fast._C was built without CUDA; rebuild it with nvcc present");
-#endif
-  } else {
-    TORCH_CHECK(mask.device().is_cpu(), "attention_mask must be on CPU or CUDA, got ",
-                mask.device());
-    prompt_attention_mask_cpu(mask, lengths, P, past_length, causal, sliding_window, out);
-  }
+  run_on_mask_device(mask, &prompt_attention_mask_cpu, CUDA_KERNEL(prompt_attention_mask_cuda), mask, lengths,
+                     P, past_length, causal, sliding_window, out);
   return out;
 }
 
@@ -268,17 +282,8 @@ at::Tensor prompt_position_ids(const at::Tensor& attention_mask,
   at::Tensor out =
       at::empty({mask.size(0), mask.size(1) - past_length}, mask.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
-  if (mask.is_cuda()) {
-#ifdef WITH_CUDA
-    prompt_position_ids_cuda(mask, lengths, num_prompt_columns, past_length, after_prompt, out);
-#else
-    TORCH_CHECK(false, "ptuning_fast._C was built without CUDA; rebuild it with nvcc present");
-#endif
-  } else {
-    TORCH_CHECK(mask.device().is_cpu(), "attention_mask must be on CPU or CUDA, got ",
-                mask.device());
-    prompt_position_ids_cpu(mask, lengths, num_prompt_columns, past_length, after_prompt, out);
-  }
+  run_on_mask_device(mask, &prompt_position_ids_cpu, CUDA_KERNEL(prompt_position_ids_cuda), mask, lengths,
+                     num_prompt_columns, past_length, after_prompt, out);
   return out;
 }
 
@@ -300,19 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> packed_prompt_layout(
   PackedLayout out{at::empty({B, W}, options), at::empty({B, K}, options), at::empty({B, W}, options),
                    at::empty({B, W}, options)};
   if (B > 0 && W > 0) {
-    if (mask.is_cuda()) {
-#ifdef WITH_CUDA
-      packed_prompt_layout_cuda(mask, lengths, longest, cache_lengths, cache_prompt_length, pad_left,
-                                restart, out);
-#else
-      TORCH_CHECK(false, "ptuning_fast._C was built without CUDA; rebuild it with nvcc present");
-#endif
-    } else {
-      TORCH_CHECK(mask.device().is_cpu(), "attention_mask must be on CPU or CUDA, got ",
-                  mask.device());
-      packed_prompt_layout_cpu(mask, lengths, longest, cache_lengths, cache_prompt_length, pad_left,
-                               restart, out);
-    }
+    run_on_mask_device(mask, &packed_prompt_layout_cpu, CUDA_KERNEL(packed_prompt_layout_cuda), mask, lengths,
+                       longest, cache_lengths, cache_prompt_length, pad_left, restart, out);
   }
   return {out.layout_mask, out.text_columns, out.prompt_index, out.position_ids};
 }
