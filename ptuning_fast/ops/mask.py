@@ -168,6 +168,15 @@ def _check_bool(value, name: str) -> bool:
 _UNBOUNDED_COLUMNS = 2 ** 62  # P of per-row lengths that positions need not know (no output has P columns)
 
 
+def _check_row_lengths(lengths: torch.Tensor, name: str, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``lengths``: a ``(B,)`` integer tensor of per-row lengths on the device of ``attention_mask``."""
+    lengths = check_tensor(lengths, name, ndim=1, dtypes=INDEX_DTYPES, device=attention_mask.device)
+    if lengths.shape[0] != attention_mask.shape[0]:
+        raise ValueError(f"`{name}` has {lengths.shape[0]} per-row lengths but `attention_mask` has batch size "
+                         f"{attention_mask.shape[0]}")
+    return lengths
+
+
 def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, num_prompt_columns,
                      need_columns: bool = True):
     """Check every argument; returns (prompt_lengths tensor or None, P).
@@ -188,11 +197,7 @@ def _check_arguments(attention_mask, prompt_lengths, past_length, padding_side, 
 
     lengths = None
     if isinstance(prompt_lengths, torch.Tensor):
-        lengths = check_tensor(prompt_lengths, "prompt_lengths", ndim=1, dtypes=INDEX_DTYPES,
-                               device=attention_mask.device)
-        if lengths.shape[0] != batch:
-            raise ValueError(f"`prompt_lengths` has {lengths.shape[0]} per-row lengths but "
-                             f"`attention_mask` has batch size {batch}")
+        lengths = _check_row_lengths(prompt_lengths, "prompt_lengths", attention_mask)
     else:
         check_positive_int(prompt_lengths, "prompt_lengths", allow_zero=True)
         _check_prompt_length(prompt_lengths, "prompt_lengths")
@@ -376,11 +381,7 @@ def _check_cache_lengths(cache_prompt_lengths, attention_mask) -> Optional[torch
     if not isinstance(cache_prompt_lengths, torch.Tensor):
         check_positive_int(cache_prompt_lengths, "cache_prompt_lengths", allow_zero=True)
         return None
-    cache = check_tensor(cache_prompt_lengths, "cache_prompt_lengths", ndim=1, dtypes=INDEX_DTYPES,
-                         device=attention_mask.device)
-    if cache.shape[0] != attention_mask.shape[0]:
-        raise ValueError(f"`cache_prompt_lengths` has {cache.shape[0]} per-row lengths but "
-                         f"`attention_mask` has batch size {attention_mask.shape[0]}")
+    cache = _check_row_lengths(cache_prompt_lengths, "cache_prompt_lengths", attention_mask)
     if cache.numel() and reads_values(cache) and bool((cache < 0).any()):
         raise ValueError("`cache_prompt_lengths` must be >= 0")
     return cache
