@@ -339,12 +339,14 @@ def _heuristic(kind: str, choices: Sequence[tuple], programs_along: int, other_p
 
 
 def _config(kind: str, key: tuple, call: Callable[[tuple], KernelCall], configs: Callable[[Chip], tuple],
-            device: torch.device) -> tuple:
+            operand: torch.Tensor) -> tuple:
     """Launch config of ``call``: tuned on first use per (kind, shape, dtypes) key by timing the
     heuristic's pick and the tuning candidates among ``configs(chip)`` with CUDA events (variants
     of a kernel that differ only in epilogue flags share the result), or the heuristic's pick
     where tuning is off (PTUNING_FAST_AUTOTUNE=0) or impossible (while a CUDA graph is being
-    captured, or traced on fake tensors by torch.compile)."""
+    captured, or traced on fake tensors by torch.compile: ``operand``, an input of the launch,
+    tells, and gives the device)."""
+    device = operand.device
     if INTERPRETING or device.type != "cuda":
         return _INTERPRETER_CONFIG
     config = _tuned.get(key)
@@ -353,7 +355,7 @@ def _config(kind: str, key: tuple, call: Callable[[tuple], KernelCall], configs:
     choices = configs(chip_of(device))
     default = choices[0]
     if (os.environ.get("PTUNING_FAST_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing()
-            or traced(launches(call(default))[0].args[0])):  # traced by torch.compile: nothing to time
+            or traced(operand)):  # traced by torch.compile: nothing to time
         return default
     timings = {}
     for config in choices:  # the heuristic's pick first
@@ -462,7 +464,7 @@ def _launch_linear(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, numerics: 
                         _aligned(a, b), N, grid_m)
 
     key = ("linear", M, N, K, numerics.dtype, a.dtype, b.dtype, c.dtype, a.device)
-    dispatch(call, configs, lambda: _config("linear", key, call, configs, a.device))
+    dispatch(call, configs, lambda: _config("linear", key, call, configs, a))
 
 
 _SPLIT_SUM_BLOCK = 1024  # elements of the input gradient per program of the split sum
@@ -525,7 +527,7 @@ def _launch_linear_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch
         return tuple((*c, _split_plan(path, cdiv(K, c[0]), cdiv(N, c[1]), chip.sm_count)) for c in choices)
 
     key = ("backward", M, N, K, numerics.dtype, grad.dtype, inp.dtype, weight.dtype, grad.device, forced)
-    dispatch(call, configs, lambda: _config("backward", key, call, configs, grad.device))
+    dispatch(call, configs, lambda: _config("backward", key, call, configs, grad))
 
 
 def _on_device(device: torch.device):
