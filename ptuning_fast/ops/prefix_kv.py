@@ -25,12 +25,12 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
 from ..backend import resolve_backend
 from ..reference.prefix_kv import (encode_prefix_reference, encode_prefix_with_hidden_reference,
-                                   prefix_layer_views, reduce_prefix_grad_reference, write_prefix_reference)
+                                   prefix_layer_views, reduce_prefix_grad_reference, stack_prefixes,
+                                   write_prefix_reference)
 
 
 class PrefixWeights(NamedTuple):
@@ -298,12 +298,8 @@ class _PrefixPlan:
         g = self.geometry
         keep = self.dtype if self.full_precision() else self.grad_dtype
         encoded = [_cast(_rounded(encode_prefix_reference(*w), self.dtype), keep) for w in self.weights]
-        if len(encoded) == 1:
-            return prefix_layer_views(encoded[0], g.num_kv_heads, g.head_dim)
-        stacked = torch.stack([F.pad(e, (0, 0, start, 0)) for e, start in zip(encoded, self.starts)])  # (N, P, J)
-        N, P, J = stacked.shape
-        return stacked.view(N, P, J // (g.num_kv_heads * g.head_dim), g.num_kv_heads, g.head_dim) \
-            .permute(2, 0, 3, 1, 4).unbind(0)
+        return prefix_layer_views(encoded[0] if len(encoded) == 1 else stack_prefixes(encoded),
+                                  g.num_kv_heads, g.head_dim)
 
     def write(self, out: torch.Tensor) -> list:
         """Write every row's prefix into ``out[..., :P, :]``; return what the backward needs

@@ -37,6 +37,13 @@ def encode_prefix_reference(
     return encode_prefix_with_hidden_reference(embedding, w1, b1, w2, b2)[0]
 
 
+def stack_prefixes(prefixes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The adapters' encoded prefixes ``(T_n, J)`` as one ``(N, P, J)`` tensor, ``P = max T_n``:
+    each adapter's tokens right-aligned in the P columns, the columns before them zero."""
+    P = max(p.shape[0] for p in prefixes)
+    return torch.stack([F.pad(p, (0, 0, P - p.shape[0], 0)) for p in prefixes])
+
+
 def prefix_kv_reference(
     prefixes: Sequence[torch.Tensor],
     adapter_index: torch.Tensor,
@@ -52,9 +59,8 @@ def prefix_kv_reference(
     adapter of each row. The result is cast to ``dtype`` (default: the prefixes' dtype) after the
     gather, as PEFT casts the encoder output to the model's dtype.
     """
-    P = max(p.shape[0] for p in prefixes)
-    # Right-align each adapter's tokens in the P columns; the columns before them stay zero.
-    padded = torch.stack([F.pad(p, (0, 0, P - p.shape[0], 0)) for p in prefixes])  # (N, P, J)
+    padded = stack_prefixes(prefixes)  # (N, P, J)
+    P = padded.shape[1]
     rows = padded[adapter_index.long()]  # (B, P, J)
     if dtype is not None:
         rows = rows.to(dtype)
@@ -66,9 +72,12 @@ def prefix_kv_reference(
 def prefix_layer_views(encoded: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple:
     """One adapter's encoded prefix ``(T, J)`` as ``2L`` views ``(Hkv, T, Dh)``: entry ``2l + s`` is
     layer ``l``'s keys (``s = 0``) or values (``s = 1``), in the layout the attention reads (one
-    row of it). Differentiable: the gradients of all the views meet in one (T, J) tensor."""
-    T, J = encoded.shape
-    return encoded.view(T, J // (num_kv_heads * head_dim), num_kv_heads, head_dim).permute(1, 2, 0, 3).unbind(0)
+    row of it). Leading dimensions are kept: ``(N, T, J)`` (:func:`stack_prefixes`) gives views
+    ``(N, Hkv, T, Dh)``. Differentiable: the gradients of all the views meet in ``encoded``."""
+    *lead, T, J = encoded.shape
+    n = len(lead)
+    views = encoded.view(*lead, T, J // (num_kv_heads * head_dim), num_kv_heads, head_dim)
+    return views.permute(n + 1, *range(n), n + 2, n, n + 3).unbind(0)
 
 
 def write_prefix_reference(out: torch.Tensor, encoded: Sequence[torch.Tensor],
@@ -124,4 +133,4 @@ def encode_prefix_with_hidden_reference(embedding, w1=None, b1=None, w2=None, b2
 
 
 __all__ = ["encode_prefix_reference", "encode_prefix_with_hidden_reference", "prefix_kv_reference",
-           "prefix_layer_views", "reduce_prefix_grad_reference", "write_prefix_reference"]
+           "prefix_layer_views", "reduce_prefix_grad_reference", "stack_prefixes", "write_prefix_reference"]
