@@ -215,7 +215,7 @@ def as_on_cuda(counter: LaunchCounter):
     originals = [getattr(owner, name) for owner, name in saved]
     prompt_mlp.resolve_backend = prefix_kv.resolve_backend = lambda device: "triton"
     KernelCall.launch = count
-    mlp_kernels._config = lambda kind, key, call, configs, device: configs(CHIPS[90])[0]
+    mlp_kernels._config = lambda kind, key, call, configs, operand: configs(CHIPS[90])[0]
     try:
         with ptuning_fast.value_checks("never"):
             yield counter
