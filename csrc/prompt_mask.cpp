@@ -50,8 +50,11 @@ inline int64_t prompt_length(const int64_t* lengths, int64_t b, int64_t P) {
   return lengths == nullptr ? P : std::min<int64_t>(std::max<int64_t>(lengths[b], 0), P);
 }
 
-at::Tensor as_bool_mask(const at::Tensor& attention_mask) {
-  return attention_mask.scalar_type() == at::kBool ? attention_mask : attention_mask.ne(0);
+// The mask as a builder's kernel reads it: the CPU kernels read any dtype (nonzero = real, no
+// conversion op), the CUDA kernels read bool.
+at::Tensor mask_for_kernel(const at::Tensor& attention_mask) {
+  return attention_mask.is_cpu() || attention_mask.scalar_type() == at::kBool ? attention_mask
+                                                                                : attention_mask.ne(0);
 }
 
 void check_lengths(const std::optional<at::Tensor>& lengths, const at::Tensor& attention_mask,
@@ -149,19 +152,21 @@ void prompt_attention_mask_cpu(const at::Tensor& mask, const at::Tensor& lengths
                                at::Tensor& out) {
   const int64_t B = mask.size(0), K = mask.size(1), S = K - past_length, W = P + K;
   if (out.numel() == 0) return;
-  const bool* mask_data = mask.data_ptr<bool>();
-  const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
   const int64_t* len_data = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
 
   // live[b, j]: column j can be seen by row b at all (a live prompt column or a real token).
   std::vector<uint8_t> live(static_cast<size_t>(B * W));
-  at::parallel_for(0, B, rows_per_task(W), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      uint8_t* row = live.data() + b * W;
-      const int64_t first_prompt = P - prompt_length(len_data, b, P);
-      for (int64_t j = 0; j < P; ++j) row[j] = j >= first_prompt;
-      for (int64_t t = 0; t < K; ++t) row[P + t] = mask_data[b * mask_s0 + t * mask_s1];
-    }
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "prompt_attention_mask_cpu", [&] {
+    const scalar_t* mask_data = mask.data_ptr<scalar_t>();
+    const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
+    at::parallel_for(0, B, rows_per_task(W), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        uint8_t* row = live.data() + b * W;
+        const int64_t first_prompt = P - prompt_length(len_data, b, P);
+        for (int64_t j = 0; j < P; ++j) row[j] = j >= first_prompt;
+        for (int64_t t = 0; t < K; ++t) row[P + t] = mask_data[b * mask_s0 + t * mask_s1] != scalar_t(0);
+      }
+    });
   });
 
   AT_DISPATCH_FLOATING_TYPES_AND3(
@@ -181,25 +186,27 @@ void prompt_attention_mask_cpu(const at::Tensor& mask, const at::Tensor& lengths
 void prompt_position_ids_cpu(const at::Tensor& mask, const at::Tensor& lengths, int64_t P,
                              int64_t past_length, bool after_prompt, at::Tensor& out) {
   const int64_t B = mask.size(0), K = mask.size(1);
-  const bool* mask_data = mask.data_ptr<bool>();
-  const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
   const int64_t* len_data = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   int64_t* out_data = out.data_ptr<int64_t>();
   const int64_t S = K - past_length;
-  at::parallel_for(0, B, rows_per_task(K), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const bool* row = mask_data + b * mask_s0;
-      int64_t seen = 0;  // real tokens so far
-      for (int64_t t = 0; t < past_length; ++t) seen += row[t * mask_s1];
-      // position = offset + (real tokens before and including this one) - 1; padding -> 0
-      int64_t next = (after_prompt ? prompt_length(len_data, b, P) : 0) + seen;
-      int64_t* out_row = out_data + b * S;
-      for (int64_t t = past_length; t < K; ++t) {
-        const int64_t real = row[t * mask_s1];
-        out_row[t - past_length] = real * next;
-        next += real;
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "prompt_position_ids_cpu", [&] {
+    const scalar_t* mask_data = mask.data_ptr<scalar_t>();
+    const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
+    at::parallel_for(0, B, rows_per_task(K), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* row = mask_data + b * mask_s0;
+        int64_t seen = 0;  // real tokens so far
+        for (int64_t t = 0; t < past_length; ++t) seen += row[t * mask_s1] != scalar_t(0);
+        // position = offset + (real tokens before and including this one) - 1; padding -> 0
+        int64_t next = (after_prompt ? prompt_length(len_data, b, P) : 0) + seen;
+        int64_t* out_row = out_data + b * S;
+        for (int64_t t = past_length; t < K; ++t) {
+          const int64_t real = row[t * mask_s1] != scalar_t(0);
+          out_row[t - past_length] = real * next;
+          next += real;
+        }
       }
-    }
+    });
   });
 }
 
@@ -264,7 +271,7 @@ at::Tensor prompt_attention_mask(const at::Tensor& attention_mask,
   TORCH_CHECK(out_dtype == at::kBool || out_dtype == at::kHalf || out_dtype == at::kBFloat16 ||
                   out_dtype == at::kFloat || out_dtype == at::kDouble,
               "out_dtype must be bool, float16, bfloat16, float32 or float64, got ", out_dtype);
-  const at::Tensor mask = as_bool_mask(attention_mask);
+  const at::Tensor mask = mask_for_kernel(attention_mask);
   const at::Tensor lengths = lengths_or_undefined(prompt_lengths);
   const int64_t B = mask.size(0), K = mask.size(1), P = num_prompt_columns;
   at::Tensor out = at::empty({B, 1, K - past_length, P + K}, mask.options().dtype(out_dtype));
@@ -277,7 +284,7 @@ at::Tensor prompt_position_ids(const at::Tensor& attention_mask,
                                const std::optional<at::Tensor>& prompt_lengths,
                                int64_t num_prompt_columns, int64_t past_length, bool after_prompt) {
   check_common(attention_mask, prompt_lengths, num_prompt_columns, past_length);
-  const at::Tensor mask = as_bool_mask(attention_mask);
+  const at::Tensor mask = mask_for_kernel(attention_mask);
   const at::Tensor lengths = lengths_or_undefined(prompt_lengths);
   at::Tensor out =
       at::empty({mask.size(0), mask.size(1) - past_length}, mask.options().dtype(at::kLong));

@@ -42,8 +42,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> packed_prompt_layout(
     const std::optional<at::Tensor>& cache_prompt_lengths, int64_t cache_prompt_length, bool pad_left,
     bool restart);
 
-// Kernels on already-checked arguments: mask is (B, K) bool (packed layout: any dtype), lengths
-// is (B,) int64 or undefined.
+// Kernels on already-checked arguments: mask is (B, K) of any dtype on CPU, bool on CUDA (the
+// packed layout's CUDA kernel: any dtype); lengths is (B,) int64 or undefined.
 void prompt_attention_mask_cpu(const at::Tensor& mask, const at::Tensor& lengths, int64_t P,
                                int64_t past_length, bool causal, int64_t sliding_window,
                                at::Tensor& out);

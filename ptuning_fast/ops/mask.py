@@ -98,8 +98,10 @@ def preload_extension() -> None:
 
 # The extension's builders as operators of the dispatcher, with fake implementations, so that
 # torch.compile traces them into the graph (a pybind function is opaque to it) and knows their
-# output shapes. Defined with torch.library.Library and a kernel per device rather than
-# torch.library.custom_op, whose Python wrapper adds ~20 us of host time a call (here ~5 us).
+# output shapes. The schemas are defined here (the operators exist without the extension); the
+# extension registers the CPU and CUDA kernels in C++ when it loads (csrc/bindings.cpp), so a call
+# costs a dispatch and no Python frame (torch.library.custom_op's wrapper adds ~20 us a call). They
+# are only called once the extension is loaded (:func:`_extension`).
 _LIBRARY = torch.library.Library("ptuning_fast", "FRAGMENT")
 _LIBRARY.define("prompt_attention_mask(Tensor attention_mask, Tensor? prompt_lengths, SymInt num_prompt_columns, "
                 "SymInt past_length, bool causal, SymInt sliding_window, ScalarType dtype) -> Tensor")
@@ -108,29 +110,6 @@ _LIBRARY.define("prompt_position_ids(Tensor attention_mask, Tensor? prompt_lengt
 _LIBRARY.define("packed_prompt_layout(Tensor attention_mask, Tensor? prompt_lengths, SymInt longest, "
                 "Tensor? cache_prompt_lengths, SymInt cache_prompt_length, bool pad_left, bool restart) "
                 "-> (Tensor, Tensor, Tensor, Tensor)")
-
-
-def _attention_mask_kernel(*args):
-    return _loaded_extension().prompt_attention_mask(*args)
-
-
-def _position_ids_kernel(*args):
-    return _loaded_extension().prompt_position_ids(*args)
-
-
-def _packed_layout_kernel(*args):
-    return tuple(_loaded_extension().packed_prompt_layout(*args))
-
-
-def _register_kernels() -> None:
-    for name, kernel in (("prompt_attention_mask", _attention_mask_kernel),
-                         ("prompt_position_ids", _position_ids_kernel),
-                         ("packed_prompt_layout", _packed_layout_kernel)):
-        for device in ("CPU", "CUDA"):
-            _LIBRARY.impl(name, kernel, device)
-
-
-_register_kernels()
 
 
 @torch.library.register_fake("ptuning_fast::prompt_attention_mask", lib=_LIBRARY)

@@ -154,7 +154,8 @@ def test_num_prompt_columns_pads_int_prompt():
     assert torch.equal(ours[..., 4:], build_prompt_attention_mask(text_mask, 2)) and not ours[..., :4].any()
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.int32, torch.uint8, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.int32, torch.uint8, torch.float16, torch.float32,
+                                        torch.bfloat16])
 def test_mask_input_dtypes(mask_dtype):
     gen = torch.Generator().manual_seed(4)
     text_mask = random_text_mask(3, 6, "left", gen)
@@ -171,7 +172,8 @@ def test_non_contiguous_input():
     strided = wide[:, ::2]  # column stride 2
     transposed = random_text_mask(6, 3, "mixed", gen).t()  # (3, 6) with strides (1, 3)
     lengths = torch.tensor([1, 0, 3, 2, 9, 9, 4, 5])[::2]  # a strided lengths tensor too
-    for text_mask in (strided, transposed):
+    # long masks, and bool ones (the CPU kernels read any dtype; the CUDA ones a bool mask)
+    for text_mask in (strided, transposed, wide.bool()[:, ::2], transposed.t().bool().t()):
         assert not text_mask.is_contiguous()
         n = lengths[: text_mask.shape[0]]
         for dtype in (torch.bool, torch.float16):

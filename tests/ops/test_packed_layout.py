@@ -13,7 +13,7 @@ import ptuning_fast
 from ptuning_fast import use_backend, value_checks
 from ptuning_fast._extension import load_extension
 from ptuning_fast.ops import mask as mask_ops
-from ptuning_fast.ops.mask import packed_prompt_layout
+from ptuning_fast.ops.mask import build_prompt_position_ids, packed_prompt_layout
 from ptuning_fast.reference.mask import packed_prompt_layout_reference
 from tests.ops.test_mask import random_text_mask as random_mask
 
@@ -221,9 +221,9 @@ def test_opcheck(pad_left):
 
 
 def test_one_launch_whatever_the_mask_dtype():
-    """Counted as on a GPU (benchmarks/counting.py): the op is one kernel. The extension itself
-    runs no aten op on a long mask (it reads the dtype as it is), where the attention-mask
-    builder runs its `mask != 0` first."""
+    """Counted as on a GPU (benchmarks/counting.py): the op is one kernel; the other builders' CUDA
+    kernels read a bool mask, so the rule adds their `mask != 0`. On the CPU the extension runs no
+    aten op on a long mask for any builder (its kernels read the dtype as it is)."""
     from benchmarks.counting import LaunchCounter
 
     mask, lengths = torch.ones(2, 5, dtype=torch.long), torch.tensor([1, 2])
@@ -235,9 +235,14 @@ def test_one_launch_whatever_the_mask_dtype():
     with LaunchCounter() as inside:
         ext.packed_prompt_layout(mask, lengths, 2, None, 0, True, False)
     assert inside.total == 0, dict(inside.by_op)
-    with LaunchCounter() as inside:
-        ext.prompt_position_ids(mask, lengths, 2, 0, True)
-    assert dict(inside.by_op) == {"aten.ne": 1}  # the counting rule's `mask != 0` of the other builders
+    for build in (lambda: ext.prompt_position_ids(mask, lengths, 2, 0, True),
+                  lambda: ext.prompt_attention_mask(mask, lengths, 2, 0, True, 0, torch.bool)):
+        with LaunchCounter() as inside:
+            build()
+        assert inside.total == 0, dict(inside.by_op)
+    with value_checks("never"), LaunchCounter() as counter:
+        build_prompt_position_ids(mask, lengths)
+    assert dict(counter.by_op) == {"ptuning_fast.prompt_position_ids": 1, "aten.ne": 1}  # the CUDA kernel's bool mask
 
 
 def test_native_layout_is_the_same_through_both_backends():
