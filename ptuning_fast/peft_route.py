@@ -271,11 +271,11 @@ def _routed_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   inputs_embeds=inputs_embeds, labels=labels, **kwargs)
     holder = self.__dict__[_ATTRIBUTE]
+    # a new dict: the frame's own ``kwargs`` stays as called (torch.compile replays writes into it)
+    kwargs = {key: value for key, value in kwargs.items()
+              if value is not None or key not in ("output_attentions", "output_hidden_states", "return_dict")}
     if labels is not None:
         kwargs["labels"] = labels
-    for key in ("output_attentions", "output_hidden_states", "return_dict"):
-        if kwargs.get(key) is None:
-            kwargs.pop(key, None)
     per_token = {k: kwargs.get(k) for k in ("position_ids", "token_type_ids", "labels")}
     text = check_model_inputs(holder, input_ids, attention_mask, inputs_embeds, per_token)
     rows = resolve_rows(holder, adapter_names, text.shape[0], text.device)

@@ -197,10 +197,17 @@ _CHECKPOINTING_LAYERS = weakref.WeakKeyDictionary()  # model -> its GradientChec
 def checkpointing_layers(model) -> list:
     """The layers of ``model`` that gradient checkpointing wraps (transformers'
     ``GradientCheckpointingLayer``), found once per model: the model's structure, not its values."""
+    return _once_per_model(_CHECKPOINTING_LAYERS, model, lambda model: [
+        model.get_submodule(name) for name in _checkpointing_layer_names(model)])
+
+
+# The model's structure; a constant under torch.compile (walking every module, traced, would guard
+# on each one's submodules).
+@_structural
+def _checkpointing_layer_names(model) -> tuple:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return _once_per_model(_CHECKPOINTING_LAYERS, model, lambda model: [
-        m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)])
+    return tuple(name for name, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer))
 
 
 def is_checkpointing(model) -> bool:
@@ -240,20 +247,28 @@ def infer_task_type(model) -> TaskType:
 
 
 _POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
-_POSITION_TABLE = weakref.WeakKeyDictionary()  # model -> its learned position table, or None
+_POSITION_TABLE = weakref.WeakKeyDictionary()  # model -> (padding_idx, num_embeddings) of its position table, or None
 
 
-def _position_table(model) -> Optional[torch.nn.Embedding]:
-    return _once_per_model(_POSITION_TABLE, model, lambda m: next(
-        (module for name, module in m.named_modules()
-         if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES), None))
+# The model's structure; a constant under torch.compile (walking every module, traced, would guard
+# on each one's submodules).
+@_structural
+def _position_table_of(model) -> Optional[tuple]:
+    table = next((module for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES), None)
+    return None if table is None else (table.padding_idx, table.num_embeddings)
+
+
+def _position_table(model) -> Optional[tuple]:
+    """(padding_idx, num_embeddings) of the model's learned position table, or None."""
+    return _once_per_model(_POSITION_TABLE, model, _position_table_of)
 
 
 def first_position(model) -> int:
     """The position id of a sequence's first token: 0, or ``padding_idx + 1`` for models whose
     learned position table reserves ``padding_idx`` for padding (RoBERTa, XLM-RoBERTa...)."""
     table = _position_table(model)
-    return 0 if table is None or table.padding_idx is None else table.padding_idx + 1
+    return 0 if table is None or table[0] is None else table[0] + 1
 
 
 def learned_position_limit(model) -> Optional[int]:
@@ -261,7 +276,7 @@ def learned_position_limit(model) -> Optional[int]:
     embeddings cover (BERT's ``position_embeddings``, GPT-2's ``wpe``...), or None when it has none
     (rotary or relative positions extrapolate, so nothing is checked for them)."""
     table = _position_table(model)
-    return None if table is None else table.num_embeddings - first_position(model)
+    return None if table is None else table[1] - first_position(model)
 
 
 def check_position_range(model, longest_position: int, num_virtual_tokens, seq_len: int) -> None:

@@ -164,7 +164,9 @@ def _check_placeholders(placeholders, attention_mask, lengths, prompt_token_id: 
 # ---------------------------------------------------------------------------------------------
 def prompt_forward(holder, rows: Rows, input_ids, attention_mask, inputs_embeds, kwargs: dict):
     """The base model's forward with the rows' prompts; ``kwargs`` are the model's other arguments
-    (labels, token_type_ids, position_ids (the text's own), QA spans...)."""
+    (labels, token_type_ids, position_ids (the text's own), QA spans...). The caller's dict is left
+    as given: torch.compile would replay writes into it after the graph (its tensors as outputs)."""
+    kwargs = dict(kwargs)
     task, model = task_of(holder), holder.base_model
     if rows_kind(holder, rows) == PeftType.PREFIX_TUNING:
         check_supports_cache(model)

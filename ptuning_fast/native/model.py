@@ -196,7 +196,8 @@ class PTuningModel(torch.nn.Module):
         named = dict(labels=labels, token_type_ids=token_type_ids, position_ids=position_ids,
                      start_positions=start_positions, end_positions=end_positions,
                      decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)
-        kwargs.update({key: value for key, value in named.items() if value is not None})
+        # a new dict: the frame's own ``kwargs`` stays as called (torch.compile replays writes into it)
+        kwargs = {**kwargs, **{key: value for key, value in named.items() if value is not None}}
         if get_cache(kwargs) is not None:
             raise ValueError("`past_key_values` / `cache`: pass the whole sequence (the prompt is added to it here); "
                              "use generate() for incremental decoding")

@@ -4,7 +4,7 @@ autograd Functions that route the cache's gradients back to the prefix parameter
 - :class:`PrefixKVBuffer`: one buffer ``(L, 2, B, Hkv, P + capacity, Dh)``; the prefix is written
   once per cache element (:mod:`ptuning_fast.ops.prefix_kv`), positions ``P ..`` are free for the
   text that the cache appends. With one adapter and gradients in full precision the buffer holds
-  the encoded prefix in autograd's graph instead (``layer_prefixes``; see :class:`PrefixKVBuffer`).
+  the encoded prefix in autograd's graph instead (``encoded_prefix``; see :class:`PrefixKVBuffer`).
 - ``_PrefixTokenFunction``: its output is a scalar token that every layer's append takes as
   input, so that its backward runs after every layer has folded its prefix gradient into the
   buffer, and turns that reduced gradient into parameter gradients.
@@ -23,6 +23,7 @@ import torch
 
 from .._deprecation import warn_deprecated
 from .._validation import check_positive_int
+from ..reference.prefix_kv import prefix_layer_kv, prefix_layer_views
 from .prefix_kv import PrefixGeometry, WeightsArg, _flat, _PrefixPlan, _unflat, check_geometry, check_weights
 
 
@@ -74,7 +75,7 @@ class PrefixKVBuffer:
 
     One adapter with gradients in full precision (a training step of one task; the cache and
     the parameters all fp32, or all fp64) takes autograd's own ops instead: the prefix is encoded
-    once (T rows, :meth:`_PrefixPlan.layer_prefixes`) and each layer's append concatenates its
+    once (T rows, :meth:`_PrefixPlan.encoded_prefix`) and each layer's append concatenates its
     prefix, broadcast over the rows, with the text; there is no ``storage`` and no ``token``. It
     moves the same bytes as the buffer (attention reads a per-row copy of the prefix either way),
     and its backward is autograd's C++ nodes instead of a Python Function per layer, which is
@@ -97,25 +98,30 @@ class PrefixKVBuffer:
         check_positive_int(capacity, "capacity", allow_zero=True)
         self.plan = _PrefixPlan(weights, geometry, adapter_index, batch_size, dtype)
         self.geometry = geometry
-        self._slot = _GradSlot()
+        self._slot: Optional[_GradSlot] = None  # the reduced prefix gradient of the token's path
         g, P = geometry, self.plan.P
         flat = _flat(weights)
         track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat)
         self.token: Optional[torch.Tensor] = None
-        # One adapter with gradients: the prefix of each layer's keys and values, (Hkv, P, Dh) each
-        # (entry 2l + s), in autograd's graph.
-        self.layer_prefixes: Optional[tuple] = None
+        # Autograd's path: every adapter's encoded prefix, (P, J) or (N, P, J), in autograd's graph;
+        # each layer's keys and values are views of it.
+        self.encoded_prefix: Optional[torch.Tensor] = None
+        self._layer_views: Optional[tuple] = None  # every layer's views, made once (eager)
         self.storage: Optional[torch.Tensor] = None
         if torch.compiler.is_compiling() or (track and self.plan.adapter_index is None
                                              and self.plan.full_precision()):
             # Under torch.compile every buffer takes autograd's ops: the compiler fuses each layer's
             # broadcast (or gather) of the prefix into the concatenation with the text, and the
             # buffer's Functions below keep gradients outside autograd, which it cannot trace.
-            self.layer_prefixes = self.plan.layer_prefixes()
+            self.encoded_prefix = self.plan.encoded_prefix()
+            # the rows and columns are all the cache reads of the plan from here on (a compiled
+            # forward rebuilds every object the cache holds after the graph: the fewer, the faster)
+            self.plan = self.plan.rows_only()
             return
         self.storage = torch.empty((g.num_layers, 2, self.plan.batch_size, g.num_kv_heads, P + capacity, g.head_dim),
                                    dtype=self.plan.dtype, device=self.plan.device)
         if track:
+            self._slot = _GradSlot()
             self.token = _PrefixTokenFunction.apply(self.plan, self.storage, self._slot, *flat)
         else:
             with torch.no_grad():
@@ -136,7 +142,7 @@ class PrefixKVBuffer:
 
     @property
     def requires_grad(self) -> bool:
-        return self.token is not None or (self.layer_prefixes is not None and self.layer_prefixes[0].requires_grad)
+        return self.token is not None or (self.encoded_prefix is not None and self.encoded_prefix.requires_grad)
 
     def layer_storage(self, layer_idx: int) -> tuple:
         """Layer ``layer_idx``'s keys and values ``(B, Hkv, capacity, Dh)`` as a cache layer starts
@@ -151,12 +157,22 @@ class PrefixKVBuffer:
         autograd's graph (autograd's path only): one adapter's broadcast over the rows, or each
         row's adapter's."""
         out = []
-        for s in (0, 1):
-            prefix = self.layer_prefixes[2 * layer_idx + s]
+        for prefix in self._prefix_views(layer_idx):
             prefix = prefix.expand(self.batch_size, -1, -1, -1) if prefix.dim() == 3 \
                 else prefix.index_select(0, self.adapter_index)
             out.append(prefix.to(self.plan.dtype))
         return tuple(out)
+
+    def _prefix_views(self, layer_idx: int) -> tuple:
+        """Layer ``layer_idx``'s (keys, values) views of ``encoded_prefix``. Eager: every layer's made
+        at once, on first use (one op). Compiled: the layer's own, kept nowhere: a tensor kept on
+        the cache leaves the graph as an output, and a view output costs the host ~15 us a call."""
+        g = self.geometry
+        if torch.compiler.is_compiling():
+            return prefix_layer_kv(self.encoded_prefix, layer_idx, g.num_kv_heads, g.head_dim)
+        if self._layer_views is None:
+            self._layer_views = prefix_layer_views(self.encoded_prefix, g.num_kv_heads, g.head_dim)
+        return self._layer_views[2 * layer_idx], self._layer_views[2 * layer_idx + 1]
 
     def prompt_lengths(self) -> torch.Tensor:
         """(B,) int64: each row's number of prefix tokens (in the last columns of the P)."""
@@ -171,7 +187,7 @@ class PrefixKVBuffer:
                               grad_values: Optional[torch.Tensor]) -> None:
         """Fold layer ``layer_idx``'s key/value gradients (B, Hkv, >= P, Dh) into the reduced
         prefix gradient (only their first P positions are read)."""
-        if self.layer_prefixes is not None:
+        if self.encoded_prefix is not None:
             raise ValueError("PrefixKVBuffer: this buffer (one adapter, with gradients) routes the prefix gradient "
                              "through autograd; read its prefix with layer_prefix() instead of accumulating by hand")
         if not self.requires_grad:

@@ -29,8 +29,7 @@ import torch
 from .._validation import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_positive_int, check_tensor
 from ..backend import resolve_backend
 from ..reference.prefix_kv import (encode_prefix_reference, encode_prefix_with_hidden_reference,
-                                   prefix_layer_views, reduce_prefix_grad_reference, stack_prefixes,
-                                   write_prefix_reference)
+                                   reduce_prefix_grad_reference, stack_prefixes, write_prefix_reference)
 
 
 class PrefixWeights(NamedTuple):
@@ -231,6 +230,23 @@ def _one_adapter_rows(batch_size: int, device: torch.device) -> tuple:
     return rows
 
 
+class _PrefixRows(NamedTuple):
+    """What a cache reads of a :class:`_PrefixPlan` once the prefix is built: its rows and columns."""
+
+    P: int
+    batch_size: int
+    adapter_index: Optional[torch.Tensor]
+    dtype: torch.dtype
+    num_tokens: List[int]
+    device: torch.device
+
+    def prompt_lengths(self) -> torch.Tensor:
+        """(B,) int64: the number of prefix tokens of each row (its adapter's T_n)."""
+        if self.adapter_index is None:
+            return torch.full((self.batch_size,), self.P, dtype=torch.long, device=self.device)
+        return torch.tensor(self.num_tokens, dtype=torch.long, device=self.device)[self.adapter_index]
+
+
 class _PrefixPlan:
     """Validated inputs of one prefix build, and the backend's two primitives."""
 
@@ -273,33 +289,32 @@ class _PrefixPlan:
             self._rows = (order, row_ptr, starts)
         return self._rows
 
+    def rows_only(self) -> _PrefixRows:
+        """The plan's rows and columns, without its weights."""
+        return _PrefixRows(self.P, self.batch_size, self.adapter_index, self.dtype, self.num_tokens, self.device)
+
     def prompt_lengths(self) -> torch.Tensor:
-        """(B,) int64: the number of prefix tokens of each row (its adapter's T_n)."""
-        if self.adapter_index is None:
-            return torch.full((self.batch_size,), self.P, dtype=torch.long, device=self.device)
-        return torch.tensor(self.num_tokens, dtype=torch.long, device=self.device)[self.adapter_index]
+        return self.rows_only().prompt_lengths()
 
     def full_precision(self) -> bool:
         """The cache and every parameter share one dtype, fp32 or fp64 (no rounding to a half type)."""
         return self.dtype in (torch.float32, torch.float64) and all(
             t.dtype == self.dtype for w in self.weights for t in w if t is not None)
 
-    def layer_prefixes(self) -> tuple:
-        """Every adapter's prefix encoded once with autograd's own ops, as ``2L`` tensors (entry
-        ``2l + s``: layer ``l``'s keys or values): ``(Hkv, P, Dh)`` with one adapter (broadcast over
-        the rows by the caller), ``(N, Hkv, P, Dh)`` with several (gathered by ``adapter_index``;
-        a shorter prefix is zero in the first columns, as the kernels write it).
+    def encoded_prefix(self) -> torch.Tensor:
+        """Every adapter's prefix encoded once with autograd's own ops: ``(P, J)`` with one adapter
+        (broadcast over the rows by the caller), ``(N, P, J)`` with several (gathered by
+        ``adapter_index``; a shorter prefix is zero in the first columns, as the kernels write it).
+        Layer ``l``'s keys and values are views of it (:func:`prefix_layer_kv`).
 
         Values are rounded to the cache's dtype, as PEFT casts the prefix to the model's (under
         autocast the encoder computes in the autocast dtype). Held in the cache's dtype where the
         rows' gradients may sum in it (:meth:`full_precision`), else in ``grad_dtype`` (fp32), so
         that the broadcast's backward sums the rows in fp32 as the buffer's reduction (and PEFT)
         do; the caller casts to the cache's dtype after broadcasting (exact)."""
-        g = self.geometry
         keep = self.dtype if self.full_precision() else self.grad_dtype
         encoded = [_cast(_rounded(encode_prefix_reference(*w), self.dtype), keep) for w in self.weights]
-        return prefix_layer_views(encoded[0] if len(encoded) == 1 else stack_prefixes(encoded),
-                                  g.num_kv_heads, g.head_dim)
+        return encoded[0] if len(encoded) == 1 else stack_prefixes(encoded)
 
     def write(self, out: torch.Tensor) -> list:
         """Write every row's prefix into ``out[..., :P, :]``; return what the backward needs

@@ -140,7 +140,8 @@ class PrefixKVLayer(DynamicLayer):
                 and value_states.device == self.device:
             return
         self._check_states_in_full(key_states, value_states)
-        self._checked = seen
+        if not torch.compiler.is_compiling():  # traced checks run once; a memo would be one more output to rebuild
+            self._checked = seen
 
     def _check_states_in_full(self, key_states, value_states) -> None:
         for name, t in (("key_states", key_states), ("value_states", value_states)):
@@ -184,7 +185,7 @@ class PrefixKVLayer(DynamicLayer):
                     "PrefixKVCache: this cache already took part in a forward that needs gradients; gradients "
                     "cannot flow through a second one. Build a new cache (build_prefix_cache) for each training "
                     "step.")
-        if self.buffer.layer_prefixes is not None and (track or start == self.prefix_length):
+        if self.buffer.encoded_prefix is not None and (track or start == self.prefix_length):
             # autograd's own ops (see the module docstring); without gradients (compiled eval
             # forward) the first append only: later ones grow the storage and write in place
             keys, values = self._concat(start, key_states, value_states)
@@ -212,7 +213,7 @@ class PrefixKVLayer(DynamicLayer):
                         "PrefixKVCache: a layer was recomputed in the backward after a forward without autograd "
                         "(reentrant gradient checkpointing). Use non-reentrant checkpointing: "
                         "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
-                if self.buffer.layer_prefixes is not None:
+                if self.buffer.encoded_prefix is not None:
                     return self._concat(start, key_states, value_states)
                 return AppendKV.apply(self.buffer.token, self, start, key_states, value_states, False)
         return None

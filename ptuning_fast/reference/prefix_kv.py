@@ -74,9 +74,21 @@ def prefix_layer_views(encoded: torch.Tensor, num_kv_heads: int, head_dim: int) 
     layer ``l``'s keys (``s = 0``) or values (``s = 1``), in the layout the attention reads (one
     row of it). Leading dimensions are kept: ``(N, T, J)`` (:func:`stack_prefixes`) gives views
     ``(N, Hkv, T, Dh)``. Differentiable: the gradients of all the views meet in ``encoded``."""
+    return _head_major_views(encoded, num_kv_heads, head_dim)
+
+
+def prefix_layer_kv(encoded: torch.Tensor, layer: int, num_kv_heads: int, head_dim: int) -> tuple:
+    """Layer ``layer``'s (keys, values): entries ``2l`` and ``2l + 1`` of :func:`prefix_layer_views`,
+    without making the other layers' views."""
+    return _head_major_views(encoded, num_kv_heads, head_dim, layer)
+
+
+def _head_major_views(encoded: torch.Tensor, num_kv_heads: int, head_dim: int, layer: Optional[int] = None) -> tuple:
     *lead, T, J = encoded.shape
     n = len(lead)
     views = encoded.view(*lead, T, J // (num_kv_heads * head_dim), num_kv_heads, head_dim)
+    if layer is not None:
+        views = views.narrow(n + 1, 2 * layer, 2)
     return views.permute(n + 1, *range(n), n + 2, n, n + 3).unbind(0)
 
 
@@ -133,4 +145,5 @@ def encode_prefix_with_hidden_reference(embedding, w1=None, b1=None, w2=None, b2
 
 
 __all__ = ["encode_prefix_reference", "encode_prefix_with_hidden_reference", "prefix_kv_reference",
-           "prefix_layer_views", "reduce_prefix_grad_reference", "stack_prefixes", "write_prefix_reference"]
+           "prefix_layer_kv", "prefix_layer_views", "reduce_prefix_grad_reference", "stack_prefixes",
+           "write_prefix_reference"]

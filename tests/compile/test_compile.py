@@ -113,6 +113,37 @@ def _frames_over_lengths(model, lengths=(5, 7, 9, 12)) -> tuple:
     return counters["frames"]["ok"], sum(counters["graph_break"].values())
 
 
+def _graph_outputs(model) -> list:
+    """The tensors that leave the compiled training forward's graph (each is handed back or
+    rebuilt on the host after every call), as (requires grad, is a view)."""
+    outputs = []
+
+    def backend(gm, example_inputs):
+        node = next(n for n in gm.graph.nodes if n.op == "output")
+        outputs.extend((v.requires_grad, v._base is not None) for v in
+                       (a.meta["example_value"] for a in node.args[0]) if isinstance(v, torch.Tensor))
+        return gm.forward
+
+    model.train()
+    input_ids, attention_mask = batch()
+    torch.compile(model, fullgraph=True, backend=backend)(input_ids=input_ids, attention_mask=attention_mask,
+                                                            labels=input_ids)
+    return outputs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_training_forward_hands_back_no_more_than_peft(kind):
+    """No more graph outputs than PEFT's, and no view that needs gradients among them (autograd
+    rebuilds each one on the host, ~15 us a call). The forward used to write the layout's tensors
+    into the caller's kwargs (4 outputs) and keep each layer's prefix views on the cache (2L)."""
+    peft_outputs = _graph_outputs(build(kind, "peft"))
+    for route in ROUTES:
+        torch._dynamo.reset()
+        outputs = _graph_outputs(build(kind, route))
+        assert len(outputs) <= len(peft_outputs), (route, outputs, peft_outputs)
+        assert (True, True) not in outputs, (route, outputs)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_sequence_lengths_recompile_no_more_than_peft_and_nothing_breaks_the_graph(kind):
     peft_frames, peft_breaks = _frames_over_lengths(build(kind, "peft"))

@@ -112,6 +112,25 @@ def test_reference_matches_peft_get_prompt_layout():
         assert torch.equal(ours[layer, 0], key) and torch.equal(ours[layer, 1], value)
 
 
+def test_layer_views_of_one_layer_equal_those_of_all_layers():
+    """prefix_layer_kv (one layer's keys and values) is entries 2l, 2l + 1 of prefix_layer_views,
+    which for one adapter are PEFT's layout; with leading dimensions (several adapters) too."""
+    from ptuning_fast.reference.prefix_kv import prefix_layer_kv, prefix_layer_views
+
+    T, B = 4, 3
+    prefix = torch.randn(T, J)
+    peft = prefix.expand(B, T, J).reshape(B, T, L * 2, HKV, DH).permute(2, 0, 3, 1, 4)  # (2L, B, H, T, Dh)
+    for encoded in (prefix, torch.randn(2, T, J)):
+        every = prefix_layer_views(encoded, HKV, DH)
+        assert len(every) == 2 * L
+        for layer in range(L):
+            key, value = prefix_layer_kv(encoded, layer, HKV, DH)
+            assert torch.equal(key, every[2 * layer]) and torch.equal(value, every[2 * layer + 1])
+            assert key.data_ptr() == every[2 * layer].data_ptr()  # a view, no copy
+            if encoded.dim() == 2:
+                assert torch.equal(key, peft[2 * layer, 0]) and torch.equal(value, peft[2 * layer + 1, 0])
+
+
 def gradcheck_two_adapters(op):
     """gradcheck, in float64, of ``op(weights, index)`` over a projected and a plain adapter
     shared by three rows."""

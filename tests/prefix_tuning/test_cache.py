@@ -134,7 +134,7 @@ def run_layers(cache_or_prefix, text, queries, weights_out):
     return loss
 
 
-# Gradients take autograd's own ops with one adapter (PrefixKVBuffer.layer_prefixes) and the
+# Gradients take autograd's own ops with one adapter (PrefixKVBuffer.encoded_prefix) and the
 # buffer's Functions with several: every autograd test runs both.
 def adapters_case(adapters, projected, seeds=(5, 6)):
     """(weights, adapter_index) of one adapter, or of two of different lengths (3 and 2 tokens)."""
@@ -159,7 +159,7 @@ def test_gradients_match_cat_path(backend, projected, adapters):
 
     with use_backend(backend):
         cache = make_cache(weights, batch=3, index=index, capacity=4)
-        assert (cache.buffer.layer_prefixes is not None) == (adapters == "one")
+        assert (cache.buffer.encoded_prefix is not None) == (adapters == "one")
         loss = run_layers(cache, text, queries, outs)
         grads = torch.autograd.grad(loss, inputs)
     # The reference hides the empty columns of the short prefix by a mask; here they hold zeros in
@@ -293,7 +293,7 @@ def test_autograd_path_encodes_once_and_allocates_what_attention_reads():
     for batch in (1, 8):
         with AllocatedBytes() as counter:
             cache = make_cache(weights, batch=batch, capacity=S)
-        assert cache.buffer.layer_prefixes is not None and cache.buffer.storage is None
+        assert cache.buffer.encoded_prefix is not None and cache.buffer.storage is None
         assert counter.bytes <= (T * J + 2 * T * HH) * 4
         text = [(k.requires_grad_(), v.requires_grad_()) for k, v in text_states(batch, S, seed=13)]
         with AllocatedBytes() as counter:
