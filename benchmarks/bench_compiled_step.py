@@ -6,7 +6,9 @@ Implementations (each compiled once, then timed in alternation): ``peft_eager`` 
 baseline), ``peft_compile``, ``ptuning_fast_compile`` (the same PeftModel after
 ``ptuning_fast.accelerate``) and ``ptuning_fast_native_compile`` (``get_ptuning_model``). The
 losses / logits of every compiled model must equal PEFT eager's before timing. Each row carries
-``x_vs_peft_compile`` (PEFT compiled's median / this median). Compile time is not timed.
+``x_vs_peft_compile`` (PEFT compiled's median / this median) and ``x_vs_peft_compile_paired`` (the
+median over rounds of the two calls' ratio in each round: what a drifting machine moves least).
+Compile time is not timed.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def measure(device: torch.device, quick: bool) -> list[Row]:
                 model.train(step_name == "train")
             fns = {impl: make(plain[impl], call, batch) for impl, call in calls.items()}
             pair = make_rows("compiled_step", f"{step_name} {case}", fns, device, floor_ms(device, flops=flops),
-                             warmup=3, reps=reps)
+                             warmup=3, reps=reps, paired_with="peft_compile")
             compiled_peft = next(r.median_ms for r in pair if r.impl == "peft_compile")
             for row in pair:
                 row.extra["x_vs_peft_compile"] = compiled_peft / row.median_ms

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ptuning_fast._timing import synchronize, time_fn, time_interleaved  # one timer for all
+from ptuning_fast._timing import paired_speedup, synchronize, time_fn, time_interleaved  # one timer for all
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -90,15 +90,21 @@ class Row:
 
 
 def make_rows(component: str, case: str, fns: Dict[str, Callable[[], object]], device: torch.device,
-              floor: dict, *, warmup: int = 5, reps: int = 20, per: int = 1, **extra) -> List[Row]:
+              floor: dict, *, warmup: int = 5, reps: int = 20, per: int = 1, paired_with: Optional[str] = None,
+              **extra) -> List[Row]:
     """One Row per implementation (``fns``: impl -> callable) of one case, timed in alternation so
     that every implementation sees the same state of the machine; each row also gets its median
     host time and its peak memory. A call that does ``per`` units of work (e.g. new tokens) is
-    reported per unit."""
+    reported per unit. ``paired_with``: an impl; each row also gets ``x_vs_<impl>_paired``
+    (:func:`ptuning_fast._timing.paired_speedup`)."""
     times = time_interleaved(fns, device, warmup=warmup, reps=reps)
-    return [Row(component, case, impl, t["median_ms"] / per, t["p20_ms"] / per, t["p80_ms"] / per,
-                floor["floor_ms"], peak_memory(fns[impl], device), {**floor, "host_ms": t["host_ms"] / per, **extra})
-            for impl, t in times.items()]
+    rows = []
+    for impl, t in times.items():
+        paired = {} if paired_with is None else {f"x_vs_{paired_with}_paired": paired_speedup(times, paired_with, impl)}
+        rows.append(Row(component, case, impl, t["median_ms"] / per, t["p20_ms"] / per, t["p80_ms"] / per,
+                        floor["floor_ms"], peak_memory(fns[impl], device),
+                        {**floor, "host_ms": t["host_ms"] / per, **paired, **extra}))
+    return rows
 
 
 def cuda_graph_replay(fn: Callable[[], object], device: torch.device) -> Optional[Callable[[], object]]:

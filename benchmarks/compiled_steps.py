@@ -3,15 +3,15 @@
 One training step (forward and backward) of the tests' tiny Llama (hidden 32, 2 layers) with 20
 virtual tokens, B=8, S=32, on one thread, eager and under ``torch.compile`` (inductor), for plain
 PEFT, the accelerated PeftModel and the native model. The implementations are timed in
-interleaved rounds (200; the median), so that each sees the same state of the machine; graphs and
-graph breaks come from dynamo's counters. The routes named run in one process: recompiles of the
-frames they share are part of what a user gets.
+interleaved rounds (200, each starting one step later; the median), so that each sees the same
+state of the machine; ``x PEFT`` is the median over rounds of PEFT's time / the route's in the same
+round (compiled against PEFT compiled), which a drifting machine moves least. Graphs and graph
+breaks come from dynamo's counters. The routes named run in one process: recompiles of the frames
+they share are part of what a user gets.
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -19,6 +19,7 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 from torch._dynamo.utils import counters
 
 import ptuning_fast
+from ptuning_fast._timing import paired_speedup, time_interleaved
 from tests.tiny_models import VOCAB, llama
 
 BATCH, SEQ, TOKENS, ROUNDS = 8, 32, 20, 200
@@ -35,7 +36,8 @@ def build(kind: str, route: str):
 
 
 def measure(kind: str, routes) -> list:
-    """[(name, median ms, graphs or None, graph breaks or None)] of each route, eager and compiled."""
+    """[(name, median ms, x PEFT or None, graphs or None, graph breaks or None)] of each route,
+    eager and compiled."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=generator)
     attention_mask = torch.ones_like(input_ids)
@@ -59,13 +61,15 @@ def measure(kind: str, routes) -> list:
             steps[name] = step
             if compiled:
                 graphs[name] = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
-    times = {name: [] for name in steps}
-    for _ in range(ROUNDS):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return [(name, statistics.median(times[name]), *graphs.get(name, (None, None))) for name in steps]
+    # one warm-up round: a compiled step whose frames the dynamo resets above dropped compiles again
+    times = time_interleaved(steps, torch.device("cpu"), warmup=1, reps=ROUNDS)
+    rows = []
+    for name in steps:
+        # PEFT's time / this time in the same round (eager vs eager, compiled vs compiled)
+        baseline = "peft compiled" if name.endswith("compiled") else "peft eager"
+        paired = paired_speedup(times, baseline, name) if baseline in times else None
+        rows.append((name, times[name]["median_ms"], paired, *graphs.get(name, (None, None))))
+    return rows
 
 
 def main(argv) -> None:
@@ -75,8 +79,9 @@ def main(argv) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for kind in kinds:
-            for name, ms, graph_count, breaks in measure(kind, routes):
-                extra = "" if graph_count is None else f"  graphs {graph_count}  breaks {breaks}"
+            for name, ms, paired, graph_count, breaks in measure(kind, routes):
+                extra = "" if paired is None else f"  x PEFT {paired:5.3f}"
+                extra += "" if graph_count is None else f"  graphs {graph_count}  breaks {breaks}"
                 print(f"{kind:5} {name:22} {ms:7.2f} ms{extra}", flush=True)
 
 

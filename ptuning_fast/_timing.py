@@ -17,10 +17,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def _summary(times: list, host: list) -> dict:
-    times = sorted(times)
-    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 2 + [times[-1]] * 2
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1], "reps": len(times),
-            "host_ms": statistics.median(host)}
+    ordered = sorted(times)
+    q = statistics.quantiles(ordered, n=5) if len(ordered) >= 5 else [ordered[0]] * 2 + [ordered[-1]] * 2
+    return {"median_ms": statistics.median(ordered), "p20_ms": q[0], "p80_ms": q[-1], "reps": len(ordered),
+            "host_ms": statistics.median(host), "samples_ms": list(times)}  # in the order of the rounds
+
+
+def paired_speedup(summaries: Dict[str, dict], baseline: str, name: str) -> float:
+    """How many times faster ``name`` is than ``baseline``, from :func:`time_interleaved`'s
+    summaries: the median over rounds of the ratio of the two calls of each round. A slow phase of
+    the machine slows both calls of its rounds, so it moves this less than the ratio of medians."""
+    return statistics.median(b / t for b, t in zip(summaries[baseline]["samples_ms"], summaries[name]["samples_ms"]))
 
 
 def _timed_call(fn: Callable[[], object], device: torch.device) -> tuple:
@@ -48,15 +55,18 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
                      reps: int = 20) -> Dict[str, dict]:
     """:func:`time_fn` of several callables, run in alternation so that each sees the same state
-    of the machine (load, clocks, caches)."""
+    of the machine (load, clocks, caches). Each round starts one callable later than the last, so
+    that no callable always runs first or right after the same other one."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     synchronize(device)
-    times = {name: ([], []) for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            elapsed, host = _timed_call(fn, device)
+    names = list(fns)
+    times = {name: ([], []) for name in names}
+    for round_ in range(reps):
+        for k in range(len(names)):
+            name = names[(round_ + k) % len(names)]
+            elapsed, host = _timed_call(fns[name], device)
             times[name][0].append(elapsed)
             times[name][1].append(host)
-    return {name: _summary(*times[name]) for name in fns}
+    return {name: _summary(*times[name]) for name in names}
