@@ -63,9 +63,7 @@ class PromptLayout:
             fill_part = values.new_full((values.shape[0], self.shift) + tuple(values.shape[2:]), fill)
             return torch.cat([fill_part, values], dim=1)
         shape = (values.shape[0], self.width) + tuple(values.shape[2:])
-        out = values.new_full(shape, fill)
-        index = self.text_columns.view(self.text_columns.shape + (1,) * (values.dim() - 2)).expand_as(values)
-        return out.scatter(1, index, values)
+        return values.new_full(shape, fill).scatter(1, _spread(self.text_columns, values.shape), values)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Per-layout-column ``values`` (B, L, ...) back at the caller's input columns (B, S, ...).
@@ -74,8 +72,39 @@ class PromptLayout:
         are then those of other padding or prompt columns: padding outputs mean nothing)."""
         if self.shift is not None:
             return values[:, self.shift:self.shift + self.text_length]
-        index = self.text_columns.view(self.text_columns.shape + (1,) * (values.dim() - 2))
-        return values.gather(1, index.expand((-1, -1) + tuple(values.shape[2:])))
+        if values.requires_grad:
+            return _GatherColumns.apply(values, self.text_columns)
+        return values.gather(1, _spread(self.text_columns, values.shape))
+
+
+def _spread(index: torch.Tensor, shape) -> torch.Tensor:
+    """A (B, N) column index over the trailing dimensions of ``shape`` (B, M, ...), for gather."""
+    return index.view(index.shape + (1,) * (len(shape) - 2)).expand((-1, -1) + tuple(shape[2:]))
+
+
+class _GatherColumns(torch.autograd.Function):
+    """``values.gather(1, columns)`` over trailing dimensions, whose backward is a gather too. A
+    row's input columns sit at distinct layout columns, so the gradient of layout column j is the
+    one of the input column placed there (zero at prompt and padding columns): a gather through
+    the inverse map, which a compiler fuses into what consumes it, where gather's own backward
+    zero-fills the whole (B, L, ...) gradient and scatter-adds into it. It matters for logits
+    (B, S, vocab): a compiled training step differentiates every output, the logits included."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(columns)
+        ctx.width = values.shape[1]
+        return values.gather(1, _spread(columns, values.shape))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (columns,) = ctx.saved_tensors
+        batch, text_length = columns.shape
+        source = columns.new_full((batch, ctx.width), -1).scatter(
+            1, columns, torch.arange(text_length, device=columns.device).expand(batch, -1))  # input column at each
+        shape = (batch, ctx.width) + tuple(grad.shape[2:])
+        picked = grad.gather(1, _spread(source.clamp(min=0), shape))
+        return torch.where(_spread(source >= 0, shape), picked, 0), None
 
 
 def _per_row(lengths: PromptLengths, batch: int, device) -> torch.Tensor:
