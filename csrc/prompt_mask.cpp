@@ -156,7 +156,8 @@ void prompt_attention_mask_cpu(const at::Tensor& mask, const at::Tensor& lengths
 
   // live[b, j]: column j can be seen by row b at all (a live prompt column or a real token).
   std::vector<uint8_t> live(static_cast<size_t>(B * W));
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "prompt_attention_mask_cpu", [&] {
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(),
+                             "prompt_attention_mask_cpu", [&] {
     const scalar_t* mask_data = mask.data_ptr<scalar_t>();
     const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
     at::parallel_for(0, B, rows_per_task(W), [&](int64_t begin, int64_t end) {
@@ -164,7 +165,9 @@ void prompt_attention_mask_cpu(const at::Tensor& mask, const at::Tensor& lengths
         uint8_t* row = live.data() + b * W;
         const int64_t first_prompt = P - prompt_length(len_data, b, P);
         for (int64_t j = 0; j < P; ++j) row[j] = j >= first_prompt;
-        for (int64_t t = 0; t < K; ++t) row[P + t] = mask_data[b * mask_s0 + t * mask_s1] != scalar_t(0);
+        for (int64_t t = 0; t < K; ++t) {
+          row[P + t] = mask_data[b * mask_s0 + t * mask_s1] != scalar_t(0);
+        }
       }
     });
   });
@@ -189,7 +192,8 @@ void prompt_position_ids_cpu(const at::Tensor& mask, const at::Tensor& lengths, 
   const int64_t* len_data = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   int64_t* out_data = out.data_ptr<int64_t>();
   const int64_t S = K - past_length;
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "prompt_position_ids_cpu", [&] {
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(),
+                             "prompt_position_ids_cpu", [&] {
     const scalar_t* mask_data = mask.data_ptr<scalar_t>();
     const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
     at::parallel_for(0, B, rows_per_task(K), [&](int64_t begin, int64_t end) {

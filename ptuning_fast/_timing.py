@@ -56,7 +56,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
                      reps: int = 20) -> Dict[str, dict]:
     """:func:`time_fn` of several callables, run in alternation so that each sees the same state
     of the machine (load, clocks, caches). Each round starts one callable later than the last, so
-    that no callable always runs first or right after the same other one."""
+    that none always runs first or last in its round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
