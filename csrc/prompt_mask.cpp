@@ -45,6 +45,24 @@ inline int64_t rows_per_task(int64_t width) {
   return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(width, 1));
 }
 
+// Calls row_fn(b, real) for every row b of the (B, K) mask, rows split over threads in tasks of
+// `grain`, where real(t) says whether token t of the row is real (nonzero): the mask is read in
+// its own dtype and strides, with no conversion op first.
+template <typename RowFn>
+void for_each_mask_row(const at::Tensor& mask, int64_t grain, const RowFn& row_fn) {
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(),
+                             "attention_mask", [&] {
+    const scalar_t* data = mask.data_ptr<scalar_t>();
+    const int64_t s0 = mask.stride(0), s1 = mask.stride(1);
+    at::parallel_for(0, mask.size(0), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* row = data + b * s0;
+        row_fn(b, [row, s1](int64_t t) { return row[t * s1] != scalar_t(0); });
+      }
+    });
+  });
+}
+
 inline int64_t prompt_length(const int64_t* lengths, int64_t b, int64_t P) {
   // Clamped so that a bad length can never move a column out of [0, P]; Python checks the range.
   return lengths == nullptr ? P : std::min<int64_t>(std::max<int64_t>(lengths[b], 0), P);
@@ -156,20 +174,11 @@ void prompt_attention_mask_cpu(const at::Tensor& mask, const at::Tensor& lengths
 
   // live[b, j]: column j can be seen by row b at all (a live prompt column or a real token).
   std::vector<uint8_t> live(static_cast<size_t>(B * W));
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(),
-                             "prompt_attention_mask_cpu", [&] {
-    const scalar_t* mask_data = mask.data_ptr<scalar_t>();
-    const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
-    at::parallel_for(0, B, rows_per_task(W), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        uint8_t* row = live.data() + b * W;
-        const int64_t first_prompt = P - prompt_length(len_data, b, P);
-        for (int64_t j = 0; j < P; ++j) row[j] = j >= first_prompt;
-        for (int64_t t = 0; t < K; ++t) {
-          row[P + t] = mask_data[b * mask_s0 + t * mask_s1] != scalar_t(0);
-        }
-      }
-    });
+  for_each_mask_row(mask, rows_per_task(W), [&](int64_t b, auto real) {
+    uint8_t* row = live.data() + b * W;
+    const int64_t first_prompt = P - prompt_length(len_data, b, P);
+    for (int64_t j = 0; j < P; ++j) row[j] = j >= first_prompt;
+    for (int64_t t = 0; t < K; ++t) row[P + t] = real(t);
   });
 
   AT_DISPATCH_FLOATING_TYPES_AND3(
@@ -188,83 +197,54 @@ void prompt_attention_mask_cpu(const at::Tensor& mask, const at::Tensor& lengths
 
 void prompt_position_ids_cpu(const at::Tensor& mask, const at::Tensor& lengths, int64_t P,
                              int64_t past_length, bool after_prompt, at::Tensor& out) {
-  const int64_t B = mask.size(0), K = mask.size(1);
+  const int64_t K = mask.size(1);
   const int64_t* len_data = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   int64_t* out_data = out.data_ptr<int64_t>();
   const int64_t S = K - past_length;
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(),
-                             "prompt_position_ids_cpu", [&] {
-    const scalar_t* mask_data = mask.data_ptr<scalar_t>();
-    const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
-    at::parallel_for(0, B, rows_per_task(K), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* row = mask_data + b * mask_s0;
-        int64_t seen = 0;  // real tokens so far
-        for (int64_t t = 0; t < past_length; ++t) seen += row[t * mask_s1] != scalar_t(0);
-        // position = offset + (real tokens before and including this one) - 1; padding -> 0
-        int64_t next = (after_prompt ? prompt_length(len_data, b, P) : 0) + seen;
-        int64_t* out_row = out_data + b * S;
-        for (int64_t t = past_length; t < K; ++t) {
-          const int64_t real = row[t * mask_s1] != scalar_t(0);
-          out_row[t - past_length] = real * next;
-          next += real;
-        }
-      }
-    });
-  });
-}
-
-namespace {
-
-template <typename mask_t>
-void packed_layout_rows(const at::Tensor& mask, const int64_t* len_data, int64_t longest,
-                        const int64_t* cache_data, int64_t cache_length, bool pad_left, bool restart,
-                        PackedLayout& out) {
-  const int64_t B = mask.size(0), K = mask.size(1), W = K + longest;
-  const mask_t* mask_data = mask.data_ptr<mask_t>();
-  const int64_t mask_s0 = mask.stride(0), mask_s1 = mask.stride(1);
-  int64_t* layout_mask = out.layout_mask.data_ptr<int64_t>();
-  int64_t* text_columns = out.text_columns.data_ptr<int64_t>();
-  int64_t* prompt_index = out.prompt_index.data_ptr<int64_t>();
-  int64_t* positions = out.position_ids.data_ptr<int64_t>();
-  const mask_t pad = mask_t(0);
-  at::parallel_for(0, B, rows_per_task(W), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const mask_t* row = mask_data + b * mask_s0;
-      int64_t real = 0;
-      for (int64_t t = 0; t < K; ++t) real += row[t * mask_s1] != pad;
-      const int64_t n = prompt_length(len_data, b, longest);  // clamped: every column stays in [0, W)
-      const int64_t cached = cache_data == nullptr ? cache_length : cache_data[b];
-      const int64_t live = real + n;  // the row's live block: its prompt, then its real tokens
-      const int64_t first = pad_left ? W - live : 0;
-      // Real tokens in order after the prompt; padding in order outside the live block.
-      int64_t next_real = first + n, next_pad = pad_left ? 0 : live;
-      int64_t* columns = text_columns + b * K;
-      for (int64_t t = 0; t < K; ++t) columns[t] = row[t * mask_s1] != pad ? next_real++ : next_pad++;
-      for (int64_t j = 0; j < W; ++j) {
-        const int64_t offset = j - first;  // the column's place in the live block
-        const bool in_live = offset >= 0 && offset < live, in_prompt = offset >= 0 && offset < n;
-        layout_mask[b * W + j] = in_live;
-        prompt_index[b * W + j] = in_prompt ? offset : -1;
-        const int64_t text_position = restart ? offset - n : cached + offset;
-        positions[b * W + j] = !in_live ? 0 : (restart && in_prompt) ? offset : text_position;
-      }
+  for_each_mask_row(mask, rows_per_task(K), [&](int64_t b, auto real) {
+    int64_t seen = 0;  // real tokens so far
+    for (int64_t t = 0; t < past_length; ++t) seen += real(t);
+    // position = offset + (real tokens before and including this one) - 1; padding -> 0
+    int64_t next = (after_prompt ? prompt_length(len_data, b, P) : 0) + seen;
+    int64_t* out_row = out_data + b * S;
+    for (int64_t t = past_length; t < K; ++t) {
+      const int64_t is_real = real(t);
+      out_row[t - past_length] = is_real * next;
+      next += is_real;
     }
   });
 }
-
-}  // namespace
 
 void packed_prompt_layout_cpu(const at::Tensor& mask, const at::Tensor& lengths, int64_t longest,
                               const at::Tensor& cache_lengths, int64_t cache_length, bool pad_left,
                               bool restart, PackedLayout& out) {
   const int64_t* len_data = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int64_t* cache_data = cache_lengths.defined() ? cache_lengths.data_ptr<int64_t>() : nullptr;
-  AT_DISPATCH_ALL_TYPES_AND3(
-      at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(), "packed_prompt_layout_cpu", [&] {
-        packed_layout_rows<scalar_t>(mask, len_data, longest, cache_data, cache_length, pad_left,
-                                     restart, out);
-      });
+  const int64_t K = mask.size(1), W = K + longest;
+  int64_t* layout_mask = out.layout_mask.data_ptr<int64_t>();
+  int64_t* text_columns = out.text_columns.data_ptr<int64_t>();
+  int64_t* prompt_index = out.prompt_index.data_ptr<int64_t>();
+  int64_t* positions = out.position_ids.data_ptr<int64_t>();
+  for_each_mask_row(mask, rows_per_task(W), [&](int64_t b, auto is_real) {
+    int64_t real = 0;
+    for (int64_t t = 0; t < K; ++t) real += is_real(t);
+    const int64_t n = prompt_length(len_data, b, longest);  // clamped: every column stays in [0, W)
+    const int64_t cached = cache_data == nullptr ? cache_length : cache_data[b];
+    const int64_t live = real + n;  // the row's live block: its prompt, then its real tokens
+    const int64_t first = pad_left ? W - live : 0;
+    // Real tokens in order after the prompt; padding in order outside the live block.
+    int64_t next_real = first + n, next_pad = pad_left ? 0 : live;
+    int64_t* columns = text_columns + b * K;
+    for (int64_t t = 0; t < K; ++t) columns[t] = is_real(t) ? next_real++ : next_pad++;
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t offset = j - first;  // the column's place in the live block
+      const bool in_live = offset >= 0 && offset < live, in_prompt = offset >= 0 && offset < n;
+      layout_mask[b * W + j] = in_live;
+      prompt_index[b * W + j] = in_prompt ? offset : -1;
+      const int64_t text_position = restart ? offset - n : cached + offset;
+      positions[b * W + j] = !in_live ? 0 : (restart && in_prompt) ? offset : text_position;
+    }
+  });
 }
 
 at::Tensor prompt_attention_mask(const at::Tensor& attention_mask,
