@@ -13,7 +13,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ptuning_fast._timing import paired_speedup, synchronize, time_fn, time_interleaved  # one timer for all
+from ptuning_fast._timing import (paired_speedup, paired_speedup_interval, synchronize, time_fn,  # one timer for all
+                                  time_interleaved)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -96,11 +97,13 @@ def make_rows(component: str, case: str, fns: Dict[str, Callable[[], object]], d
     that every implementation sees the same state of the machine; each row also gets its median
     host time and its peak memory. A call that does ``per`` units of work (e.g. new tokens) is
     reported per unit. ``paired_with``: an impl; each row also gets ``x_vs_<impl>_paired``
-    (:func:`ptuning_fast._timing.paired_speedup`)."""
+    (:func:`ptuning_fast._timing.paired_speedup`) and its 95% interval ``x_vs_<impl>_paired_ci``."""
     times = time_interleaved(fns, device, warmup=warmup, reps=reps)
     rows = []
     for impl, t in times.items():
-        paired = {} if paired_with is None else {f"x_vs_{paired_with}_paired": paired_speedup(times, paired_with, impl)}
+        paired = {} if paired_with is None else {
+            f"x_vs_{paired_with}_paired": paired_speedup(times, paired_with, impl),
+            f"x_vs_{paired_with}_paired_ci": list(paired_speedup_interval(times, paired_with, impl))}
         rows.append(Row(component, case, impl, t["median_ms"] / per, t["p20_ms"] / per, t["p80_ms"] / per,
                         floor["floor_ms"], peak_memory(fns[impl], device),
                         {**floor, "host_ms": t["host_ms"] / per, **paired, **extra}))

@@ -5,7 +5,8 @@ virtual tokens, B=8, S=32, on one thread, eager and under ``torch.compile`` (ind
 PEFT, the accelerated PeftModel and the native model. The implementations are timed in
 interleaved rounds (200, each starting one step later; the median), so that each sees the same
 state of the machine; ``x PEFT`` is the median over rounds of PEFT's time / the route's in the same
-round (compiled against PEFT compiled), which a drifting machine moves least. Graphs and graph
+round (compiled against PEFT compiled), which a drifting machine moves least, with its 95%
+interval (:func:`ptuning_fast._timing.paired_speedup_interval`). Graphs and graph
 breaks come from dynamo's counters. The routes named run in one process: recompiles of the frames
 they share are part of what a user gets.
 """
@@ -19,7 +20,7 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 from torch._dynamo.utils import counters
 
 import ptuning_fast
-from ptuning_fast._timing import paired_speedup, time_interleaved
+from ptuning_fast._timing import paired_speedup, paired_speedup_interval, time_interleaved
 from tests.tiny_models import VOCAB, llama
 
 BATCH, SEQ, TOKENS, ROUNDS = 8, 32, 20, 200
@@ -36,8 +37,8 @@ def build(kind: str, route: str):
 
 
 def measure(kind: str, routes) -> list:
-    """[(name, median ms, x PEFT or None, graphs or None, graph breaks or None)] of each route,
-    eager and compiled."""
+    """[(name, median ms, x PEFT or None, its 95% interval or None, graphs or None, graph breaks or
+    None)] of each route, eager and compiled."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=generator)
     attention_mask = torch.ones_like(input_ids)
@@ -67,8 +68,9 @@ def measure(kind: str, routes) -> list:
     for name in steps:
         # PEFT's time / this time in the same round (eager vs eager, compiled vs compiled)
         baseline = "peft compiled" if name.endswith("compiled") else "peft eager"
-        paired = paired_speedup(times, baseline, name) if baseline in times else None
-        rows.append((name, times[name]["median_ms"], paired, *graphs.get(name, (None, None))))
+        paired, interval = ((paired_speedup(times, baseline, name), paired_speedup_interval(times, baseline, name))
+                            if baseline in times else (None, None))
+        rows.append((name, times[name]["median_ms"], paired, interval, *graphs.get(name, (None, None))))
     return rows
 
 
@@ -79,8 +81,8 @@ def main(argv) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for kind in kinds:
-            for name, ms, paired, graph_count, breaks in measure(kind, routes):
-                extra = "" if paired is None else f"  x PEFT {paired:5.3f}"
+            for name, ms, paired, interval, graph_count, breaks in measure(kind, routes):
+                extra = "" if paired is None else f"  x PEFT {paired:5.3f} ({interval[0]:5.3f}-{interval[1]:5.3f})"
                 extra += "" if graph_count is None else f"  graphs {graph_count}  breaks {breaks}"
                 print(f"{kind:5} {name:22} {ms:7.2f} ms{extra}", flush=True)
 

@@ -156,15 +156,40 @@ def below_peft(rows: list[dict]) -> list[dict]:
     return out
 
 
+def slower_than_compiled_peft(rows: list[dict]) -> list[dict]:
+    """This package's compiled rows that their run tells apart from compiled PEFT as slower: the
+    95% interval of the paired ratio (``x_vs_peft_compile_paired_ci``, see
+    :func:`ptuning_fast._timing.paired_speedup_interval`) lies below 1. A row whose interval
+    holds 1 is at parity as far as the run can tell."""
+    out = []
+    for r in rows:
+        interval = (r.get("extra") or {}).get("x_vs_peft_compile_paired_ci")
+        if r["impl"].startswith("ptuning_fast") and interval is not None and interval[1] < 1.0:
+            out.append({"component": r["component"], "case": r["case"], "impl": r["impl"],
+                        "x_vs_peft_compile_paired": r["extra"]["x_vs_peft_compile_paired"], "interval": interval})
+    return out
+
+
+def _print_slower(slower: list[dict]) -> None:
+    for s in slower:
+        print(f"SLOWER THAN PEFT COMPILED: {s['component']} | {s['case']} | {s['impl']} | "
+              f"{s['x_vs_peft_compile_paired']:.3f}x (95% interval {s['interval'][0]:.3f}-{s['interval'][1]:.3f})")
+
+
 def check(path: Path) -> int:
-    """Exit status 1 when the results file has rows below PEFT without a reason (printed)."""
-    below = below_peft(ratios(json.loads(Path(path).read_text())["rows"]))
+    """Exit status 1 when the results file has rows below PEFT without a reason, or compiled rows
+    slower than compiled PEFT (printed)."""
+    rows = ratios(json.loads(Path(path).read_text())["rows"])
+    below = below_peft(rows)
     unexplained = [b for b in below if b["reason"] is None]
     for b in below:
         mark = "UNEXPLAINED" if b["reason"] is None else f"known: {b['reason']}"
         print(f"below PEFT: {b['component']} | {b['case']} | {b['impl']} | {b['x_vs_peft']:.2f}x | {mark}")
-    print(f"{path}: {len(unexplained)} row(s) below 1.0x PEFT without a reason")
-    return 1 if unexplained else 0
+    slower = slower_than_compiled_peft(rows)
+    _print_slower(slower)
+    print(f"{path}: {len(unexplained)} row(s) below 1.0x PEFT without a reason, "
+          f"{len(slower)} compiled row(s) slower than PEFT compiled")
+    return 1 if unexplained or slower else 0
 
 
 def run(args) -> int:
@@ -193,7 +218,9 @@ def run(args) -> int:
         measured = ratios(rows)
         below = below_peft(measured)
         json_path.write_text(json.dumps({"environment": env, "complete": complete, "rows": measured,
-                                         "failures": failures, "below_peft": below}, indent=1))
+                                         "failures": failures, "below_peft": below,
+                                         "slower_than_peft_compiled": slower_than_compiled_peft(measured)},
+                                        indent=1))
         return measured, below
 
     for name in names:
@@ -212,6 +239,7 @@ def run(args) -> int:
     for b in below:
         print(f"BELOW PEFT: {b['component']} | {b['case']} | {b['impl']} | {b['x_vs_peft']:.2f}x"
               + (f" | {b['reason']}" if b["reason"] else " | no stated reason"))
+    _print_slower(slower_than_compiled_peft(rows))
     print(f"wrote {json_path}")
     if not args.no_plots and rows:
         for p in plot(rows, out / tag):

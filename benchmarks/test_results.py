@@ -8,10 +8,13 @@ import pytest
 from benchmarks import runner
 
 RESULTS = Path(__file__).parent / "results" / "cpu.json"
+COMPILED_RESULTS = Path(__file__).parent / "results" / "cpu_compiled_step.json"
 
 
-def test_committed_cpu_results_have_no_unexplained_row_below_peft(capsys):
-    assert runner.main(["--check", str(RESULTS)]) == 0, capsys.readouterr().out
+@pytest.mark.parametrize("path", [RESULTS, COMPILED_RESULTS], ids=lambda p: p.name)
+def test_committed_cpu_results_pass_the_check(path, capsys):
+    """No row below PEFT eager without a reason, no compiled row slower than PEFT compiled."""
+    assert runner.main(["--check", str(path)]) == 0, capsys.readouterr().out
 
 
 def _rows(component, case, impl, ours, peft):
@@ -46,6 +49,26 @@ def test_check_fails_on_an_unexplained_row(tmp_path, capsys):
     path.write_text(json.dumps({"rows": rows}))
     assert runner.main(["--check", str(path)]) == 1
     assert "UNEXPLAINED" in capsys.readouterr().out
+
+
+def _compiled_row(impl, interval):
+    return {"component": "compiled_step", "case": "train v1", "impl": impl, "median_ms": 1.0, "p20_ms": 1.0,
+            "p80_ms": 1.0, "floor_ms": None,
+            "extra": {"x_vs_peft_compile_paired": sum(interval) / 2, "x_vs_peft_compile_paired_ci": interval}}
+
+
+def test_compiled_rows_slower_than_peft_compiled_fail_the_check(tmp_path, capsys):
+    """A compiled row of ours is slower only where its paired interval lies below 1 (one that
+    holds 1 is parity as far as the run can tell); PEFT's own rows are not judged."""
+    rows = [_compiled_row("ptuning_fast_compile", [0.97, 1.01]), _compiled_row("peft_eager", [0.90, 0.95])]
+    assert runner.slower_than_compiled_peft(runner.ratios(rows)) == []
+    rows.append(_compiled_row("ptuning_fast_native_compile", [0.95, 0.99]))
+    (slower,) = runner.slower_than_compiled_peft(runner.ratios(rows))
+    assert slower["impl"] == "ptuning_fast_native_compile" and slower["interval"] == [0.95, 0.99]
+    path = tmp_path / "compiled.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert runner.main(["--check", str(path)]) == 1
+    assert "SLOWER THAN PEFT COMPILED" in capsys.readouterr().out
 
 
 def test_results_are_written_after_every_component(tmp_path, monkeypatch):

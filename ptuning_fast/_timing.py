@@ -4,6 +4,7 @@ host time per call (the CPU time of issuing the call, without waiting for the de
 is the wall time itself)."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable, Dict
@@ -23,11 +24,44 @@ def _summary(times: list, host: list) -> dict:
             "host_ms": statistics.median(host), "samples_ms": list(times)}  # in the order of the rounds
 
 
+def paired_ratios(summaries: Dict[str, dict], baseline: str, name: str) -> list:
+    """``baseline``'s time / ``name``'s time in each round of :func:`time_interleaved`."""
+    return [b / t for b, t in zip(summaries[baseline]["samples_ms"], summaries[name]["samples_ms"])]
+
+
 def paired_speedup(summaries: Dict[str, dict], baseline: str, name: str) -> float:
     """How many times faster ``name`` is than ``baseline``, from :func:`time_interleaved`'s
     summaries: the median over rounds of the ratio of the two calls of each round. A slow phase of
     the machine slows both calls of its rounds, so it moves this less than the ratio of medians."""
-    return statistics.median(b / t for b, t in zip(summaries[baseline]["samples_ms"], summaries[name]["samples_ms"]))
+    return statistics.median(paired_ratios(summaries, baseline, name))
+
+
+def median_interval(values, confidence: float = 0.95) -> tuple:
+    """A distribution-free confidence interval of the median of ``values`` (independent rounds):
+    the order statistics ``k`` and ``n + 1 - k``, ``k`` the largest with
+    ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``. Below 6 values no pair reaches 95%:
+    (min, max)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("`values` is empty")
+    if not 0 < confidence < 1:
+        raise ValueError(f"`confidence` must be in (0, 1), got {confidence}")
+    tail, below, k = (1 - confidence) / 2, 0, 0
+    while k < n // 2:  # below = P(X <= k) * 2^n
+        below += math.comb(n, k)
+        if below > tail * 2 ** n:
+            break
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
+def paired_speedup_interval(summaries: Dict[str, dict], baseline: str, name: str,
+                            confidence: float = 0.95) -> tuple:
+    """:func:`median_interval` of the per-round ratios of :func:`paired_speedup`: where the
+    interval holds 1, the two are not told apart by this run."""
+    return median_interval(paired_ratios(summaries, baseline, name), confidence)
 
 
 def _timed_call(fn: Callable[[], object], device: torch.device) -> tuple:
