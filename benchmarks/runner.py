@@ -214,14 +214,14 @@ def run(args) -> int:
 
     def write(complete: bool) -> tuple:
         """The results so far (rewritten after every component: a run stopped by a time limit
-        keeps what it measured; ``complete`` says whether every component ran): (rows, below PEFT)."""
+        keeps what it measured; ``complete`` says whether every component ran): (rows, below PEFT,
+        slower than PEFT compiled)."""
         measured = ratios(rows)
-        below = below_peft(measured)
+        below, slower = below_peft(measured), slower_than_compiled_peft(measured)
         json_path.write_text(json.dumps({"environment": env, "complete": complete, "rows": measured,
                                          "failures": failures, "below_peft": below,
-                                         "slower_than_peft_compiled": slower_than_compiled_peft(measured)},
-                                        indent=1))
-        return measured, below
+                                         "slower_than_peft_compiled": slower}, indent=1))
+        return measured, below, slower
 
     for name in names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
@@ -234,12 +234,12 @@ def run(args) -> int:
             failures[name] = f"{type(exc).__name__}: {exc}"
             print(f"   FAILED: {failures[name]}", flush=True)
         write(complete=False)
-    rows, below = write(complete=True)
+    rows, below, slower = write(complete=True)
     print(format_table(rows))
     for b in below:
         print(f"BELOW PEFT: {b['component']} | {b['case']} | {b['impl']} | {b['x_vs_peft']:.2f}x"
               + (f" | {b['reason']}" if b["reason"] else " | no stated reason"))
-    _print_slower(slower_than_compiled_peft(rows))
+    _print_slower(slower)
     print(f"wrote {json_path}")
     if not args.no_plots and rows:
         for p in plot(rows, out / tag):
